@@ -1,0 +1,94 @@
+"""The test matrix: one virtual environment per framework, each built from nothing.
+
+The three frameworks cannot share one environment (their transformers / ray / tensordict pins
+conflict, see shared DESIGN.md §5), so every framework gets its own nox session. `nox` with no
+arguments runs them all; `nox -s core` runs only the framework-free core.
+
+torch is pinned to 2.13.0 everywhere: that CPU wheel lies on the build machines' disk, and an
+unpinned torch pulls a multi-GB CUDA build. Every later install keeps it (`_install` passes it as
+a constraint), so no framework can swap it for a CUDA build.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+
+TORCH = "torch==2.13.0"
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+TRL = "trl==1.16.0"
+VERL = "verl==0.9.1"
+OPENRLHF = "openrlhf==0.11.2"
+
+ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONHASHSEED": "0",
+}
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """pip install that can never replace the pinned torch."""
+    session.run("python", "-m", "pip", "install", "-q", *args, f"--constraint={_constraints(session)}")
+
+
+def _constraints(session: nox.Session) -> str:
+    path = f"{session.virtualenv.location}/torch-pin.txt"
+    with open(path, "w") as f:
+        f.write(TORCH + "\n")
+    return path
+
+
+def _base(session: nox.Session, *extra: str) -> None:
+    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, *TEST_DEPS, *extra)
+    _install(session, "--no-deps", "-e", ".")
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", *paths]
+    session.run("python", "-m", "pytest", *args, env=ENV)
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """Framework-free core: only torch, pytest and hypothesis."""
+    _base(session)
+    session.run("python", "-c", "import sys, cfpo_loss; assert not {'trl','verl','openrlhf'} & set(sys.modules)")
+    session.run("python", "-m", "cfpo_loss", env=ENV)
+    _pytest(session, "tests/core")
+
+
+@nox.session
+def trl(session: nox.Session) -> None:
+    """TRL adapter against the real trl==1.16.0 GRPOTrainer."""
+    _base(session, TRL, "matplotlib", "tqdm")
+    _pytest(session, "tests/trl")
+
+
+@nox.session
+def verl(session: nox.Session) -> None:
+    """verl plugin against the real verl==0.9.1 registry, loss path and a local Ray worker."""
+    _base(session, VERL)
+    # re-install ourselves *with* metadata so the `verl.plugins` entry point is visible
+    _install(session, "--no-deps", "-e", ".")
+    _pytest(session, "tests/verl")
+
+
+@nox.session
+def openrlhf(session: nox.Session) -> None:
+    """OpenRLHF adapter against the real openrlhf==0.11.2 PolicyLoss and CLI.
+
+    OpenRLHF's declared pins cannot install on a CPU machine (flash-attn has no CPU build), so it is
+    installed with --no-deps plus what its loss / actor / CLI modules really import. See
+    tests/openrlhf/README.md for what is left out and why.
+    """
+    _base(session)
+    _install(session, "--no-deps", OPENRLHF)
+    _pytest(session, "tests/openrlhf")
