@@ -35,7 +35,7 @@ ENV = {
 
 def _install(session: nox.Session, *args: str) -> None:
     """pip install that can never replace the pinned torch."""
-    session.run("python", "-m", "pip", "install", "-q", *args, f"--constraint={_constraints(session)}")
+    session.install("-q", *args, f"--constraint={_constraints(session)}")
 
 
 def _constraints(session: nox.Session) -> str:
