@@ -1,0 +1,28 @@
+"""cfpo_loss: Clipping-Free Policy Optimization (arXiv 2601.22801) for LLM RL post-training.
+
+The CFPO per-token objective, maximised (loss = −objective, aggregated):
+
+    J_CFPO = r·A − |A|/(2ε)·(r − 1)²        see cfpo_loss/surrogates.py
+
+Framework adapters live in cfpo_loss.adapters.{trl,verl,openrlhf}; importing this package imports
+no RL framework.
+"""
+
+from .advantages import group_advantages, rloo_advantages
+from .aggregation import AGG_MODES, aggregate_loss
+from .loss import PolicyLossOutput, compute_policy_loss
+from .surrogates import cfpo_surrogate, clipped_surrogate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGG_MODES",
+    "PolicyLossOutput",
+    "__version__",
+    "aggregate_loss",
+    "cfpo_surrogate",
+    "clipped_surrogate",
+    "compute_policy_loss",
+    "group_advantages",
+    "rloo_advantages",
+]

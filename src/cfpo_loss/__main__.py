@@ -1,0 +1,37 @@
+"""`python -m cfpo_loss`: versions, and which framework adapters can run here."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import __version__
+from .adapters._support import SUPPORTED, installed_version, is_supported, supported_range
+
+
+def report() -> str:
+    lines = [f"cfpo_loss {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}"]
+    for dist in SUPPORTED:
+        version = installed_version(dist)
+        if version is None:
+            state = "not installed"
+        else:
+            ok = "supported" if is_supported(dist, version) else "NOT SUPPORTED"
+            state = f"{version} ({ok}; adapter supports {supported_range(dist)})"
+        lines.append(f"{dist}: {state}")
+    if installed_version("verl") is not None:
+        lines.append(f"verl plugin: {_verl_plugin_status()}")
+    return "\n".join(lines)
+
+
+def _verl_plugin_status() -> str:
+    try:
+        from .adapters.verl import plugin_status
+    except Exception as exc:  # the adapter itself cannot import: say why
+        return f"adapter import failed: {type(exc).__name__}: {exc}"
+    return plugin_status()
+
+
+if __name__ == "__main__":
+    print(report())

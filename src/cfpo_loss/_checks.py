@@ -1,0 +1,89 @@
+"""Argument checks shared by the core. Every failure names the argument and what was seen.
+
+Shape, dtype, device and hyper-parameter errors are always raised (they cost no device sync). The
+non-finite check on *valid* positions needs one sync and can be skipped with ``check_finite=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_eps(eps_low: float, eps_high: float | None) -> tuple[float, float]:
+    """Validate the trust-region half-widths; ``eps_high`` defaults to ``eps_low``."""
+    eps_low = _as_float("eps_low", eps_low)
+    if not 0.0 < eps_low < 1.0:
+        raise ValueError(f"eps_low must lie in (0, 1) so that 1 - eps_low > 0, got {eps_low}")
+    if eps_high is None:
+        return eps_low, eps_low
+    eps_high = _as_float("eps_high", eps_high)
+    if not eps_high > 0.0:
+        raise ValueError(f"eps_high must be > 0, got {eps_high}")
+    return eps_low, eps_high
+
+
+def check_dual_clip(dual_clip: float | None) -> float | None:
+    if dual_clip is None:
+        return None
+    dual_clip = _as_float("dual_clip", dual_clip)
+    if not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (dual-clip PPO bounds A<0 tokens below by dual_clip*A), got {dual_clip}")
+    return dual_clip
+
+
+def check_choice(name: str, value: str, valid) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
+    return value
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_tensor(name: str, x, *, floating: bool = True) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_mask(mask, shape: torch.Size, device: torch.device) -> Tensor:
+    """Return ``mask`` as bool. A non-bool mask must hold only 0 and 1 (checked: one device sync)."""
+    check_tensor("mask", mask, floating=False)
+    if mask.shape != shape:
+        raise ValueError(f"mask must have the shape of log_prob {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but log_prob is on {device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype} with other values")
+    return mask != 0
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (gradcheck), else float32: bf16/fp16 are computed in fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_finite_where(mask: Tensor, **named: Tensor | None) -> None:
+    """Raise if any named tensor holds NaN/inf at a valid (mask=True) position. One device sync."""
+    named = {k: v for k, v in named.items() if v is not None}
+    bad = [(k, ~torch.isfinite(v) & mask) for k, v in named.items()]
+    if not bool(torch.stack([b.any() for _, b in bad]).any()):
+        return
+    for k, b in bad:
+        n = int(b.sum())
+        if n:
+            raise ValueError(
+                f"{k} holds {n} non-finite value(s) at valid (mask=True) positions; masked positions may "
+                f"hold anything, valid ones may not (pass check_finite=False to skip this check)"
+            )

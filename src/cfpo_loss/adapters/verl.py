@@ -1,0 +1,346 @@
+"""verl plugin: registers the ``cfpo`` and ``cfpo_seq`` policy losses in verl's POLICY_LOSS_REGISTRY.
+
+Nothing to import by hand. ``pip install cfpo-loss[verl]`` declares this module under the entry-point
+group ``verl.plugins``; ``import verl`` loads every entry point of that group (``verl/__init__.py``,
+governed by ``VERL_USE_EXTERNAL_PLUGINS``: "auto" by default, "none" disables, or a comma list of
+entry-point names such as "cfpo_loss"), in the driver and in every Ray worker. Select the loss with::
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=cfpo        # token-level ratio
+    actor_rollout_ref.actor.policy_loss.loss_mode=cfpo_seq    # GSPO sequence-level ratio
+
+The loss functions only translate between verl and the core (``cfpo_loss.compute_policy_loss``):
+
+    verl                                    core
+    clip_ratio_low / clip_ratio_high        eps_low / eps_high (each falls back to clip_ratio when None,
+                                            exactly as verl's ``vanilla`` loss reads them)
+    loss_agg_mode                           agg (verl ``agg_loss`` semantics)
+    config.global_batch_info                dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    rollout_is_weights                      weights (multiplied onto the per-token loss, as vanilla does)
+
+Metrics, with verl's meaning:
+    actor/pg_clipfrac        fraction of valid tokens outside the trust region in the direction the
+                             advantage pushes (A>0 & r>1+eps_high, or A<0 & r<1-eps_low). For the clip
+                             objective this is exactly verl's clip fraction; for CFPO nothing is clipped,
+                             but it is the same statistic, so runs compare side by side.
+    actor/ppo_kl             masked mean of log pi_old - log pi (clamped log-ratio), as verl.
+    actor/pg_clipfrac_lower  fraction of A<0 tokens where the dual-clip bound (clip_ratio_c) replaced the
+                             loss. CFPO has no dual clip, so this is 0.0 (as verl's own ``gspo`` reports).
+    actor/cfpo/<name>        every core metric (ratio_mean, ratio_min, ratio_max, ratio_dev, tr_exit_frac,
+                             tr_exit_low, tr_exit_high, approx_kl_k1, approx_kl_k3, penalty).
+
+If registration fails (e.g. an incompatible verl), a RuntimeWarning naming the cause is emitted and
+logged at WARNING level - verl itself only logs plugin import errors at DEBUG, which would leave a
+user with a bare "Unsupported loss mode: cfpo". ``plugin_status()`` (used by ``python -m cfpo_loss``)
+reports whether a bare ``import verl`` registers the losses.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from typing import Any, Callable
+
+__all__ = [
+    "LOSS_NAMES",
+    "SUPPORTED_VERL_VERSIONS",
+    "ENTRY_POINT_NAME",
+    "make_policy_loss",
+    "compute_policy_loss_cfpo",
+    "compute_policy_loss_cfpo_seq",
+    "register",
+    "registration_error",
+    "plugin_status",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: the names this plugin registers (never a bare "spo": in verl that is Single-stream Policy Optimization)
+LOSS_NAMES = ("cfpo", "cfpo_seq")
+#: verl releases the adapter is tested against (tests/verl, nox session "verl")
+SUPPORTED_VERL_VERSIONS = ("0.9.1",)
+#: name of our entry point in the ``verl.plugins`` group (what VERL_USE_EXTERNAL_PLUGINS filters on)
+ENTRY_POINT_NAME = "cfpo_loss"
+ENTRY_POINT_GROUP = "verl.plugins"
+
+#: attribute set on our loss functions, so re-registration can tell ours from someone else's
+_MARK = "__cfpo_loss_plugin__"
+_GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+_state: dict[str, Any] = {"error": None}
+
+
+def _cfg(config: Any, name: str, default: Any = None) -> Any:
+    """Read ``name`` from an ActorConfig (dataclass) or a DictConfig / dict alike."""
+    if isinstance(config, dict):
+        return config.get(name, default)
+    try:
+        return getattr(config, name)
+    except (AttributeError, KeyError):
+        getter = getattr(config, "get", None)
+        return getter(name, default) if callable(getter) else default
+
+
+def _eps(config: Any) -> tuple[float, float]:
+    clip_ratio = _cfg(config, "clip_ratio")
+    low = _cfg(config, "clip_ratio_low")
+    high = _cfg(config, "clip_ratio_high")
+    low = clip_ratio if low is None else low
+    high = clip_ratio if high is None else high
+    if low is None or high is None:
+        raise ValueError(
+            "config must set clip_ratio, or both clip_ratio_low and clip_ratio_high "
+            f"(got clip_ratio={clip_ratio!r}, clip_ratio_low={low!r}, clip_ratio_high={high!r})"
+        )
+    return low, high
+
+
+def _global_batch_info(config: Any) -> dict[str, Any]:
+    info = _cfg(config, "global_batch_info") or {}
+    unknown = set(info) - set(_GLOBAL_BATCH_KEYS)
+    if unknown:
+        # verl's own losses pass global_batch_info to agg_loss(**info): unknown keys would fail there too
+        raise ValueError(f"config.global_batch_info has unknown key(s) {sorted(unknown)}; known: {_GLOBAL_BATCH_KEYS}")
+    return {k: info[k] for k in _GLOBAL_BATCH_KEYS if k in info}
+
+
+def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: str | None = None) -> Callable:
+    """Build a loss function with verl's PolicyLossFn signature around ``cfpo_loss.compute_policy_loss``.
+
+    ``objective`` "cfpo" or "clip" (the latter, with dual_clip = config.clip_ratio_c, is the PPO/GRPO
+    clip objective: the tests use it to prove this path equals verl's ``vanilla`` loss).
+    ``ratio_level`` "token" or "sequence" (GSPO ratio). The returned function is not registered.
+    """
+    from cfpo_loss import compute_policy_loss  # the math lives once, in the core
+
+    def policy_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode: str = "token-mean",
+        config=None,
+        rollout_is_weights=None,
+    ):
+        if config is None:
+            raise ValueError(f"policy loss {policy_loss.__name__!r}: config (verl ActorConfig) is required")
+        eps_low, eps_high = _eps(config)
+        dual_clip = None
+        if objective == "clip":
+            dual_clip = _cfg(config, "clip_ratio_c", 3.0)
+        out = compute_policy_loss(
+            log_prob,
+            old_log_prob,
+            advantages,
+            response_mask,
+            objective=objective,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            agg=loss_agg_mode,
+            ratio_level=ratio_level,
+            weights=rollout_is_weights,
+            **_global_batch_info(config),
+        )
+        m = out.metrics
+        names = sorted(m)
+        # one device sync for all metrics (verl's own losses call .item() on each)
+        values = dict(zip(names, _stack_tolist([m[k] for k in names])))
+        metrics = {
+            "actor/pg_clipfrac": values["tr_exit_frac"],
+            "actor/ppo_kl": values["approx_kl_k1"],
+            "actor/pg_clipfrac_lower": values.get("dual_clip_frac", 0.0),
+        }
+        metrics.update({f"actor/cfpo/{k}": v for k, v in values.items()})
+        return out.loss, metrics
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{name or objective}"
+    policy_loss.__doc__ = (
+        f"verl policy loss {name or objective!r}: cfpo_loss.compute_policy_loss(objective={objective!r}, "
+        f"ratio_level={ratio_level!r}) with verl's signature, eps, loss_agg_mode, global_batch_info, "
+        "rollout_is_weights and metric keys."
+    )
+    setattr(policy_loss, _MARK, (objective, ratio_level))
+    return policy_loss
+
+
+def _stack_tolist(tensors) -> list[float]:
+    import torch
+
+    if not tensors:
+        return []
+    return torch.stack([t.detach().float().reshape(()) for t in tensors]).cpu().tolist()
+
+
+compute_policy_loss_cfpo = make_policy_loss("cfpo", "token", name="cfpo")
+compute_policy_loss_cfpo_seq = make_policy_loss("cfpo", "sequence", name="cfpo_seq")
+_LOSSES = {"cfpo": compute_policy_loss_cfpo, "cfpo_seq": compute_policy_loss_cfpo_seq}
+
+
+def _is_ours(fn: Any) -> bool:
+    return getattr(fn, _MARK, None) is not None
+
+
+def register(*, override: bool = False) -> tuple[str, ...]:
+    """Register ``cfpo`` and ``cfpo_seq`` with verl's ``register_policy_loss``. Idempotent.
+
+    A name already held by a loss from another package is left alone (with a warning) unless
+    ``override``. Returns the names that now map to our losses. Raises if verl cannot be imported or
+    lacks the registry (the module-level call turns that into a loud warning).
+    """
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+
+    done = []
+    for name, fn in _LOSSES.items():
+        existing = POLICY_LOSS_REGISTRY.get(name)
+        if existing is fn:
+            done.append(name)
+            continue
+        if existing is not None and not _is_ours(existing) and not override:
+            msg = (
+                f"cfpo_loss: verl policy loss {name!r} is already registered by "
+                f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}; "
+                f"leaving it in place (loss_mode={name} will NOT be CFPO). "
+                "Call cfpo_loss.adapters.verl.register(override=True) to replace it."
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _LOG.warning(msg)
+            continue
+        register_policy_loss(name)(fn)
+        done.append(name)
+    return tuple(done)
+
+
+def registration_error() -> str | None:
+    """The cause recorded when the import-time registration failed, else None."""
+    return _state["error"]
+
+
+def _register_at_import() -> None:
+    try:
+        register()
+        _state["error"] = None
+    except Exception as exc:  # noqa: BLE001 - must never break `import verl`; report loudly instead
+        _state["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        msg = (
+            f"cfpo_loss: could not register the verl policy losses {LOSS_NAMES} "
+            f"(loss_mode=cfpo will fail with 'Unsupported loss mode'): {_state['error']}. "
+            f"Tested verl versions: {', '.join(SUPPORTED_VERL_VERSIONS)}; "
+            "run `python -m cfpo_loss` for a diagnosis."
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        _LOG.warning(msg)
+
+
+# ----------------------------------------------------------------------------------------- status
+_PROBE = r"""
+import json, sys
+out = {}
+try:
+    import verl
+    out["verl_version"] = getattr(verl, "__version__", "?")
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+    out["registered"] = {n: (getattr(POLICY_LOSS_REGISTRY.get(n), "__module__", None)) for n in %r}
+    mod = sys.modules.get("cfpo_loss.adapters.verl")
+    out["error"] = mod.registration_error() if mod is not None else None
+except Exception as e:
+    out["exception"] = "%%s: %%s" %% (type(e).__name__, e)
+print("CFPO_PROBE " + json.dumps(out))
+""" % (LOSS_NAMES,)
+
+
+def _entry_points() -> list:
+    try:
+        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # Python < 3.10 API, kept for completeness
+        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, [])
+    return [ep for ep in eps if ep.value.split(":")[0] == __name__]
+
+
+def plugin_status(fresh_process: bool = True, timeout: float = 300.0) -> str:
+    """One human-readable paragraph: is the verl plugin installed and does it register?
+
+    With ``fresh_process`` (default) the decisive check runs what a user's Ray worker runs: a new
+    Python process that does a bare ``import verl`` (never importing cfpo_loss itself) and looks up
+    ``cfpo`` / ``cfpo_seq`` in POLICY_LOSS_REGISTRY (about 15 s: importing verl is slow). Otherwise the
+    check runs in this process (where importing this module has already registered the losses).
+    """
+    try:
+        verl_version = importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return "verl plugin: verl is not installed (pip install 'cfpo-loss[verl]' to use loss_mode=cfpo)."
+    lines = [f"verl plugin: verl {verl_version} installed"]
+    if verl_version not in SUPPORTED_VERL_VERSIONS:
+        lines.append(f"  WARNING: untested verl version (tested: {', '.join(SUPPORTED_VERL_VERSIONS)})")
+    eps = _entry_points()
+    if eps:
+        lines.append(f"  entry point: {ENTRY_POINT_GROUP} -> {eps[0].name} = {eps[0].value}")
+    else:
+        lines.append(
+            f"  PROBLEM: no '{ENTRY_POINT_GROUP}' entry point for {__name__} in the installed metadata "
+            "(install cfpo-loss with pip, not by putting src/ on PYTHONPATH; or set "
+            f"VERL_USE_EXTERNAL_MODULES={__name__})"
+        )
+    policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    if policy == "none":
+        lines.append("  PROBLEM: VERL_USE_EXTERNAL_PLUGINS=none disables all verl plugins")
+    elif policy != "auto" and ENTRY_POINT_NAME not in {p.strip() for p in policy.split(",")}:
+        lines.append(f"  PROBLEM: VERL_USE_EXTERNAL_PLUGINS={policy!r} does not list {ENTRY_POINT_NAME!r}")
+    else:
+        lines.append(f"  VERL_USE_EXTERNAL_PLUGINS={policy!r} allows it")
+
+    if fresh_process:
+        probe = _probe_fresh_process(timeout)
+    else:
+        probe = _probe_here()
+    if "exception" in probe:
+        lines.append(f"  PROBLEM: importing verl failed: {probe['exception']}")
+    reg = probe.get("registered", {})
+    ok = [n for n in LOSS_NAMES if reg.get(n) == __name__]
+    where = "a fresh `python -c 'import verl'`" if fresh_process else "this process"
+    if len(ok) == len(LOSS_NAMES):
+        lines.append(f"  REGISTERED in {where}: loss_mode=" + " / ".join(ok))
+    else:
+        for n in LOSS_NAMES:
+            if reg.get(n) not in (None, __name__):
+                lines.append(f"  PROBLEM: loss_mode={n} is held by {reg[n]}, not cfpo_loss")
+        lines.append(f"  NOT REGISTERED in {where}: " + ", ".join(n for n in LOSS_NAMES if n not in ok))
+    if probe.get("error"):
+        lines.append(f"  cause: {probe['error']}")
+    return "\n".join(lines)
+
+
+def _probe_here() -> dict:
+    out: dict[str, Any] = {}
+    try:
+        import verl  # noqa: F401
+        from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+        out["registered"] = {n: getattr(POLICY_LOSS_REGISTRY.get(n), "__module__", None) for n in LOSS_NAMES}
+    except Exception as exc:  # noqa: BLE001
+        out["exception"] = f"{type(exc).__name__}: {exc}"
+    out["error"] = registration_error()
+    return out
+
+
+def _probe_fresh_process(timeout: float) -> dict:
+    import json
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+        )
+    except subprocess.TimeoutExpired:
+        return {"exception": f"`import verl` in a fresh process took longer than {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("CFPO_PROBE "):
+            return json.loads(line[len("CFPO_PROBE ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"exception": f"probe process exited with {proc.returncode}: {' | '.join(tail)}"}
+
+
+_register_at_import()

@@ -1,0 +1,84 @@
+"""Reduce a (B, T) per-token loss to the scalar to minimise, with verl's `agg_loss` semantics.
+
+    token-mean               Σ_valid ℓ / N_tokens                      (N_tokens: batch_num_tokens)
+    token-sum                Σ_valid ℓ
+    seq-mean-token-sum       Σ_seq (Σ_t ℓ) / N_seqs                    (N_seqs: global_batch_size)
+    seq-mean-token-mean      Σ_seq (Σ_t ℓ / T_seq) / N_seqs
+    seq-mean-token-sum-norm  Σ_seq (Σ_t ℓ) / N_seqs / loss_scale_factor (default: T, the padded length)
+
+each multiplied by dp_size. In data-parallel runs, pass the *global* token / sequence counts and the
+data-parallel size: the gradient then does not depend on how the batch was sharded (DDP/FSDP average
+gradients over ranks, which the dp_size factor undoes). Without them the counts are this batch's own.
+Sequences with no valid token are excluded from N_seqs; an all-masked batch gives an exact, finite 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: float | Tensor | None = None,
+    global_batch_size: float | Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> Tensor:
+    """Aggregate ``per_token_loss`` (B, T) over valid positions of ``mask`` (B, T) into a scalar.
+
+    Masked positions are selected away with ``torch.where`` so NaN/inf padding never leaks in.
+    """
+    check_choice("agg", mode, AGG_MODES)
+    if per_token_loss.dim() != 2 or per_token_loss.shape != mask.shape:
+        raise ValueError(
+            f"per_token_loss and mask must both be (B, T) with equal shapes, got "
+            f"{tuple(per_token_loss.shape)} and {tuple(mask.shape)}"
+        )
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
+    mask = mask.bool() if mask.dtype != torch.bool else mask
+    masked = torch.where(mask, per_token_loss, torch.zeros((), dtype=per_token_loss.dtype, device=mask.device))
+
+    if mode in ("token-mean", "token-sum"):
+        total = masked.sum()
+        if mode == "token-sum":
+            return total * dp_size
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
+            batch_num_tokens = mask.sum().clamp(min=1)
+        else:
+            _check_positive("batch_num_tokens", batch_num_tokens)
+        return total / batch_num_tokens * dp_size
+
+    tokens_per_seq = mask.sum(dim=-1)
+    seq_loss = masked.sum(dim=-1)
+    if mode == "seq-mean-token-mean":
+        seq_loss = seq_loss / tokens_per_seq.clamp(min=1)
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size (the global count of sequences) is required when dp_size > 1")
+        global_batch_size = (tokens_per_seq > 0).sum().clamp(min=1)
+    else:
+        _check_positive("global_batch_size", global_batch_size)
+    loss = seq_loss.sum() / global_batch_size * dp_size  # fully masked rows contribute an exact 0
+    if mode == "seq-mean-token-sum-norm":
+        if loss_scale_factor is None:
+            loss_scale_factor = mask.shape[-1]
+        _check_positive("loss_scale_factor", loss_scale_factor)
+        loss = loss / loss_scale_factor
+    return loss
+
+
+def _check_positive(name: str, value) -> None:
+    # Tensors are accepted as given (checking one would force a device sync).
+    if not isinstance(value, Tensor) and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -1,0 +1,163 @@
+"""compute_policy_loss: log-probs → ratio → surrogate objective → aggregation → metrics.
+
+This is the one place every adapter calls. The per-token math is in ``surrogates.py``; the reduction
+in ``aggregation.py``; the statistics in ``metrics.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._checks import (
+    check_choice,
+    check_dual_clip,
+    check_eps,
+    check_finite_where,
+    check_mask,
+    check_tensor,
+    compute_dtype,
+)
+from .aggregation import AGG_MODES, aggregate_loss
+from .metrics import trust_region_metrics
+from .surrogates import OBJECTIVES
+
+RATIO_LEVELS = ("token", "sequence")
+#: log-ratios are clamped to this range before exp, as verl and OpenRLHF do
+LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    """What a policy-loss call returns (named fields, no positional tuples).
+
+    loss            fp32 scalar to minimise (−aggregated objective), carries the autograd graph
+    metrics         detached 0-dim fp32 tensors keyed by the names in ``metrics.py``
+    per_token_loss  (B, T) fp32 −objective (× weights), exactly 0 at masked positions, with graph;
+                    for frameworks that aggregate, add KL terms etc. themselves
+    ratio           (B, T) detached ratio as the objective used it (sequence ratio broadcast over T)
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    per_token_loss: Tensor | None = None
+    ratio: Tensor | None = None
+
+
+def compute_policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    objective: str = "cfpo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    ratio_level: str = "token",
+    weights: Tensor | None = None,
+    check_finite: bool = True,
+    dp_size: int = 1,
+    batch_num_tokens: float | Tensor | None = None,
+    global_batch_size: float | Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> PolicyLossOutput:
+    """Policy-gradient loss for ``objective`` "cfpo" (clipping-free) or "clip" (PPO/GRPO).
+
+    Args:
+        log_prob: (B, T) log π_θ of the sampled tokens (carries the gradient).
+        old_log_prob: (B, T) log π_old of the same tokens (the behaviour / pre-update policy).
+        advantages: (B,), (B, 1) or (B, T).
+        mask: (B, T) bool (or 0/1) marking valid response tokens. Masked positions may hold anything.
+        objective: "cfpo" or "clip".
+        eps_low, eps_high: trust-region half-widths (eps_high defaults to eps_low).
+        dual_clip: c > 1 for dual-clip PPO (clip objective only; ignored by cfpo, which has no clip).
+        agg: one of ``AGG_MODES`` (verl ``agg_loss`` semantics, see ``aggregation.py``).
+        ratio_level: "token", or "sequence" for the GSPO ratio exp(mean_t log r) per sequence.
+        weights: optional (B, T) per-token importance weights multiplied onto the per-token loss
+            (rollout / train mismatch corrections); no gradient flows into them.
+        check_finite: raise on NaN/inf at valid positions (one device sync; off to avoid it).
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: see ``aggregate_loss``.
+    """
+    check_choice("objective", objective, tuple(OBJECTIVES))
+    check_choice("agg", agg, AGG_MODES)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    eps_low, eps_high = check_eps(eps_low, eps_high)
+    dual_clip = check_dual_clip(dual_clip) if objective == "clip" else None
+    log_prob, old_log_prob, advantages, mask, weights = _check_inputs(
+        log_prob, old_log_prob, advantages, mask, weights, check_finite
+    )
+
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    # Select, never multiply: NaN·0 = NaN, and padding log-probs are often NaN or -inf.
+    log_ratio = torch.where(mask, log_prob - old_log_prob, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    advantages = torch.where(mask, advantages, zero)
+    if ratio_level == "sequence":
+        seq_log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        ratio = torch.where(mask, seq_log_ratio.exp(), zero + 1.0)
+    else:
+        ratio = log_ratio.exp()
+
+    extra = (dual_clip,) if objective == "clip" else ()
+    per_token_loss = -OBJECTIVES[objective](ratio, advantages, eps_low, eps_high, *extra)
+    if weights is not None:
+        per_token_loss = per_token_loss * torch.where(mask, weights, zero).detach()
+    loss = aggregate_loss(
+        per_token_loss,
+        mask,
+        agg,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    ratio = ratio.detach()
+    metrics = trust_region_metrics(
+        ratio,
+        log_ratio.detach(),
+        advantages.detach(),
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        objective=objective,
+    )
+    # already fp32 (fp64 only when an input is fp64, for gradcheck)
+    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=per_token_loss, ratio=ratio)
+
+
+def _check_inputs(log_prob, old_log_prob, advantages, mask, weights, check_finite):
+    """Validate shapes / dtypes / devices; return fp32 (or fp64) tensors, advantages as (B, T), bool mask."""
+    check_tensor("log_prob", log_prob)
+    check_tensor("old_log_prob", old_log_prob)
+    check_tensor("advantages", advantages)
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
+    shape, device = log_prob.shape, log_prob.device
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("weights", weights)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
+    if old_log_prob.shape != shape:
+        raise ValueError(f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}")
+    if advantages.shape in ((shape[0],), (shape[0], 1)):
+        advantages = advantages.reshape(shape[0], 1).expand(shape)
+    elif advantages.shape != shape:
+        raise ValueError(
+            f"advantages must be (B,), (B, 1) or (B, T) with (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
+    if weights is not None:
+        check_tensor("weights", weights)
+        if weights.shape != shape:
+            raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
+    mask = check_mask(mask, shape, device)
+    dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
+    log_prob, old_log_prob, advantages = log_prob.to(dtype), old_log_prob.to(dtype), advantages.to(dtype)
+    weights = weights.to(dtype) if weights is not None else None
+    if check_finite:
+        check_finite_where(
+            mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages, weights=weights
+        )
+    return log_prob, old_log_prob, advantages, mask, weights
