@@ -1,0 +1,246 @@
+"""compute_policy_loss end to end: values, gradients, aggregation, metrics, precision, masking.
+
+Expected values are written out here from the equations (per-token J, then the reduction written as
+plain Python loops), never taken from the library.
+"""
+
+import math
+
+import pytest
+import torch
+
+from cfpo_loss import AGG_MODES, aggregate_loss, compute_policy_loss
+
+
+def make_batch(b=5, t=7, seed=0, spread=0.5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    log_prob = (-torch.rand(b, t, generator=g, dtype=dtype) * 3).requires_grad_()
+    old_log_prob = log_prob.detach() + spread * torch.randn(b, t, generator=g, dtype=dtype)
+    advantages = torch.randn(b, generator=g, dtype=dtype)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[:, 0] = True
+    return log_prob, old_log_prob, advantages, mask
+
+
+def paper_token_objective(r, a, objective, eps_low, eps_high, c=None):
+    if objective == "cfpo":
+        eps = eps_high if a > 0 else eps_low
+        return r * a - abs(a) / (2 * eps) * (r - 1) ** 2
+    j = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+    return max(j, c * a) if (c is not None and a < 0) else j
+
+
+def reference_loss(log_prob, old_log_prob, adv, mask, objective, agg, eps_low=0.2, eps_high=0.2, c=None,
+                   ratio_level="token", weights=None):
+    """Loop-by-loop reference of −aggregate(J) with verl's agg_loss definitions."""
+    b, t = mask.shape
+    lp, olp = log_prob.tolist(), old_log_prob.tolist()
+    rows = []
+    for i in range(b):
+        valid = [j for j in range(t) if mask[i, j]]
+        a = float(adv[i])
+        if ratio_level == "sequence":
+            s = math.exp(sum(lp[i][j] - olp[i][j] for j in valid) / max(len(valid), 1))
+        row = []
+        for j in valid:
+            r = s if ratio_level == "sequence" else math.exp(max(-20, min(20, lp[i][j] - olp[i][j])))
+            w = 1.0 if weights is None else float(weights[i, j])
+            row.append(-paper_token_objective(r, a, objective, eps_low, eps_high, c) * w)
+        rows.append(row)
+    n_tok = sum(len(r) for r in rows)
+    n_seq = sum(1 for r in rows if r)
+    if agg == "token-mean":
+        return sum(map(sum, rows)) / n_tok
+    if agg == "token-sum":
+        return sum(map(sum, rows))
+    if agg == "seq-mean-token-sum":
+        return sum(sum(r) for r in rows) / n_seq
+    if agg == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in rows if r) / n_seq
+    if agg == "seq-mean-token-sum-norm":
+        return sum(sum(r) for r in rows) / n_seq / t
+    raise AssertionError(agg)
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_loss_matches_reference(objective, agg, ratio_level):
+    lp, olp, adv, mask = make_batch()
+    out = compute_policy_loss(lp, olp, adv, mask, objective=objective, agg=agg, eps_low=0.2, eps_high=0.28,
+                              ratio_level=ratio_level)
+    ref = reference_loss(lp, olp, adv, mask, objective, agg, 0.2, 0.28, ratio_level=ratio_level)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+def test_dual_clip_and_weights_match_reference():
+    lp, olp, adv, mask = make_batch(spread=2.0)
+    w = torch.rand(mask.shape, dtype=torch.float64) * 2
+    out = compute_policy_loss(lp, olp, adv, mask, objective="clip", dual_clip=3.0, weights=w)
+    ref = reference_loss(lp, olp, adv, mask, "clip", "token-mean", c=3.0, weights=w)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-10)
+
+
+def test_cfpo_gradient_matches_analytic_formula():
+    # dL/d logp_t = −(1/N)·r_t·(A − |A|/ε·(r_t − 1)) for token-mean, with dr/dlogp = r.
+    lp, olp, adv, mask = make_batch(spread=0.6)
+    out = compute_policy_loss(lp, olp, adv, mask, objective="cfpo", eps_low=0.2, eps_high=0.3)
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    r = torch.exp(lp.detach() - olp)
+    a = adv[:, None].expand_as(r)
+    eps = torch.where(a > 0, 0.3, 0.2)
+    expected = -r * (a - a.abs() / eps * (r - 1)) / mask.sum()
+    expected = torch.where(mask, expected, 0.0)
+    assert torch.allclose(grad, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_gradcheck_float64(objective, ratio_level):
+    lp, olp, adv, mask = make_batch(b=3, t=4, spread=0.1)
+    # keep ratios away from clip kinks where a finite difference is not a derivative
+    f = lambda x: compute_policy_loss(x, olp, adv, mask, objective=objective, ratio_level=ratio_level,
+                                      agg="seq-mean-token-mean").loss
+    assert torch.autograd.gradcheck(f, (lp,), eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_on_policy_cfpo_equals_clip(agg, ratio_level):
+    lp, _, adv, mask = make_batch()
+    old = lp.detach().clone()  # r = 1 exactly: on-policy
+    losses, grads = [], []
+    for objective in ("cfpo", "clip"):
+        out = compute_policy_loss(lp, old, adv, mask, objective=objective, agg=agg, ratio_level=ratio_level)
+        losses.append(out.loss)
+        grads.append(torch.autograd.grad(out.loss, lp)[0])
+    assert torch.allclose(losses[0], losses[1], atol=1e-14)
+    assert torch.allclose(grads[0], grads[1], atol=1e-14)
+    # and both are plain advantage maximisation: loss = −aggregate(A)
+    ref = reference_loss(lp, old, adv, mask, "clip", agg, ratio_level=ratio_level)
+    assert losses[0].item() == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("a,r", [(1.0, 1.6), (2.0, 1.3), (-1.0, 0.5), (-0.5, 0.7)])
+def test_outside_the_trust_region_clip_is_blind_and_cfpo_pulls_back(a, r):
+    lp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    old = torch.full((1, 1), -math.log(r), dtype=torch.float64)
+    adv = torch.tensor([a], dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    g_clip = torch.autograd.grad(compute_policy_loss(lp, old, adv, mask, objective="clip").loss, lp)[0].item()
+    out = compute_policy_loss(lp, old, adv, mask, objective="cfpo")
+    g_cfpo = torch.autograd.grad(out.loss, lp)[0].item()
+    assert g_clip == 0.0
+    assert g_cfpo != 0.0
+    # gradient descent on the loss moves log π by −g: it must move r back towards 1 ± ε
+    assert (-g_cfpo < 0) == (r > 1)
+    assert out.metrics["tr_exit_frac"].item() == 1.0
+
+
+def test_metrics_match_hand_computation():
+    lp, olp, adv, mask = make_batch(b=6, t=9, spread=0.5)
+    out = compute_policy_loss(lp, olp, adv, mask, objective="cfpo", eps_low=0.2, eps_high=0.28)
+    r = torch.exp(lp.detach() - olp)[mask]
+    a = adv[:, None].expand(mask.shape)[mask]
+    high = ((a > 0) & (r > 1.28)).double().mean()
+    low = ((a < 0) & (r < 0.8)).double().mean()
+    eps = torch.where(a > 0, 0.28, 0.2)
+    expected = {
+        "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(), "ratio_dev": (r - 1).abs().mean(),
+        "tr_exit_high": high, "tr_exit_low": low, "tr_exit_frac": high + low,
+        "approx_kl_k1": (-(r.log())).mean(), "approx_kl_k3": (r - 1 - r.log()).mean(),
+        "penalty": (a.abs() / (2 * eps) * (r - 1) ** 2).mean(),
+    }
+    assert set(expected) <= set(out.metrics)
+    for k, v in expected.items():
+        assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-7), k
+        assert not out.metrics[k].requires_grad
+    assert "penalty" not in compute_policy_loss(lp, olp, adv, mask, objective="clip").metrics
+
+
+def test_dual_clip_fraction_counts_negative_advantages_beyond_c():
+    lp = torch.zeros(1, 4, requires_grad=True)
+    old = -torch.log(torch.tensor([[4.0, 2.0, 5.0, 4.0]]))
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0]])
+    out = compute_policy_loss(lp, old, adv, torch.ones(1, 4, dtype=torch.bool), objective="clip", dual_clip=3.0)
+    assert out.metrics["dual_clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_masked_positions_may_hold_nan_and_inf():
+    lp, olp, adv, mask = make_batch()
+    clean = compute_policy_loss(lp, olp, adv, mask)
+    g_clean = torch.autograd.grad(clean.loss, lp)[0]
+    dirty_lp = torch.where(mask, lp, torch.tensor(float("nan"), dtype=lp.dtype))
+    dirty_old = torch.where(mask, olp, torch.tensor(float("-inf"), dtype=lp.dtype))
+    dirty_adv = adv[:, None].expand(mask.shape).clone()
+    dirty_adv[~mask] = float("inf")
+    out = compute_policy_loss(dirty_lp, dirty_old, dirty_adv, mask)
+    g = torch.autograd.grad(out.loss, lp)[0]
+    assert out.loss.item() == clean.loss.item()
+    assert torch.equal(g, g_clean)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_all_masked_is_a_finite_zero_with_zero_gradient(agg, objective):
+    lp = torch.full((3, 4), float("nan"), requires_grad=True)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    out = compute_policy_loss(lp, torch.zeros(3, 4), torch.ones(3), mask, objective=objective, agg=agg)
+    (g,) = torch.autograd.grad(out.loss, lp)
+    assert out.loss.item() == 0.0
+    assert torch.equal(g, torch.zeros_like(g))
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_fully_masked_rows_are_ignored(agg):
+    lp, olp, adv, mask = make_batch()
+    mask[2] = False
+    out = compute_policy_loss(lp, olp, adv, mask, agg=agg)
+    keep = [0, 1, 3, 4]
+    ref = compute_policy_loss(lp[keep], olp[keep], adv[keep], mask[keep], agg=agg)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    assert torch.equal(torch.autograd.grad(out.loss, lp)[0][2], torch.zeros(lp.shape[1], dtype=lp.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_fp32(dtype):
+    lp, olp, adv, mask = make_batch(dtype=torch.float32)
+    lp_lo = lp.detach().to(dtype).requires_grad_()
+    out = compute_policy_loss(lp_lo, olp.to(dtype), adv.to(dtype), mask)
+    ref = compute_policy_loss(lp_lo.detach().float(), olp.to(dtype).float(), adv.to(dtype).float(), mask)
+    assert out.loss.dtype == torch.float32
+    assert out.loss.item() == ref.loss.item()  # same fp32 math on the same (rounded) inputs
+    (g,) = torch.autograd.grad(out.loss, lp_lo)
+    assert g.dtype == dtype and torch.isfinite(g).all()
+
+
+def test_float_zero_one_mask_equals_bool_mask():
+    lp, olp, adv, mask = make_batch()
+    a = compute_policy_loss(lp, olp, adv, mask).loss
+    b = compute_policy_loss(lp, olp, adv, mask.double()).loss
+    c = compute_policy_loss(lp, olp, adv, mask.long()).loss
+    assert a.item() == b.item() == c.item()
+
+
+def test_global_batch_info_makes_the_loss_shard_invariant():
+    # Two data-parallel shards, each scaled by dp_size and the global counts, average to the full-batch loss.
+    lp, olp, adv, mask = make_batch(b=6, t=5)
+    for agg in AGG_MODES:
+        full = compute_policy_loss(lp, olp, adv, mask, agg=agg).loss
+        info = dict(dp_size=2, batch_num_tokens=mask.sum(), global_batch_size=int(mask.any(-1).sum()))
+        shards = [compute_policy_loss(lp[s], olp[s], adv[s], mask[s], agg=agg, **info).loss
+                  for s in (slice(0, 3), slice(3, 6))]
+        if agg == "seq-mean-token-sum-norm":
+            continue  # its normaliser is the padded length, the same for both shards: checked below
+        assert ((shards[0] + shards[1]) / 2).item() == pytest.approx(full.item(), rel=1e-12), agg
+
+
+def test_aggregate_loss_requires_global_counts_when_sharded():
+    x, m = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        aggregate_loss(x, m, "token-mean", dp_size=2)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        aggregate_loss(x, m, "seq-mean-token-mean", dp_size=2)
+    assert aggregate_loss(x, m, "seq-mean-token-sum-norm", loss_scale_factor=6).item() == pytest.approx(0.5)

@@ -1,0 +1,105 @@
+"""The per-token objectives against the paper's equations, written out independently here."""
+
+import math
+
+import pytest
+import torch
+
+from cfpo_loss import cfpo_surrogate, clipped_surrogate
+from cfpo_loss.surrogates import cfpo_surrogate_grad, clipped_surrogate_grad
+
+
+def paper_cfpo(r: float, a: float, eps_low: float, eps_high: float) -> float:
+    eps = eps_high if a > 0 else eps_low
+    return r * a - abs(a) / (2 * eps) * (r - 1) ** 2
+
+
+def paper_clip(r: float, a: float, eps_low: float, eps_high: float, c: float | None = None) -> float:
+    j = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+    if c is not None and a < 0:
+        j = max(j, c * a)
+    return j
+
+
+RATIOS = [0.0, 0.3, 0.79, 0.8, 0.95, 1.0, 1.05, 1.2, 1.28, 1.5, 3.0, 5.0]
+ADVS = [-2.0, -0.5, 0.0, 0.7, 1.5]
+
+
+@pytest.mark.parametrize("eps_low,eps_high", [(0.2, 0.2), (0.2, 0.28), (0.1, 0.3)])
+def test_values_match_the_equations(eps_low, eps_high):
+    r, a = torch.meshgrid(torch.tensor(RATIOS, dtype=torch.float64), torch.tensor(ADVS, dtype=torch.float64), indexing="ij")
+    got_cfpo = cfpo_surrogate(r, a, eps_low, eps_high)
+    got_clip = clipped_surrogate(r, a, eps_low, eps_high)
+    got_dual = clipped_surrogate(r, a, eps_low, eps_high, dual_clip=3.0)
+    for i, ri in enumerate(RATIOS):
+        for j, aj in enumerate(ADVS):
+            assert got_cfpo[i, j].item() == pytest.approx(paper_cfpo(ri, aj, eps_low, eps_high), abs=1e-12)
+            assert got_clip[i, j].item() == pytest.approx(paper_clip(ri, aj, eps_low, eps_high), abs=1e-12)
+            assert got_dual[i, j].item() == pytest.approx(paper_clip(ri, aj, eps_low, eps_high, 3.0), abs=1e-12)
+
+
+def test_eps_high_defaults_to_eps_low():
+    r, a = torch.tensor([1.3, 0.6]), torch.tensor([1.0, -1.0])
+    assert torch.equal(cfpo_surrogate(r, a, 0.25), cfpo_surrogate(r, a, 0.25, 0.25))
+    assert torch.equal(clipped_surrogate(r, a, 0.25), clipped_surrogate(r, a, 0.25, 0.25))
+
+
+@pytest.mark.parametrize("a,eps_low,eps_high", [(1.0, 0.2, 0.28), (2.5, 0.1, 0.3), (-1.0, 0.2, 0.28), (-0.4, 0.15, 0.5)])
+def test_maximiser_is_one_plus_sign_a_eps(a, eps_low, eps_high):
+    expected = 1 + eps_high if a > 0 else 1 - eps_low
+    r = torch.linspace(0.0, 2.0, 200_001, dtype=torch.float64)
+    j = cfpo_surrogate(r, torch.full_like(r, a), eps_low, eps_high)
+    assert r[j.argmax()].item() == pytest.approx(expected, abs=1e-5)
+    # and the analytic derivative vanishes exactly there
+    g = cfpo_surrogate_grad(torch.tensor([expected], dtype=torch.float64), torch.tensor([a], dtype=torch.float64), eps_low, eps_high)
+    assert g.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cfpo_is_concave_and_smooth_everywhere():
+    r = torch.linspace(0.0, 3.0, 3001, dtype=torch.float64, requires_grad=True)
+    for a in (1.0, -1.0):
+        j = cfpo_surrogate(r, torch.full_like(r, a), 0.2, 0.28)
+        (g,) = torch.autograd.grad(j.sum(), r, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), r)
+        eps = 0.28 if a > 0 else 0.2
+        assert torch.allclose(h, torch.full_like(h, -abs(a) / eps))  # constant negative curvature
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip", "dual"])
+def test_analytic_derivative_matches_autograd(objective):
+    torch.manual_seed(0)
+    r = (torch.rand(4000, dtype=torch.float64) * 4).requires_grad_()
+    a = torch.randn(4000, dtype=torch.float64)
+    a[::7] = 0.0
+    if objective == "cfpo":
+        j, g = cfpo_surrogate(r, a, 0.2, 0.28), cfpo_surrogate_grad(r.detach(), a, 0.2, 0.28)
+    else:
+        c = 3.0 if objective == "dual" else None
+        j, g = clipped_surrogate(r, a, 0.2, 0.28, c), clipped_surrogate_grad(r.detach(), a, 0.2, 0.28, c)
+    (auto,) = torch.autograd.grad(j.sum(), r)
+    assert torch.allclose(auto, g, atol=1e-12)
+
+
+def test_dual_clip_bounds_negative_advantages_below():
+    r = torch.tensor([5.0, 10.0, 2.0])
+    a = torch.tensor([-1.0, -2.0, -1.0])
+    j = clipped_surrogate(r, a, 0.2, 0.2, dual_clip=3.0)
+    assert torch.allclose(j, torch.tensor([-3.0, -6.0, -2.0]))
+    # positive advantages are untouched by dual-clip
+    jp = clipped_surrogate(torch.tensor([5.0]), torch.tensor([1.0]), 0.2, 0.2, dual_clip=3.0)
+    assert jp.item() == pytest.approx(1.2)
+
+
+def test_zero_advantage_contributes_nothing():
+    r = torch.tensor([0.1, 1.0, 7.0])
+    a = torch.zeros(3)
+    assert torch.equal(cfpo_surrogate(r, a), torch.zeros(3))
+    assert torch.equal(clipped_surrogate(r, a), torch.zeros(3))
+
+
+def test_broadcasting_shapes():
+    r = torch.ones(3, 5)
+    a = torch.randn(3, 1)
+    assert cfpo_surrogate(r, a).shape == (3, 5)
+    assert clipped_surrogate(r, a).shape == (3, 5)
+    assert math.isclose(cfpo_surrogate(r, a).sum().item(), (a.expand(3, 5)).sum().item(), rel_tol=1e-6)

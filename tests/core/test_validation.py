@@ -1,0 +1,81 @@
+"""Every bad input named in the contract raises a clear error naming the argument."""
+
+import pytest
+import torch
+
+from cfpo_loss import aggregate_loss, cfpo_surrogate, clipped_surrogate, compute_policy_loss
+
+
+def good(b=2, t=3):
+    return dict(log_prob=torch.zeros(b, t), old_log_prob=torch.zeros(b, t), advantages=torch.ones(b),
+                mask=torch.ones(b, t, dtype=torch.bool))
+
+
+def call(**over):
+    kw = good()
+    kw.update(over)
+    args = [kw.pop(k) for k in ("log_prob", "old_log_prob", "advantages", "mask")]
+    return compute_policy_loss(*args, **kw)
+
+
+@pytest.mark.parametrize("over,exc,pattern", [
+    (dict(old_log_prob=torch.zeros(2, 4)), ValueError, r"old_log_prob must have the shape of log_prob \(2, 3\), got \(2, 4\)"),
+    (dict(advantages=torch.ones(3)), ValueError, r"advantages must be .* got \(3,\)"),
+    (dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, r"mask must have the shape"),
+    (dict(log_prob=torch.zeros(6)), ValueError, r"log_prob must be \(B, T\)"),
+    (dict(weights=torch.ones(2, 2)), ValueError, r"weights must have the shape"),
+    (dict(log_prob=torch.zeros(2, 3, dtype=torch.long)), TypeError, r"log_prob must be a floating-point"),
+    (dict(advantages=[1.0, 1.0]), TypeError, r"advantages must be a torch.Tensor"),
+    (dict(mask=torch.full((2, 3), 0.5)), ValueError, r"mask must be bool or hold only 0 and 1"),
+    (dict(mask=torch.full((2, 3), 2)), ValueError, r"mask must be bool or hold only 0 and 1"),
+    (dict(log_prob=torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])), ValueError, r"log_prob holds 1 non-finite"),
+    (dict(old_log_prob=torch.tensor([[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]])), ValueError, r"old_log_prob holds 1 non-finite"),
+    (dict(advantages=torch.tensor([1.0, float("inf")])), ValueError, r"advantages holds 3 non-finite"),
+    (dict(weights=torch.full((2, 3), float("nan"))), ValueError, r"weights holds 6 non-finite"),
+    (dict(eps_low=0.0), ValueError, r"eps_low must lie in \(0, 1\)"),
+    (dict(eps_low=-0.1), ValueError, r"eps_low"),
+    (dict(eps_low=1.0), ValueError, r"eps_low"),
+    (dict(eps_high=0.0), ValueError, r"eps_high must be > 0"),
+    (dict(eps_high=float("nan")), ValueError, r"eps_high must be finite"),
+    (dict(eps_low="0.2"), TypeError, r"eps_low must be a float"),
+    (dict(objective="clip", dual_clip=1.0), ValueError, r"dual_clip must be > 1"),
+    (dict(objective="spo"), ValueError, r"unknown objective 'spo'; valid: 'cfpo', 'clip'"),
+    (dict(agg="mean"), ValueError, r"unknown agg 'mean'; valid: 'token-mean', 'token-sum', 'seq-mean-token-sum'"),
+    (dict(ratio_level="group"), ValueError, r"unknown ratio_level 'group'; valid: 'token', 'sequence'"),
+    (dict(dp_size=0), ValueError, r"dp_size must be a positive int"),
+    (dict(batch_num_tokens=0), ValueError, r"batch_num_tokens must be > 0"),
+])
+def test_bad_input_raises(over, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(**over)
+
+
+
+def test_device_mismatch_on_meta():
+    with pytest.raises(ValueError, match=r"old_log_prob is on meta but log_prob is on cpu"):
+        call(old_log_prob=torch.zeros(2, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"mask is on meta"):
+        call(mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+
+
+def test_check_finite_can_be_turned_off():
+    lp = torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])
+    out = call(log_prob=lp, check_finite=False)
+    assert torch.isnan(out.loss)  # the user asked not to be told; the NaN is theirs
+
+
+def test_surrogates_check_their_arguments():
+    r, a = torch.ones(2), torch.ones(2)
+    with pytest.raises(ValueError, match="eps_low"):
+        cfpo_surrogate(r, a, eps_low=0.0)
+    with pytest.raises(ValueError, match="eps_high"):
+        clipped_surrogate(r, a, eps_high=-1.0)
+    with pytest.raises(ValueError, match="dual_clip"):
+        clipped_surrogate(r, a, dual_clip=0.5)
+
+
+def test_aggregate_loss_checks_shapes_and_mode():
+    with pytest.raises(ValueError, match="equal shapes"):
+        aggregate_loss(torch.ones(2, 3), torch.ones(2, 4, dtype=torch.bool), "token-mean")
+    with pytest.raises(ValueError, match="unknown agg"):
+        aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "sum")
