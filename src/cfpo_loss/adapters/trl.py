@@ -1,0 +1,480 @@
+"""TRL adapter: ``CFPOTrainer`` / ``CFPOConfig``, a one-line drop-in for TRL's ``GRPOTrainer`` / ``GRPOConfig``.
+
+    from cfpo_loss.adapters.trl import CFPOTrainer, CFPOConfig
+    trainer = CFPOTrainer(model=..., reward_funcs=..., args=CFPOConfig(..., policy_objective="cfpo"))
+
+``policy_objective`` is ``"cfpo"`` (default; the clipping-free quadratic objective) or ``"clip"`` (the
+PPO/GRPO clipped objective, reproducing TRL's own loss). ``epsilon`` / ``epsilon_high`` are eps_low /
+eps_high for both objectives. ``loss_type`` keeps choosing the *aggregation* exactly as in TRL ("grpo",
+"bnpo", "dr_grpo", "dapo", "luspo"); TRL's loss types that are other objectives ("cispo", "sapo",
+"vespo") are rejected at construction. A plain ``GRPOConfig`` is accepted too (objective "cfpo" then).
+
+Supported TRL: ``SUPPORTED_TRL`` (1.16.x). CFPO only differs from GRPO when the ratio departs from 1:
+``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` (or off-policy data).
+
+How it hooks into TRL, and which TRL lines it mirrors
+-----------------------------------------------------
+TRL 1.16.0 computes the GRPO loss in one monolithic method, ``GRPOTrainer._compute_loss(model, inputs)``
+(``trl/trainer/grpo_trainer.py``, lines 3020-3290 of trl==1.16.0). The objective is built inline from
+``coef_1`` / ``coef_2`` with ``torch.clamp`` / ``torch.min`` (lines 3109-3138), between the log-prob /
+ratio / KL code above it and the masks / aggregation / entropy / metrics code below it, so there is no
+smaller hook to override. ``CFPOTrainer._compute_loss`` is therefore a copy of that method in which:
+
+* lines 3109-3138 (the ``loss_type`` switch that builds ``per_token_loss``) are replaced by
+  ``per_token_loss = -J(coef_1, advantages)``, with J the core's ``cfpo_surrogate`` or
+  ``clipped_surrogate`` (TRL's two-sided-clipping ``delta`` is the core's ``dual_clip``; equal to TRL's
+  clamp of ``coef_1`` whenever ``delta > 1 + epsilon_high``, which is enforced);
+* three metrics are added after TRL's ``clip_ratio/*`` block (lines 3272-3283): ``cfpo/ratio_dev``,
+  ``cfpo/ratio_max`` and (cfpo only) ``cfpo/penalty``.
+
+Every other line is TRL's text verbatim, and every departure is marked ``# CFPO:``: log-probs and
+entropies through TRL's own ``_get_per_token_logps_and_entropies`` (its chunked LM-head kernel), the
+on-policy ``old_per_token_logps`` fallback, token / sequence importance sampling, KL to the reference
+with its bias correction, top-entropy mask, off-policy sequence mask, vLLM importance-sampling
+correction, the loss_type aggregations with gradient-accumulation and ``steps_per_generation``
+normalisation, entropy bonus (static and adaptive), MoE aux loss, eval mode, and all of TRL's metrics.
+``clip_ratio/low_mean``, ``high_mean``, ``region_mean``, ``low_min``, ``high_max`` keep TRL's meaning for
+both objectives (fraction of tokens whose ratio left the trust region in the direction the advantage
+pushes): for CFPO nothing is clipped, but the statistic is the same one, so runs compare in one dashboard.
+The tests (tests/trl) prove that with ``policy_objective="clip"`` loss and parameter gradients equal
+TRL's own ``GRPOTrainer._compute_loss``.
+
+Version guard: importing this module checks that TRL's version lies in ``SUPPORTED_TRL`` *and* that the
+source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
+raises ``ImportError`` otherwise: a silently changed TRL loss would otherwise be replaced by a stale copy.
+Set ``CFPO_LOSS_ALLOW_UNSUPPORTED_TRL=1`` to turn that error into a warning, at your own risk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    import trl
+    from packaging.version import InvalidVersion, Version
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "cfpo_loss.adapters.trl needs TRL: pip install 'cfpo-loss[trl]' (trl==1.16.0)"
+    ) from exc
+
+from cfpo_loss.surrogates import cfpo_penalty, cfpo_surrogate, clipped_surrogate
+
+__all__ = ["CFPOConfig", "CFPOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES", "POLICY_OBJECTIVES"]
+
+#: TRL versions this adapter is written and tested against (half-open range).
+SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
+#: sha256 of ``inspect.getsource(trl.GRPOTrainer._compute_loss)`` in trl==1.16.0, the text mirrored below.
+_MIRRORED_SHA256 = "80295546bbdbf6f711acce7f6e69b0100ab40aa8f23ed8052cc564ff024e3e40"
+_ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_TRL"
+
+#: TRL loss types that only choose the aggregation of the clipped objective (usable with either objective).
+AGGREGATION_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+#: TRL loss types that are a different policy objective (not an aggregation): rejected.
+_OTHER_OBJECTIVE_LOSS_TYPES = ("cispo", "sapo", "vespo")
+POLICY_OBJECTIVES = ("cfpo", "clip")
+
+
+def _check_trl_version() -> None:
+    problems = []
+    try:
+        v = Version(trl.__version__)
+        lo, hi = Version(SUPPORTED_TRL[0][2:]), Version(SUPPORTED_TRL[1][1:])
+        if not lo <= v < hi:
+            problems.append(f"trl=={trl.__version__} is outside the supported range {','.join(SUPPORTED_TRL)}")
+    except InvalidVersion:
+        problems.append(f"trl version {trl.__version__!r} cannot be parsed")
+    try:
+        src = inspect.getsource(GRPOTrainer._compute_loss)
+    except (OSError, TypeError):  # no source shipped (zipapp, frozen): fall back to the version check alone
+        src = None
+        warnings.warn(
+            "cfpo_loss.adapters.trl: cannot read the source of trl.GRPOTrainer._compute_loss to check that it is "
+            "the version mirrored by CFPOTrainer; relying on the version check only.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if src is not None and hashlib.sha256(src.encode()).hexdigest() != _MIRRORED_SHA256:
+        problems.append(
+            "trl.GRPOTrainer._compute_loss differs from the trl==1.16.0 text that CFPOTrainer._compute_loss mirrors"
+        )
+    if not problems:
+        return
+    msg = (
+        "cfpo_loss.adapters.trl: " + "; ".join(problems) + ". CFPOTrainer copies TRL's loss method with only the "
+        "objective swapped, so on another TRL it could silently compute a wrong loss. Install trl==1.16.0 "
+        f"(pip install 'cfpo-loss[trl]'), or set {_ALLOW_ENV}=1 to proceed anyway at your own risk."
+    )
+    if os.environ.get(_ALLOW_ENV, "") not in ("", "0"):
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    else:
+        raise ImportError(msg)
+
+
+_check_trl_version()
+
+
+def _validate(args, policy_objective, use_fused_loss) -> None:
+    """Raise a clear error for a configuration CFPOTrainer cannot honour. Runs for CFPOConfig and GRPOConfig."""
+    if not isinstance(policy_objective, str) or policy_objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"policy_objective must be one of {POLICY_OBJECTIVES}, got {policy_objective!r}")
+    if not isinstance(use_fused_loss, bool):
+        raise TypeError(f"use_fused_loss must be a bool, got {type(use_fused_loss).__name__} {use_fused_loss!r}")
+    if use_fused_loss:
+        # TODO(issue 6): wire cfpo_loss's fused chunked LM-head path in here once it measurably beats TRL's own
+        # chunked log-prob kernel (trl.kernels.ChunkedLogProbFunction), which CFPOTrainer already uses.
+        raise NotImplementedError(
+            "use_fused_loss=True is not implemented for TRL yet: CFPOTrainer computes log-probs with TRL's own "
+            "chunked LM-head kernel. Leave use_fused_loss=False."
+        )
+    loss_type = args.loss_type
+    if loss_type not in AGGREGATION_LOSS_TYPES:
+        kind = "is a different policy objective in TRL, not an aggregation" if loss_type in _OTHER_OBJECTIVE_LOSS_TYPES else "is unknown"
+        raise ValueError(
+            f"loss_type={loss_type!r} {kind}. With CFPOTrainer, loss_type only chooses how the "
+            f"{policy_objective!r} objective is aggregated: one of {AGGREGATION_LOSS_TYPES}. "
+            f"To train with TRL's {loss_type!r} objective, use trl.GRPOTrainer."
+        )
+    eps_low = args.epsilon
+    if isinstance(eps_low, bool) or not isinstance(eps_low, (int, float)) or not 0.0 < eps_low < 1.0:
+        raise ValueError(f"epsilon (eps_low) must be a float in (0, 1), got {eps_low!r}")
+    eps_high = eps_low if args.epsilon_high is None else args.epsilon_high
+    if isinstance(eps_high, bool) or not isinstance(eps_high, (int, float)) or not (0.0 < eps_high < math.inf):
+        raise ValueError(f"epsilon_high (eps_high) must be a finite float > 0, got {args.epsilon_high!r}")
+    delta = args.delta
+    if delta is not None:
+        if policy_objective == "cfpo":
+            raise ValueError(
+                f"delta={delta!r} (two-sided clipping) is an option of the clipped objective; CFPO has nothing to "
+                "clip, its quadratic penalty already bounds large ratios. Leave delta=None with "
+                "policy_objective='cfpo'."
+            )
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 1.0 + eps_high:
+            raise ValueError(f"delta must be a float > 1 + epsilon_high = {1.0 + eps_high}, got {delta!r}")
+
+
+@dataclass
+class CFPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the choice of policy objective.
+
+    Args:
+        policy_objective (`str`, *optional*, defaults to `"cfpo"`):
+            `"cfpo"`: clipping-free objective r·A − |A|/(2ε)·(r−1)² (ε = `epsilon_high` for A > 0, `epsilon`
+            for A < 0). `"clip"`: TRL's clipped objective min(r·A, clip(r, 1−ε_low, 1+ε_high)·A).
+            `loss_type` chooses the aggregation for both (grpo, bnpo, dr_grpo, dapo, luspo).
+        use_fused_loss (`bool`, *optional*, defaults to `False`):
+            Reserved for cfpo_loss's fused chunked LM-head path; `True` raises NotImplementedError for now
+            (TRL's own chunked log-prob kernel is used).
+    """
+
+    policy_objective: str = field(
+        default="cfpo",
+        metadata={
+            "help": "Policy objective: 'cfpo' (clipping-free quadratic trust region) or 'clip' (PPO/GRPO clipping). "
+            "loss_type keeps choosing the aggregation.",
+            "choices": list(POLICY_OBJECTIVES),
+        },
+    )
+    use_fused_loss: bool = field(
+        default=False,
+        metadata={"help": "Reserved for the fused chunked LM-head path (not implemented for TRL yet)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _validate(self, self.policy_objective, self.use_fused_loss)
+
+
+class CFPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with the policy objective taken from cfpo_loss (CFPO or clipped); everything else is TRL's.
+
+    Accepts a ``CFPOConfig`` or a plain ``GRPOConfig`` (objective "cfpo" then). See the module docstring.
+    """
+
+    _tag_names = ["trl", "grpo", "cfpo"]
+    _name = "CFPO"
+
+    def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = CFPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-CFPO")
+        elif not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a CFPOConfig or GRPOConfig, got {type(args).__name__}")
+        policy_objective = getattr(args, "policy_objective", "cfpo")
+        _validate(args, policy_objective, getattr(args, "use_fused_loss", False))  # before loading any model
+        self.policy_objective = policy_objective
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+
+    def _policy_objective(self, coef_1: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """Per-token objective J(r, A) to maximise, from the core. Shapes broadcast as TRL's coef_1 * advantages."""
+        if self.policy_objective == "cfpo":
+            return cfpo_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high)
+        return clipped_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high, dual_clip=self.args.delta)
+
+    def _cfpo_global_masked_max(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """Max of x over valid tokens (one value per sequence when x is (B, 1)), across processes; NaN if none."""
+        # (B, 1) when importance_sampling_level == "sequence": one value per sequence, as TRL's metrics count them
+        values = x.reshape(-1) if x.shape[1] == 1 else x[mask.bool()]
+        local = values.max() if values.numel() else x.new_tensor(float("nan"))
+        return nanmax(self.accelerator.gather(local.float().reshape(1))).item()
+
+    def _compute_loss(self, model, inputs):
+        """trl==1.16.0 GRPOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
+        # Compute the per-token log probabilities for the model
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)  # we only need to compute the logits for the completion tokens
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        # Compute the per_token_logps and the entropy at each position in the completion
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        else:
+            entropy_mask = None
+
+        # Compute the loss
+        advantages = inputs["advantages"]
+        # In the base GRPO implementation, advantages are expected to have shape (B,). To support subclasses that
+        # provide advantages with shape (B, T), we *conditionally* unsqueeze the tensor.
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        # When num_iterations == 1 and steps_per_generation <= gradient_accumulation_steps,
+        # old_per_token_logps == per_token_logps. In this case we can skip its computation
+        # (see _generate_and_score_completions) and instead use per_token_logps.detach().
+        # The exception is when using vLLM, where we always compute old_per_token_logps
+        # for importance sampling
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+
+        if self.off_policy_mask_threshold is not None:
+            # OPSM should use inference-time logprobs to detect both sources of off-policyness:
+            # 1. Drift from gradient updates (always present)
+            # 2. Drift from training-inference mismatch (when using vLLM)
+            # When using vLLM, prioritize sampling_per_token_logps, otherwise use old_per_token_logps
+            sampling_per_token_logps = inputs.get("sampling_per_token_logps", old_per_token_logps)
+
+            off_policy_mask = self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=sampling_per_token_logps,
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
+
+        log_ratio = per_token_logps - old_per_token_logps
+        if self.importance_sampling_level == "token":
+            log_importance_weights = log_ratio
+        elif self.importance_sampling_level == "sequence":
+            log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+            log_importance_weights = log_importance_weights.unsqueeze(-1)
+        else:
+            raise ValueError(
+                f"Unknown importance sampling level: {self.importance_sampling_level}. Possible values are 'token' "
+                "and 'sequence'."
+            )
+
+        coef_1 = torch.exp(log_importance_weights)
+
+        # Compute the KL divergence between the model and the reference model
+        if self.beta != 0.0:
+            ref_per_token_logps = inputs["ref_per_token_logps"]
+            per_token_kl = (
+                torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+            )
+            # Importance sampling correction for the KL divergence
+            if self.args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * coef_1
+
+        # From here, log_importance_weights (and all subsequent tensors, coef_1, coef_2, etc.) shape depends on
+        # importance_sampling_level: "token" level: (B, T); "sequence" level: (B, 1)
+        # CFPO: TRL's loss_type switch (cispo / clipped / sapo / vespo, trl 1.16.0 lines 3109-3138) is replaced by the
+        # core's per-token objective. loss_type is an aggregation here (checked at construction); coef_1 keeps its
+        # (B, T) or (B, 1) shape, so everything below broadcasts exactly as in TRL. TRL's `delta` clamp of coef_1 is
+        # the core's dual_clip (delta > 1 + epsilon_high is enforced, where both agree).
+        per_token_loss = -self._policy_objective(coef_1, advantages)
+
+        if self.off_policy_mask_threshold is not None:
+            per_token_loss = per_token_loss * off_policy_mask
+
+        if entropy_mask is not None:
+            per_token_loss = per_token_loss * entropy_mask
+
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":
+            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
+
+        if self.beta != 0.0:
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+
+        mode = "train" if self.model.training else "eval"
+        if self.loss_type in ["grpo", "sapo"]:
+            loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # no accum in eval
+            policy_loss = loss.detach()
+            loss = loss / normalizer
+        elif self.loss_type == "bnpo":
+            loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # no accum in eval
+            policy_loss = loss.detach()
+            loss = loss / normalizer
+        elif self.loss_type == "dr_grpo":
+            loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # no accum in eval
+            policy_loss = loss.detach()
+            loss = loss / normalizer
+        elif self.loss_type in ["cispo", "dapo", "vespo"]:
+            # `num_items_in_batch` spans the generation batch, so rescale it to one accumulation window
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":  # in eval, the batch is neither split across steps nor accumulated
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = (per_token_loss * mask).sum() / normalizer
+            policy_loss = loss.detach()
+        elif self.loss_type == "luspo":
+            # `per_token_loss` is (B, 1) only in the recommended sequence-level setup; importance_sampling_level=
+            # "token" (the config default), the KL term, token-level vLLM IS ratios, and the entropy mask all
+            # broadcast it to (B, T), so mask before aggregating.
+            loss = (per_token_loss * mask).sum(-1).mean()
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            policy_loss = loss.detach()
+            loss = loss / normalizer
+        else:
+            raise ValueError(f"Unknown loss type: {self.loss_type}")
+
+        # Entropy bonus: add entropy regularization to encourage exploration. _entropy_bonus_enabled is set
+        # whenever a non-zero static coef is set OR adaptive mode is enabled (adaptive stays enabled even when
+        # entropy_coef has been decremented to entropy_coef_min so it can recover once entropy drops again).
+        if self._entropy_bonus_enabled:
+            # When top_entropy_quantile < 1.0, entropy_mask restricts policy gradients to high-entropy
+            # tokens. Use the same effective mask for the entropy bonus so it acts on the same tokens.
+            effective_mask = mask if entropy_mask is None else mask * entropy_mask
+            # Entropy bonus = mean per-token entropy H (the documented objective L = L_policy - coef * H), so
+            # H does not depend on how each loss type normalizes its policy term. The bonus is a mean over the
+            # tokens it acts on (effective_mask), scaled only for gradient accumulation, never by a loss-type-
+            # specific policy normalizer. (The adaptive controller below tracks a window-global token-weighted mean,
+            # which can differ from this per-micro-batch mean when token counts vary across micro-batches.)
+            accumulation_factor = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            entropy_loss = (
+                (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation_factor
+            )
+
+            # Apply the coefficient and gating from the end of the previous optimizer step, so that every
+            # micro-batch in the current accumulation window applies the same entropy bonus. The adaptive
+            # update below only takes effect on the next step.
+            if self.use_adaptive_entropy:
+                apply_coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+            else:
+                apply_coef = self.entropy_coef
+
+            loss = loss - apply_coef * entropy_loss
+
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+
+            # Adaptive update. Gated on train mode so evaluation cannot mutate the entropy controller state.
+            if self.use_adaptive_entropy and mode == "train":
+                # Accumulate the entropy sum and active-token count of every micro-batch into a running window
+                # buffer, so the controller measures the exact window-global entropy rather than just the last
+                # micro-batch (which would be a 1 / gradient_accumulation_steps subsample).
+                stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
+                if self._entropy_window_stats is None:
+                    self._entropy_window_stats = stats
+                else:
+                    self._entropy_window_stats = self._entropy_window_stats + stats
+                # At the optimizer-step boundary, reduce the window totals across ranks (sum and token count
+                # jointly, for a true global mean unbiased when ranks have different completion lengths),
+                # update the coefficient for the next step, then reset the window buffer.
+                if self.accelerator.sync_gradients:
+                    window_stats = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world_entropy = (window_stats[0] / window_stats[1].clamp(min=1.0)).item()
+                    if world_entropy <= self.args.entropy_target:
+                        self.entropy_coef = min(
+                            self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max
+                        )
+                    else:
+                        self.entropy_coef = max(
+                            self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min
+                        )
+                    self._last_world_entropy = world_entropy
+                    self._entropy_window_stats = None
+
+            # Log entropy_coef on train optimizer-step boundaries (constant for static control; updated just
+            # above for adaptive control). sync_gradients is always True in eval (no accumulation context).
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+        # The policy loss above is scaled for gradient accumulation (HF auto-scaling is off here), so scale aux too
+        if self.aux_loss_enabled:
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        # Log the metrics
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": already one value per sequence
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": one value per sequence
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
+
+        self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+
+        if self.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+            # Compute the clipped probability ratios
+            is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
+            is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
+            is_region_clipped = is_low_clipped | is_high_clipped
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low_clipped.float()))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(is_high_clipped.float()))
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(is_region_clipped.float()))
+            gathered_low_clip = self.accelerator.gather(masked_seq_mean(is_low_clipped.float()))
+            self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low_clip).item())
+            gathered_high_clip = self.accelerator.gather(masked_seq_mean(is_high_clipped.float()))
+            self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high_clip).item())
+
+        # CFPO: trust-region diagnostics logged for both objectives (penalty only for cfpo), so runs compare side by
+        # side: mean |r - 1| and max r over valid tokens (per sequence at sequence level), and CFPO's mean quadratic
+        # penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
+        ratio = coef_1.detach()
+        self._metrics[mode]["cfpo/ratio_dev"].append(global_masked_mean((ratio - 1.0).abs()))
+        self._metrics[mode]["cfpo/ratio_max"].append(self._cfpo_global_masked_max(ratio, mask))
+        if self.policy_objective == "cfpo":
+            penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
+            self._metrics[mode]["cfpo/penalty"].append(global_masked_mean(penalty))
+
+        return loss

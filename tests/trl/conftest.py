@@ -1,0 +1,39 @@
+"""Fixtures for the TRL adapter tests: a tiny Qwen2 built from a config and a WordLevel tokenizer built
+with the `tokenizers` package, saved to a temporary folder (GRPOTrainer loads the reference model for
+beta > 0 from the policy's path). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+pytest.importorskip("trl")
+
+from trl_helpers import build_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Qwen2 + tokenizer; pass the folder as `model=` (and `processing_class=` the tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
