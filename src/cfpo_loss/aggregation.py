@@ -36,49 +36,76 @@ def aggregate_loss(
 
     Masked positions are selected away with ``torch.where`` so NaN/inf padding never leaks in.
     """
-    check_choice("agg", mode, AGG_MODES)
     if per_token_loss.dim() != 2 or per_token_loss.shape != mask.shape:
         raise ValueError(
             f"per_token_loss and mask must both be (B, T) with equal shapes, got "
             f"{tuple(per_token_loss.shape)} and {tuple(mask.shape)}"
         )
+    mask = mask.bool() if mask.dtype != torch.bool else mask
+    scale = aggregation_scale(
+        mask,
+        mode,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+        dtype=per_token_loss.dtype,
+    )
+    zero = torch.zeros((), dtype=per_token_loss.dtype, device=mask.device)
+    return (torch.where(mask, per_token_loss, zero) * scale).sum()
+
+
+def aggregation_scale(
+    mask: Tensor,
+    mode: str,
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: float | Tensor | None = None,
+    global_batch_size: float | Tensor | None = None,
+    loss_scale_factor: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The weight w (B, 1) with loss = Σ_valid ℓ_bt · w_b: every mode above is a per-row weight.
+
+    Known before any per-token loss is, which is what lets the fast and fused paths write each
+    token's gradient in one pass.
+    """
+    check_choice("agg", mode, AGG_MODES)
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
-    mask = mask.bool() if mask.dtype != torch.bool else mask
-    masked = torch.where(mask, per_token_loss, torch.zeros((), dtype=per_token_loss.dtype, device=mask.device))
-
-    if mode in ("token-mean", "token-sum"):
-        total = masked.sum()
-        if mode == "token-sum":
-            return total * dp_size
+    ones = torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device)
+    if mode == "token-sum":
+        return ones * dp_size
+    if mode == "token-mean":
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
-            batch_num_tokens = mask.sum().clamp(min=1)
+            batch_num_tokens = mask.sum().clamp(min=1).to(dtype)
         else:
-            _check_positive("batch_num_tokens", batch_num_tokens)
-        return total / batch_num_tokens * dp_size
-
-    tokens_per_seq = mask.sum(dim=-1)
-    seq_loss = masked.sum(dim=-1)
-    if mode == "seq-mean-token-mean":
-        seq_loss = seq_loss / tokens_per_seq.clamp(min=1)
+            batch_num_tokens = _check_positive("batch_num_tokens", batch_num_tokens, dtype)
+        return ones * (dp_size / batch_num_tokens)
+    tokens_per_seq = mask.sum(dim=-1, keepdim=True).to(dtype)
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError("global_batch_size (the global count of sequences) is required when dp_size > 1")
-        global_batch_size = (tokens_per_seq > 0).sum().clamp(min=1)
+        global_batch_size = (tokens_per_seq > 0).sum().clamp(min=1).to(dtype)
     else:
-        _check_positive("global_batch_size", global_batch_size)
-    loss = seq_loss.sum() / global_batch_size * dp_size  # fully masked rows contribute an exact 0
-    if mode == "seq-mean-token-sum-norm":
+        global_batch_size = _check_positive("global_batch_size", global_batch_size, dtype)
+    scale = ones * (dp_size / global_batch_size)
+    if mode == "seq-mean-token-mean":
+        scale = scale / tokens_per_seq.clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
         if loss_scale_factor is None:
             loss_scale_factor = mask.shape[-1]
         _check_positive("loss_scale_factor", loss_scale_factor)
-        loss = loss / loss_scale_factor
-    return loss
+        scale = scale / loss_scale_factor
+    return scale
 
 
-def _check_positive(name: str, value) -> None:
-    # Tensors are accepted as given (checking one would force a device sync).
-    if not isinstance(value, Tensor) and not value > 0:
+def _check_positive(name: str, value, dtype: torch.dtype = torch.float32):
+    """Python numbers must be > 0; tensors are taken as given (checking one would force a sync)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype)
+    if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value

@@ -47,7 +47,6 @@ from typing import Any, Callable
 
 __all__ = [
     "LOSS_NAMES",
-    "SUPPORTED_VERL_VERSIONS",
     "ENTRY_POINT_NAME",
     "make_policy_loss",
     "compute_policy_loss_cfpo",
@@ -61,8 +60,6 @@ _LOG = logging.getLogger(__name__)
 
 #: the names this plugin registers (never a bare "spo": in verl that is Single-stream Policy Optimization)
 LOSS_NAMES = ("cfpo", "cfpo_seq")
-#: verl releases the adapter is tested against (tests/verl, nox session "verl")
-SUPPORTED_VERL_VERSIONS = ("0.9.1",)
 #: name of our entry point in the ``verl.plugins`` group (what VERL_USE_EXTERNAL_PLUGINS filters on)
 ENTRY_POINT_NAME = "cfpo_loss"
 ENTRY_POINT_GROUP = "verl.plugins"
@@ -229,7 +226,7 @@ def _register_at_import() -> None:
         msg = (
             f"cfpo_loss: could not register the verl policy losses {LOSS_NAMES} "
             f"(loss_mode=cfpo will fail with 'Unsupported loss mode'): {_state['error']}. "
-            f"Tested verl versions: {', '.join(SUPPORTED_VERL_VERSIONS)}; "
+            "the adapter is tested with verl 0.9.1; "
             "run `python -m cfpo_loss` for a diagnosis."
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -269,49 +266,49 @@ def plugin_status(fresh_process: bool = True, timeout: float = 300.0) -> str:
     ``cfpo`` / ``cfpo_seq`` in POLICY_LOSS_REGISTRY (about 15 s: importing verl is slow). Otherwise the
     check runs in this process (where importing this module has already registered the losses).
     """
+    from ._support import is_supported, supported_range
+
     try:
         verl_version = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError:
-        return "verl plugin: verl is not installed (pip install 'cfpo-loss[verl]' to use loss_mode=cfpo)."
-    lines = [f"verl plugin: verl {verl_version} installed"]
-    if verl_version not in SUPPORTED_VERL_VERSIONS:
-        lines.append(f"  WARNING: untested verl version (tested: {', '.join(SUPPORTED_VERL_VERSIONS)})")
+        return "verl is not installed (pip install 'cfpo-loss[verl]' to use loss_mode=cfpo)"
+    details = []
+    if not is_supported("verl", verl_version):
+        details.append(f"WARNING: verl {verl_version} is untested (adapter supports verl{supported_range('verl')})")
     eps = _entry_points()
     if eps:
-        lines.append(f"  entry point: {ENTRY_POINT_GROUP} -> {eps[0].name} = {eps[0].value}")
+        details.append(f"entry point: [{ENTRY_POINT_GROUP}] {eps[0].name} = {eps[0].value}")
     else:
-        lines.append(
-            f"  PROBLEM: no '{ENTRY_POINT_GROUP}' entry point for {__name__} in the installed metadata "
-            "(install cfpo-loss with pip, not by putting src/ on PYTHONPATH; or set "
+        details.append(
+            f"PROBLEM: no [{ENTRY_POINT_GROUP}] entry point for {__name__} in the installed metadata "
+            "(install cfpo-loss with pip rather than putting src/ on PYTHONPATH, or set "
             f"VERL_USE_EXTERNAL_MODULES={__name__})"
         )
     policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
     if policy == "none":
-        lines.append("  PROBLEM: VERL_USE_EXTERNAL_PLUGINS=none disables all verl plugins")
+        details.append("PROBLEM: VERL_USE_EXTERNAL_PLUGINS=none disables all verl plugins")
     elif policy != "auto" and ENTRY_POINT_NAME not in {p.strip() for p in policy.split(",")}:
-        lines.append(f"  PROBLEM: VERL_USE_EXTERNAL_PLUGINS={policy!r} does not list {ENTRY_POINT_NAME!r}")
+        details.append(f"PROBLEM: VERL_USE_EXTERNAL_PLUGINS={policy!r} does not list {ENTRY_POINT_NAME!r}")
     else:
-        lines.append(f"  VERL_USE_EXTERNAL_PLUGINS={policy!r} allows it")
+        details.append(f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load it")
 
-    if fresh_process:
-        probe = _probe_fresh_process(timeout)
-    else:
-        probe = _probe_here()
+    probe = _probe_fresh_process(timeout) if fresh_process else _probe_here()
     if "exception" in probe:
-        lines.append(f"  PROBLEM: importing verl failed: {probe['exception']}")
+        details.append(f"PROBLEM: {probe['exception']}")
     reg = probe.get("registered", {})
-    ok = [n for n in LOSS_NAMES if reg.get(n) == __name__]
-    where = "a fresh `python -c 'import verl'`" if fresh_process else "this process"
-    if len(ok) == len(LOSS_NAMES):
-        lines.append(f"  REGISTERED in {where}: loss_mode=" + " / ".join(ok))
-    else:
-        for n in LOSS_NAMES:
-            if reg.get(n) not in (None, __name__):
-                lines.append(f"  PROBLEM: loss_mode={n} is held by {reg[n]}, not cfpo_loss")
-        lines.append(f"  NOT REGISTERED in {where}: " + ", ".join(n for n in LOSS_NAMES if n not in ok))
+    for n in LOSS_NAMES:
+        if reg.get(n) not in (None, __name__):
+            details.append(f"PROBLEM: loss_mode={n} is held by {reg[n]}, not cfpo_loss")
     if probe.get("error"):
-        lines.append(f"  cause: {probe['error']}")
-    return "\n".join(lines)
+        details.append(f"cause: {probe['error']}")
+    ok = [n for n in LOSS_NAMES if reg.get(n) == __name__]
+    where = "a fresh process after a bare `import verl`" if fresh_process else "this process"
+    if len(ok) == len(LOSS_NAMES):
+        verdict = f"REGISTERED (loss_mode={' / '.join(ok)}) in {where}"
+    else:
+        missing = ", ".join(n for n in LOSS_NAMES if n not in ok)
+        verdict = f"NOT REGISTERED ({missing}) in {where}"
+    return "\n".join([verdict, *("  " + d for d in details)])
 
 
 def _probe_here() -> dict:
