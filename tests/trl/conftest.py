@@ -24,16 +24,15 @@ from trl_helpers import build_model, build_tokenizer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A saved tiny Qwen2 + tokenizer; pass the folder as `model=` (and `processing_class=` the tokenizer)."""
+    """A saved tiny Qwen2; pass the folder as `model=` and the `tokenizer` fixture as `processing_class=`.
+
+    The tokenizer is deliberately not saved next to it: AutoTokenizer would load it back as a Qwen2Tokenizer
+    (from config.json's model type), whose byte-level decoder drops the spaces between WordLevel tokens."""
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    build_model(build_tokenizer()).save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer():
+    return build_tokenizer()

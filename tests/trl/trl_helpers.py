@@ -50,12 +50,13 @@ def prompt_dataset(n: int = 16):
     return Dataset.from_dict({"prompt": prompts})
 
 
-def reward_count_a(completions, **kwargs):
-    """Verifiable reward: the fraction of completion words that are the word 'a'."""
+def reward_digits(completions, **kwargs):
+    """Verifiable reward: the fraction of completion words that are a digit 0-9 (a tiny random model emits one
+    about 1 time in 6, so rewards vary within a group from the first step)."""
     out = []
     for c in completions:
         words = c.split()
-        out.append(sum(w == "a" for w in words) / max(len(words), 1))
+        out.append(sum(w.isdigit() for w in words) / max(len(words), 1))
     return out
 
 
@@ -86,7 +87,7 @@ def make_trainer(trainer_cls, config_cls, model_dir, tokenizer, out_dir, **overr
     args = make_args(config_cls, out_dir, **overrides)
     trainer = trainer_cls(
         model=model_dir,
-        reward_funcs=reward_count_a,
+        reward_funcs=reward_digits,
         args=args,
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
