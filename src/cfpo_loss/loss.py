@@ -20,7 +20,8 @@ from ._checks import (
     check_tensor,
     compute_dtype,
 )
-from .aggregation import AGG_MODES, aggregate_loss
+from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
+from .fast import fast_policy_loss
 from .metrics import trust_region_metrics
 from .surrogates import OBJECTIVES
 
@@ -64,6 +65,7 @@ def compute_policy_loss(
     batch_num_tokens: float | Tensor | None = None,
     global_batch_size: float | Tensor | None = None,
     loss_scale_factor: float | None = None,
+    fast: bool | str = False,
 ) -> PolicyLossOutput:
     """Policy-gradient loss for ``objective`` "cfpo" (clipping-free) or "clip" (PPO/GRPO).
 
@@ -81,6 +83,9 @@ def compute_policy_loss(
             (rollout / train mismatch corrections); no gradient flows into them.
         check_finite: raise on NaN/inf at valid positions (one device sync; off to avoid it).
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: see ``aggregate_loss``.
+        fast: False (autograd, the reference), True (one-pass forward with the analytic gradient,
+            compiled by torch.compile; the first call per shape family compiles) or "eager" (the
+            same one-pass code uncompiled). The fast paths return no ``per_token_loss``.
     """
     check_choice("objective", objective, tuple(OBJECTIVES))
     check_choice("agg", agg, AGG_MODES)
@@ -90,6 +95,16 @@ def compute_policy_loss(
     log_prob, old_log_prob, advantages, mask, weights = _check_inputs(
         log_prob, old_log_prob, advantages, mask, weights, check_finite
     )
+
+    if fast:
+        check_choice("fast", fast, (True, "eager"))
+        scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                                  global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+                                  dtype=log_prob.dtype)
+        options = (objective, eps_low, eps_high, dual_clip, ratio_level)
+        loss, ratio, metrics = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options,
+                                                compile=fast is True)
+        return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=None, ratio=ratio)
 
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     # Select, never multiply: NaN·0 = NaN, and padding log-probs are often NaN or -inf.

@@ -1,0 +1,368 @@
+"""fused_linear_policy_loss against the unfused path and against the paper's equations.
+
+The reference is the plain eager path a trainer would write — logits = (h @ W.T + b) / temperature,
+log_softmax, gather, then the core's compute_policy_loss — differentiated by autograd through the full
+(B, T, V) logits. One test writes the CFPO objective out from the paper instead, so the fused path is
+also checked against something that shares no code with the library. Only torch, pytest and
+hypothesis are needed (no liger, no framework).
+
+Tolerances:
+* float32: 1e-5 relative for the loss and for the gradients w.r.t. hidden, weight and bias (gradients
+  compared element-wise with rtol 1e-5 and an absolute floor of 1e-5 × the tensor's largest entry, since
+  entries that cancel to ~0 have no meaningful relative error). The two paths differ only in fp32
+  rounding (blocked vs whole matmuls, in-place vs out-of-place softmax): ~1e-7.
+* float64: 1e-10 (hypothesis sweep over shapes / chunk sizes / masks).
+* bfloat16: see test_bf16_within_the_unfused_paths_own_error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cfpo_loss import AGG_MODES, aggregate_loss, compute_policy_loss
+from cfpo_loss.fused import default_chunk_size, fused_linear_policy_loss
+
+OBJECTIVES = ("cfpo", "clip")
+
+
+def make_inputs(b=4, t=9, h=24, v=97, *, seed=0, dtype=torch.float32, bias=True, spread=0.3, fully_masked_row=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h) * 2
+    bias_t = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    target = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.25
+    mask[:, 0] = True
+    if fully_masked_row and b > 1:
+        mask[1] = False
+    with torch.no_grad():
+        logits = hidden @ weight.T + (bias_t if bias else 0)
+        lp = logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    old = (lp + spread * torch.randn(b, t, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(b, generator=g) + 0.3  # not mean-zero, so the loss is not a cancellation residue
+    # padding holds garbage, as real batches do
+    target = target.masked_fill(~mask, -100)
+    old = old.masked_fill(~mask, float("nan"))
+    ref = ref.masked_fill(~mask, float("inf"))
+    cast = lambda x: None if x is None else x.to(dtype).requires_grad_()  # noqa: E731
+    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias_t), target=target, old=old, ref=ref,
+                adv=adv, mask=mask)
+
+
+def unfused(inp, *, temperature=1.0, beta=0.0, **kw):
+    """The eager path: full logits -> log_softmax -> gather -> compute_policy_loss (+ TRL's k3 KL)."""
+    logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"])
+    logits = logits.float() / temperature
+    lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    out = compute_policy_loss(lp, inp["old"], inp["adv"], inp["mask"], **kw)
+    loss = out.loss
+    if beta:
+        # TRL GRPOTrainer: per_token_kl = exp(ref - logp) - (ref - logp) - 1; per_token_loss += beta * kl
+        delta = torch.where(inp["mask"], inp["ref"] - lp, 0)
+        kl = torch.exp(delta) - delta - 1
+        agg_kw = {k: v for k, v in kw.items() if k in ("agg", "dp_size", "batch_num_tokens", "global_batch_size",
+                                                          "loss_scale_factor")}
+        mode = agg_kw.pop("agg", "token-mean")
+        loss = aggregate_loss(out.per_token_loss + beta * kl, inp["mask"], mode, **agg_kw)
+    return loss, out, lp
+
+
+def fused(inp, **kw):
+    return fused_linear_policy_loss(
+        inp["hidden"], inp["weight"], inp["target"], inp["old"], inp["adv"], inp["mask"],
+        lm_head_bias=inp["bias"], ref_log_prob=inp["ref"] if kw.get("beta") else None, **kw,
+    )
+
+
+def params(inp):
+    return [p for p in (inp["hidden"], inp["weight"], inp["bias"]) if p is not None]
+
+
+def assert_grads_close(got, want, rtol=1e-5):
+    for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+def assert_same(inp, f_kw, u_kw=None, rtol=1e-5):
+    u_kw = f_kw if u_kw is None else u_kw
+    loss_u, out_u, _ = unfused(inp, **u_kw)
+    grads_u = torch.autograd.grad(loss_u, params(inp))
+    out_f = fused(inp, **f_kw)
+    grads_f = torch.autograd.grad(out_f.loss, params(inp))
+    assert out_f.loss.dtype == loss_u.dtype and out_f.loss.dim() == 0
+    torch.testing.assert_close(out_f.loss, loss_u.detach(), rtol=rtol, atol=1e-7)
+    assert_grads_close(grads_f, grads_u, rtol)
+    assert set(out_f.metrics) >= set(out_u.metrics)
+    for k, v in out_u.metrics.items():
+        torch.testing.assert_close(out_f.metrics[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"metric {k}: {m}")
+    m = inp["mask"]
+    torch.testing.assert_close(out_f.ratio[m], out_u.ratio[m], rtol=1e-5, atol=1e-6)
+    assert not out_f.per_token_loss.requires_grad
+    assert torch.all(out_f.per_token_loss[~m] == 0)
+    return out_f
+
+
+# ---- float32 against the unfused path ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("chunk_size,temperature,bias", [(5, 1.0, True), (7, 0.7, False), (1000, 1.3, True)])
+def test_float32_matches_unfused(objective, agg, chunk_size, temperature, bias):
+    # N = 36 tokens, 24 valid (a fully masked row): chunk sizes 5 and 7 divide neither
+    inp = make_inputs(bias=bias)
+    kw = dict(objective=objective, agg=agg, temperature=temperature)
+    assert_same(inp, dict(kw, chunk_size=chunk_size), kw)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 9, 11, 64])
+def test_sequence_ratio_blocks_of_whole_rows(objective, chunk_size):
+    # GSPO: a token's gradient depends on its whole row; blocks smaller than a row must still be right
+    inp = make_inputs(b=5, t=9, seed=3)
+    kw = dict(objective=objective, ratio_level="sequence", agg="seq-mean-token-mean")
+    assert_same(inp, dict(kw, chunk_size=chunk_size), kw)
+
+
+def test_weights_dual_clip_eps_high_and_global_batch_info():
+    inp = make_inputs(seed=4, spread=0.8)
+    w = torch.rand(4, 9, generator=torch.Generator().manual_seed(9)) + 0.5
+    for kw in (
+        dict(objective="clip", dual_clip=3.0, eps_low=0.2, eps_high=0.28, weights=w, agg="token-mean",
+             dp_size=2, batch_num_tokens=50),
+        dict(objective="cfpo", eps_low=0.1, eps_high=0.3, weights=w, agg="seq-mean-token-sum-norm",
+             dp_size=4, global_batch_size=7, loss_scale_factor=16),
+        dict(objective="cfpo", agg="seq-mean-token-sum", global_batch_size=torch.tensor(5.0)),
+    ):
+        assert_same(inp, dict(kw, chunk_size=6), kw)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_kl_term_matches_trl_k3(agg):
+    inp = make_inputs(seed=5)
+    kw = dict(objective="cfpo", agg=agg, beta=0.04)
+    out = assert_same(inp, dict(kw, chunk_size=7), kw)
+    m = inp["mask"]
+    lp = unfused(inp)[2].detach()
+    delta = inp["ref"][m] - lp[m]
+    torch.testing.assert_close(out.metrics["kl"], (delta.exp() - delta - 1).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_advantages_per_token_and_int_mask_and_2d_hidden():
+    inp = make_inputs(seed=6)
+    adv_bt = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
+    inp["adv"] = adv_bt
+    loss_u, _, _ = unfused(inp, objective="clip")
+    gu = torch.autograd.grad(loss_u, params(inp))
+    out = fused_linear_policy_loss(
+        inp["hidden"].reshape(36, -1), inp["weight"], inp["target"], inp["old"], adv_bt, inp["mask"].long(),
+        objective="clip", lm_head_bias=inp["bias"], chunk_size=8,
+    )
+    gf = torch.autograd.grad(out.loss, params(inp))
+    torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
+    assert_grads_close(gf, gu)
+
+
+def test_upstream_gradient_scales_and_frozen_weight():
+    inp = make_inputs(seed=7)
+    loss_u, _, _ = unfused(inp)
+    gu = torch.autograd.grad(3.0 * loss_u, [inp["hidden"]])
+    inp["weight"].requires_grad_(False)
+    inp["bias"].requires_grad_(False)
+    out = fused(inp, chunk_size=10)
+    gf = torch.autograd.grad(3.0 * out.loss + inp["hidden"].sum() * 0, [inp["hidden"]])
+    assert_grads_close(gf, gu)
+    # and .backward() fills .grad of a leaf, accumulating like any other loss
+    inp["hidden"].grad = torch.ones_like(inp["hidden"])
+    fused(inp, chunk_size=10).loss.backward()
+    assert_grads_close([inp["hidden"].grad - 1], [gu[0] / 3])
+
+
+def test_all_masked_batch_is_zero_loss_zero_grad():
+    inp = make_inputs(seed=8)
+    inp["mask"] = torch.zeros_like(inp["mask"])
+    out = fused(inp, chunk_size=4)
+    grads = torch.autograd.grad(out.loss, params(inp))
+    assert out.loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    assert out.metrics["tr_exit_frac"].item() == 0.0
+
+
+def test_no_grad_inputs_give_loss_and_metrics():
+    inp = make_inputs(seed=9)
+    loss_u, out_u, _ = unfused(inp, objective="clip")
+    with torch.no_grad():
+        out = fused(inp, objective="clip", chunk_size=5)
+    torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
+    assert not out.loss.requires_grad
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(32768) == 512
+    assert default_chunk_size(151936) == 110
+    assert default_chunk_size(10) == 4096
+    assert 64 <= default_chunk_size(10**7) <= 4096
+
+
+# ---- against the paper's equation, sharing no code with the library ----------------------------------
+
+
+def test_cfpo_from_the_paper_equation_float64():
+    """J = r·A − |A|/(2ε)·(r−1)², ε = eps_high (A>0) / eps_low (A<0); loss = −token-mean J."""
+    inp = make_inputs(seed=10, dtype=torch.float64)
+    eps_low, eps_high = 0.2, 0.3
+    logits = inp["hidden"] @ inp["weight"].T + inp["bias"]
+    lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    m = inp["mask"]
+    r = torch.exp(lp[m] - inp["old"][m].double())
+    a = inp["adv"].double().unsqueeze(1).expand_as(lp)[m]
+    eps = torch.where(a > 0, torch.full_like(a, eps_high), torch.full_like(a, eps_low))
+    want = -(r * a - a.abs() / (2 * eps) * (r - 1) ** 2).mean()
+    gw = torch.autograd.grad(want, params(inp))
+    out = fused(inp, objective="cfpo", eps_low=eps_low, eps_high=eps_high, chunk_size=5)
+    gf = torch.autograd.grad(out.loss, params(inp))
+    torch.testing.assert_close(out.loss, want.detach(), rtol=1e-10, atol=1e-12)
+    assert_grads_close(gf, gw, rtol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 4), t=st.integers(1, 6), h=st.integers(1, 8), v=st.integers(2, 40),
+    chunk=st.integers(1, 30), seed=st.integers(0, 10_000), objective=st.sampled_from(OBJECTIVES),
+    agg=st.sampled_from(AGG_MODES), ratio_level=st.sampled_from(["token", "sequence"]),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
+def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, temperature):
+    inp = make_inputs(b, t, h, v, seed=seed, dtype=torch.float64, fully_masked_row=seed % 2 == 0)
+    kw = dict(objective=objective, agg=agg, ratio_level=ratio_level, temperature=temperature)
+    loss_u, _, _ = unfused(inp, **kw)
+    out = fused(inp, chunk_size=chunk, **kw)
+    # the unfused reference casts logits to fp32 (as trainers do), so compare the float64 fused path to
+    # a float64 unfused path instead: same code with the .float() removed
+    logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]) / temperature
+    lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want = compute_policy_loss(lp, inp["old"].double(), inp["adv"].double(), inp["mask"], **kw).loss
+    gw = torch.autograd.grad(want, params(inp))
+    gf = torch.autograd.grad(out.loss, params(inp))
+    torch.testing.assert_close(out.loss, want.detach(), rtol=1e-10, atol=1e-12)
+    assert_grads_close(gf, gw, rtol=1e-10)
+    torch.testing.assert_close(out.loss.float(), loss_u.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---- bfloat16 ----------------------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_bf16_within_the_unfused_paths_own_error(objective):
+    """bf16 inputs: both paths round the lm_head output to bf16 (the fused tile comes out of the same
+    bf16 matmul) and compute everything after it in fp32; the gradient tile goes back to bf16 for the
+    two gradient matmuls in both. So the fused path is held to the unfused bf16 path's own error
+    against an fp32 ground truth (same bf16-representable inputs, computed in fp32): at most 1.5× that
+    error plus half a bf16 ulp (2**-9), for the loss and every gradient. The direct fused-vs-unfused
+    bf16 difference is then bounded by ~2 bf16 ulps (1e-2 relative in norm)."""
+    inp16 = make_inputs(b=4, t=16, h=32, v=300, seed=11, dtype=torch.bfloat16)
+    inp32 = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16
+                 else v) for k, v in inp16.items()}
+    kw = dict(objective=objective, agg="token-mean")
+    loss32, _, _ = unfused(inp32, **kw)
+    g32 = torch.autograd.grad(loss32, params(inp32))
+    loss_u, _, _ = unfused(inp16, **kw)
+    gu = torch.autograd.grad(loss_u, params(inp16))
+    out = fused(inp16, chunk_size=13, **kw)
+    gf = torch.autograd.grad(out.loss, params(inp16))
+    assert out.loss.dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in gf)
+    half_ulp = 2.0**-9
+    assert _rel(out.loss, loss32) <= 1.5 * _rel(loss_u, loss32) + half_ulp
+    for a, b, c in zip(gf, gu, g32):
+        assert _rel(a, c) <= 1.5 * _rel(b, c) + half_ulp
+        assert _rel(a, b) <= 1e-2
+
+
+# ---- it never holds the full logits -----------------------------------------------------------------
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_largest_intermediate_is_one_tile():
+    b, t, h, v, chunk = 4, 32, 16, 512, 8
+    inp = make_inputs(b, t, h, v, seed=12)
+    with _LargestTensor() as probe:
+        out = fused(inp, chunk_size=chunk)
+        out.loss.backward()
+    # one (chunk, V) tile, or the (V, H) weight gradient — never (B·T, V)
+    assert probe.largest <= max(chunk * v, v * h)
+    assert probe.largest < b * t * v // 4
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------
+
+
+def _call(**over):
+    inp = make_inputs(seed=13)
+    args = dict(hidden=inp["hidden"], lm_head_weight=inp["weight"], target_ids=inp["target"], old_log_prob=inp["old"],
+                advantages=inp["adv"], mask=inp["mask"], lm_head_bias=inp["bias"])
+    args.update(over)
+    return fused_linear_policy_loss(**args)
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(hidden=torch.randn(4, 9)), ValueError, "hidden"),
+        (dict(hidden=torch.randn(4, 8, 24)), ValueError, "hidden"),
+        (dict(hidden=torch.zeros(4, 9, 24, dtype=torch.long)), TypeError, "hidden"),
+        (dict(lm_head_weight=torch.randn(97, 23)), ValueError, "hidden"),
+        (dict(lm_head_weight=torch.randn(97)), ValueError, "lm_head_weight"),
+        (dict(lm_head_weight=torch.randn(97, 24, dtype=torch.float64)), TypeError, "lm_head_weight"),
+        (dict(lm_head_bias=torch.randn(96)), ValueError, "lm_head_bias"),
+        (dict(lm_head_bias=torch.randn(97, dtype=torch.float64)), TypeError, "lm_head_bias"),
+        (dict(target_ids=torch.zeros(4, 9)), TypeError, "target_ids"),
+        (dict(target_ids=torch.zeros(4, 8, dtype=torch.long)), ValueError, "hidden"),
+        (dict(target_ids=torch.full((4, 9), 97)), ValueError, "target_ids"),
+        (dict(target_ids=torch.full((4, 9), -1)), ValueError, "target_ids"),
+        (dict(old_log_prob=torch.randn(4, 8)), ValueError, "old_log_prob"),
+        (dict(advantages=torch.randn(3)), ValueError, "advantages"),
+        (dict(mask=torch.ones(4, 8, dtype=torch.bool)), ValueError, "mask"),
+        (dict(objective="spo"), ValueError, "objective"),
+        (dict(agg="mean"), ValueError, "agg"),
+        (dict(ratio_level="seq"), ValueError, "ratio_level"),
+        (dict(eps_low=1.5), ValueError, "eps_low"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.5), ValueError, "chunk_size"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature="1"), TypeError, "temperature"),
+        (dict(beta=0.1), ValueError, "ref_log_prob"),
+        (dict(beta=-0.1), ValueError, "beta"),
+        (dict(beta=0.1, ref_log_prob=torch.randn(4, 8)), ValueError, "ref_log_prob"),
+        (dict(beta=0.1, ref_log_prob=torch.full((4, 9), float("nan"))), ValueError, "ref_log_prob"),
+        (dict(old_log_prob=torch.full((4, 9), float("nan"))), ValueError, "old_log_prob"),
+        (dict(dp_size=2), ValueError, "batch_num_tokens"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(**over)
