@@ -177,8 +177,9 @@ def fused_linear_policy_loss(
     # The core validates everything else (shapes of old_log_prob / advantages / mask / weights, eps,
     # dual_clip, the global-batch arguments, non-finite values at valid positions): run it once on
     # cheap (B, T) stand-in log-probs before the expensive pass.
-    probe = compute_policy_loss(
-        old_log_prob.detach(), old_log_prob, advantages, mask, agg=agg, ratio_level=ratio_level,
+    check_tensor("old_log_prob", old_log_prob)
+    compute_policy_loss(
+        torch.zeros(bsz, seq, device=old_log_prob.device), old_log_prob, advantages, mask, agg=agg, ratio_level=ratio_level,
         weights=weights, check_finite=check_finite, **policy_kw, **agg_kw,
     )
     mask = mask.bool() if mask.dtype != torch.bool else mask

@@ -242,9 +242,9 @@ def test_cfpo_from_the_paper_equation_float64():
 )
 def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, temperature):
     inp = make_inputs(b, t, h, v, seed=seed, dtype=torch.float64, fully_masked_row=seed % 2 == 0)
-    kw = dict(objective=objective, agg=agg, ratio_level=ratio_level, temperature=temperature)
-    loss_u, _, _ = unfused(inp, **kw)
-    out = fused(inp, chunk_size=chunk, **kw)
+    kw = dict(objective=objective, agg=agg, ratio_level=ratio_level)
+    loss_u, _, _ = unfused(inp, temperature=temperature, **kw)
+    out = fused(inp, chunk_size=chunk, temperature=temperature, **kw)
     # the unfused reference casts logits to fp32 (as trainers do), so compare the float64 fused path to
     # a float64 unfused path instead: same code with the .float() removed
     logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]) / temperature
@@ -261,7 +261,8 @@ def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, tem
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
