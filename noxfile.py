@@ -18,7 +18,7 @@ nox.options.reuse_existing_virtualenvs = False
 nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
 
 TORCH = "torch==2.13.0"
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy"]
 TRL = "trl==1.16.0"
 VERL = "verl==0.9.1"
 OPENRLHF = "openrlhf==0.11.2"
