@@ -74,11 +74,43 @@ def trl(session: nox.Session) -> None:
 
 @nox.session
 def verl(session: nox.Session) -> None:
-    """verl plugin against the real verl==0.9.1 registry, loss path and a local Ray worker."""
-    _base(session, VERL)
-    # re-install ourselves *with* metadata so the `verl.plugins` entry point is visible
-    _install(session, "--no-deps", "-e", ".")
+    """verl plugin against the real verl==0.9.1 registry, loss path and a local Ray worker.
+
+    Then verl's own CPU tests of its core algorithms, run against the installed verl with our plugin
+    loaded (verl's wheel ships no tests; its PyPI sdist does: fetched with pip, only tests/ unpacked,
+    so the installed verl - not a source tree - is what they import).
+    """
+    import glob
+    import os
+    import tarfile
+
+    _base(session, VERL)  # `pip install -e .` in _base writes the `verl.plugins` entry point metadata
+    session.run("python", "-m", "cfpo_loss", env=ENV)  # must say "verl plugin: REGISTERED"
     _pytest(session, "tests/verl")
+
+    tmp = session.create_tmp()
+    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", VERL, "-d", tmp)
+    (sdist,) = glob.glob(os.path.join(tmp, "verl-*.tar.gz"))
+    upstream = os.path.join(tmp, "verl_upstream")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"] and m.isfile()]
+        for m in members:
+            m.name = m.name.split("/", 1)[1]
+        tar.extractall(upstream, members=members, filter="data")
+    with session.chdir(upstream):
+        session.run(
+            "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "tests/trainer/ppo/test_core_algos_on_cpu.py",
+            "tests/trainer/ppo/test_loss_aggregation_on_cpu.py",
+            "tests/trainer/ppo/test_dynamic_policy_losses_on_cpu.py",
+            "tests/trainer/ppo/test_value_loss_normalization_on_cpu.py",
+            "tests/trainer/ppo/test_rollout_corr.py",
+            "tests/trainer/ppo/test_rollout_corr_integration.py",
+            "tests/trainer/ppo/test_reinforce_pp_multiturn_on_cpu.py",
+            "tests/trainer/ppo/test_metric_utils_on_cpu.py",
+            "tests/test_base_config_on_cpu.py",
+            env={**ENV, "VERL_USE_EXTERNAL_PLUGINS": "auto"},
+        )  # fmt: skip
 
 
 @nox.session

@@ -1,0 +1,155 @@
+"""The plugin reaches verl through the ``verl.plugins`` entry point, with no import of cfpo_loss by
+the user; registration is idempotent, and a failure is loud (verl only logs it at DEBUG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+import cfpo_loss.adapters.verl as plugin
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+BARE_USER = """
+    import json, sys
+    assert not any(m.startswith("cfpo_loss") for m in sys.modules)
+    import torch
+    import verl                                          # the only import a verl user does
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
+    from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+    out = {"loaded_by_verl": "cfpo_loss.adapters.verl" in sys.modules}
+    try:
+        fn = get_policy_loss_fn("cfpo")
+    except ValueError as e:
+        out["error"] = str(e)
+    else:
+        cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                          policy_loss=PolicyLossConfig(loss_mode="cfpo"))
+        lp = torch.tensor([[-1.0, -0.5]], requires_grad=True)
+        loss, metrics = fn(torch.tensor([[-1.2, -0.4]]), lp, torch.tensor([[1.0, 1.0]]),
+                           torch.tensor([[True, True]]), "token-mean", cfg, None)
+        loss.backward()
+        out["modules"] = {n: POLICY_LOSS_REGISTRY[n].__module__ for n in ("cfpo", "cfpo_seq")}
+        out["grad_finite"] = bool(torch.isfinite(lp.grad).all())
+        out["metric_keys"] = sorted(metrics)
+    print("RESULT " + json.dumps(out))
+"""
+
+
+def _result(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_bare_import_verl_registers_cfpo_in_a_fresh_process():
+    out = _result(_python(BARE_USER))
+    assert out["loaded_by_verl"]
+    assert out["modules"] == {"cfpo": "cfpo_loss.adapters.verl", "cfpo_seq": "cfpo_loss.adapters.verl"}
+    assert out["grad_finite"]
+    assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/cfpo/penalty"} <= set(
+        out["metric_keys"]
+    )
+
+
+@pytest.mark.parametrize(
+    "policy, registered",
+    [("cfpo_loss", True), ("none", False), ("some_other_plugin", False)],
+)
+def test_verl_use_external_plugins_controls_loading(policy, registered):
+    out = _result(_python(BARE_USER, VERL_USE_EXTERNAL_PLUGINS=policy))
+    if registered:
+        assert out["modules"]["cfpo"] == "cfpo_loss.adapters.verl"
+    else:
+        assert not out["loaded_by_verl"]
+        assert "Unsupported loss mode: cfpo" in out["error"]
+
+
+def test_entry_point_declared_in_installed_metadata():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="verl.plugins") if ep.name == plugin.ENTRY_POINT_NAME]
+    assert len(eps) == 1 and eps[0].value == "cfpo_loss.adapters.verl"
+    assert eps[0].load() is plugin  # exactly what verl/__init__.py calls
+
+
+def test_registration_is_idempotent(verl_registry):
+    before = dict(verl_registry)
+    for _ in range(3):
+        assert plugin.register() == plugin.LOSS_NAMES
+    assert verl_registry == before
+    assert verl_registry["cfpo"] is plugin.compute_policy_loss_cfpo
+    assert verl_registry["cfpo_seq"] is plugin.compute_policy_loss_cfpo_seq
+
+
+def test_foreign_loss_under_our_name_is_kept_with_a_warning(verl_registry):
+    def foreign(*args, **kwargs):  # somebody else's "cfpo"
+        raise AssertionError
+
+    verl_registry["cfpo"] = foreign
+    with pytest.warns(RuntimeWarning, match="already registered"):
+        assert plugin.register() == ("cfpo_seq",)
+    assert verl_registry["cfpo"] is foreign
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plugin.register(override=True) == plugin.LOSS_NAMES
+    assert verl_registry["cfpo"] is plugin.compute_policy_loss_cfpo
+
+
+BROKEN_VERL = """
+    import importlib.abc, json, sys, warnings
+
+    class Broken(importlib.abc.MetaPathFinder):      # simulates an incompatible / broken verl install
+        def find_spec(self, name, path=None, target=None):
+            if name == "verl.trainer.ppo.core_algos":
+                raise ImportError("simulated: core_algos is broken")
+
+    sys.meta_path.insert(0, Broken())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import verl                                  # loads our entry point, which must complain
+    mod = sys.modules.get("cfpo_loss.adapters.verl")
+    print("RESULT " + json.dumps({
+        "loaded": mod is not None,
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+        "error": mod.registration_error() if mod else None,
+        "status": mod.plugin_status(fresh_process=False) if mod else None,
+    }))
+"""
+
+
+def test_registration_failure_is_loud_and_diagnosed():
+    proc = _python(BROKEN_VERL)
+    out = _result(proc)
+    assert out["loaded"]
+    assert any("could not register" in w and "simulated: core_algos is broken" in w for w in out["warnings"])
+    assert "simulated: core_algos is broken" in out["error"]
+    assert out["status"].startswith("NOT REGISTERED")
+    assert "cause:" in out["status"]
+    # also on the logging channel (what a Ray worker's log shows), at WARNING level
+    assert "could not register" in proc.stderr
+
+
+def test_plugin_status_reports_a_disabled_plugin(monkeypatch):
+    monkeypatch.setenv("VERL_USE_EXTERNAL_PLUGINS", "none")
+    status = plugin.plugin_status()
+    assert status.startswith("NOT REGISTERED") and "VERL_USE_EXTERNAL_PLUGINS=none" in status
+
+
+def test_python_m_cfpo_loss_reports_the_plugin():
+    """`python -m cfpo_loss` calls plugin_status(), which checks a fresh bare `import verl`."""
+    proc = subprocess.run([sys.executable, "-m", "cfpo_loss"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "verl plugin: REGISTERED (loss_mode=cfpo / cfpo_seq) in a fresh process" in proc.stdout
