@@ -121,6 +121,19 @@ def openrlhf(session: nox.Session) -> None:
     installed with --no-deps plus what its loss / actor / CLI modules really import. See
     tests/openrlhf/README.md for what is left out and why.
     """
+    import os
+
     _base(session)
     _install(session, "--no-deps", OPENRLHF)
+    # deepspeed ships only an sdist; build isolation would pull a second (CUDA) torch into the build env
+    _install(session, "setuptools", "wheel", "packaging")
+    _install(session, "--no-build-isolation", "deepspeed==0.19.6")
+    # what openrlhf.models / openrlhf.trainer.ray.ppo_actor / openrlhf.cli.train_ppo_ray import at module
+    # level (flash-attn and vllm excepted: import-only test stand-ins, see tests/openrlhf/README.md)
+    _install(session, "transformers==5.15.0", "peft", "ray[default]==2.55.0", "torchdata", "tqdm")
+    # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
+    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
+    standins = os.path.abspath("tests/openrlhf/standins")
+    with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
+        f.write(standins + "\n")
     _pytest(session, "tests/openrlhf")

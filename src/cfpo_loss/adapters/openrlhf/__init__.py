@@ -1,0 +1,288 @@
+"""OpenRLHF adapter: ``PolicyLoss(policy_loss_type="cfpo")`` and ``"cfpo_seq"`` in OpenRLHF 0.11.
+
+``install()`` patches the class ``openrlhf.models.loss.PolicyLoss`` itself (its ``__init__`` and
+``forward``), so every reference to it sees the new types, also ``PolicyLoss`` names imported before
+``install()`` ran (``openrlhf.trainer.ray.ppo_actor`` imports it by name from ``openrlhf.models``).
+``"ppo"`` and ``"gspo"`` keep running OpenRLHF's own, unchanged ``forward``. Calling it twice is harmless.
+
+OpenRLHF builds ``PolicyLoss`` inside Ray actors, so ``install()`` must run in every Ray worker: the
+launcher ``python -m cfpo_loss.adapters.openrlhf.train_ppo_ray`` (console script
+``cfpo-openrlhf-train-ppo-ray``) does that with a Ray ``worker_process_setup_hook``.
+
+What the new types do (the per-token math is the core's, ``cfpo_loss.compute_policy_loss``):
+
+    OpenRLHF                              here
+    policy_loss_type "cfpo"               objective "cfpo", token-level ratio (as "ppo")
+    policy_loss_type "cfpo_seq"           objective "cfpo", GSPO sequence ratio exp(mean_t log r) (as
+                                          "gspo": per-sample aggregation forced, and with the
+                                          is-correction on, the ratio is taken against the rollout
+                                          log-probs and no IS weight is applied - exactly gspo's rules)
+    clip_eps_low / clip_eps_high          eps_low / eps_high (the trust-region half-widths)
+    dual_clip                             no effect (CFPO clips nothing; a RuntimeWarning says so)
+    token_level_loss, dp_size,            OpenRLHF's own ``aggregate_loss`` applied to the core's
+    batch_num_tokens, global_batch_size   per-token loss, so the aggregation is OpenRLHF's by construction
+    is_correction_level/mode/gating/      OpenRLHF's train/rollout IS correction (TIS, ICEPOP, seq-mask-tis,
+    threshold                             binary_kl / tv trust regions), the same coefficients multiplied
+                                          onto the per-token loss (core ``weights``)
+
+The 5-tuple return contract is kept: ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` where
+``clip_ratio`` is the trust-region exit fraction (A>0 & r>1+eps_high, or A<0 & r<1-eps_low), which is
+exactly what OpenRLHF's ``clip_ratio`` counts for "ppo" - CFPO clips nothing but reports the same
+statistic so runs compare side by side; ``ppo_kl`` is OpenRLHF's masked mean of (old - new) log-prob;
+``vllm_kl`` / ``is_filter_ratio`` as OpenRLHF computes them (None when the correction is off). All
+core metrics of the last call (ratio_mean, ratio_dev, tr_exit_low/high, approx_kl_k3, penalty, ...)
+are kept on the module as ``loss_fn.cfpo_metrics``.
+
+Environment: ``CFPO_CHECK_FINITE=0`` turns off the core's NaN/inf check at valid positions (it costs
+one device sync per call).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from ... import compute_policy_loss
+from ..._checks import check_eps
+from .._support import installed_version, is_supported, supported_range
+
+__all__ = ["CFPO_LOSS_TYPES", "install", "is_installed", "patch_policy_loss_class", "cfpo_policy_loss_forward"]
+
+#: the policy_loss_type values this adapter adds -> the core's ratio_level
+CFPO_LOSS_TYPES = {"cfpo": "token", "cfpo_seq": "sequence"}
+
+_MARK = "__cfpo_loss_patch__"
+# PolicyLoss's parameters this adapter reads; a PolicyLoss without them is a different OpenRLHF API
+_INIT_PARAMS = (
+    "clip_eps_low",
+    "clip_eps_high",
+    "dual_clip",
+    "token_level_loss",
+    "policy_loss_type",
+    "is_correction_level",
+    "is_correction_mode",
+    "is_correction_gating",
+    "is_correction_threshold",
+)
+_FORWARD_PARAMS = (
+    "log_probs",
+    "old_log_probs",
+    "advantages",
+    "action_mask",
+    "rollout_log_probs",
+    "dp_size",
+    "batch_num_tokens",
+    "global_batch_size",
+)
+
+
+def install() -> None:
+    """Make ``openrlhf.models.loss.PolicyLoss`` accept policy_loss_type "cfpo" / "cfpo_seq". Idempotent.
+
+    Also the ``worker_process_setup_hook`` the launcher gives Ray (it is called with no arguments).
+    """
+    version = installed_version("openrlhf")
+    if version is not None and not is_supported("openrlhf", version):
+        warnings.warn(
+            f"cfpo_loss's OpenRLHF adapter is tested with openrlhf{supported_range('openrlhf')}, found {version}; "
+            "PolicyLoss's signature is checked, its semantics are not",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    from openrlhf.models import loss as loss_module
+
+    patch_policy_loss_class(loss_module.PolicyLoss)
+
+
+def is_installed() -> bool:
+    """True when ``openrlhf.models.loss.PolicyLoss`` is patched in this process."""
+    mod = sys.modules.get("openrlhf.models.loss")
+    return mod is not None and _MARK in vars(mod.PolicyLoss)
+
+
+def patch_policy_loss_class(cls: type) -> type:
+    """Patch ``cls`` (OpenRLHF's PolicyLoss, or a copy of its module's class) in place. Idempotent.
+
+    ``install()`` applies it to ``openrlhf.models.loss.PolicyLoss``. The patched ``forward`` takes
+    ``aggregate_loss`` from ``cls``'s own module, so it also works on a copy loaded from the source file
+    (OpenRLHF's own tests load ``models/loss.py`` that way).
+    """
+    if _MARK in vars(cls):
+        return cls
+    _check_api(cls)
+    native_init = cls.__init__
+    native_forward = cls.forward
+    init_sig = inspect.signature(native_init)
+    module = sys.modules[cls.__module__]
+
+    @functools.wraps(native_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = init_sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        loss_type = bound.arguments["policy_loss_type"]
+        if loss_type not in CFPO_LOSS_TYPES:
+            native_init(self, *args, **kwargs)  # "ppo", "gspo" and OpenRLHF's own errors, untouched
+            return
+        # OpenRLHF's own validation of every other option (is-correction, dual_clip) runs as for "ppo"
+        bound.arguments["policy_loss_type"] = "ppo"
+        native_init(*bound.args, **bound.kwargs)
+        self.policy_loss_type = loss_type
+        check_eps(self.clip_eps_low, self.clip_eps_high)
+        if loss_type == "cfpo_seq":
+            self.token_level_loss = False  # as OpenRLHF does for "gspo" (GSPO is a per-sample loss)
+        if self.dual_clip is not None:
+            warnings.warn(
+                f"PolicyLoss(policy_loss_type={loss_type!r}): dual_clip={self.dual_clip} has no effect; "
+                "CFPO has no clip to bound",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.cfpo_metrics = {}
+
+    @functools.wraps(native_forward)
+    def forward(self, *args: Any, **kwargs: Any):
+        loss_type = getattr(self, "policy_loss_type", None)
+        if loss_type not in CFPO_LOSS_TYPES:
+            return native_forward(self, *args, **kwargs)
+        return cfpo_policy_loss_forward(self, *args, objective="cfpo", **kwargs)
+
+    cls.__init__ = __init__
+    cls.forward = forward
+    setattr(cls, _MARK, {"native_init": native_init, "native_forward": native_forward, "module": module})
+    return cls
+
+
+def cfpo_policy_loss_forward(
+    loss_fn: torch.nn.Module,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: Optional[torch.Tensor] = None,
+    rollout_log_probs: Optional[torch.Tensor] = None,
+    dp_size: int = 1,
+    batch_num_tokens: Optional[float] = None,
+    global_batch_size: Optional[float] = None,
+    *,
+    objective: str = "cfpo",
+):
+    """The patched ``forward`` for a PolicyLoss built with a cfpo type; returns OpenRLHF's 5-tuple.
+
+    ``objective="clip"`` runs the same translation with the clipped objective; the tests use it to show
+    that everything around the objective (ratio, aggregation, IS correction, metrics) is OpenRLHF's.
+    """
+    loss_type = loss_fn.policy_loss_type
+    if loss_type not in CFPO_LOSS_TYPES:
+        raise ValueError(f"policy_loss_type must be one of {sorted(CFPO_LOSS_TYPES)}, got {loss_type!r}")
+    module = _patch_info(type(loss_fn))["module"]
+    ratio_level = CFPO_LOSS_TYPES[loss_type]
+    if action_mask is None:
+        action_mask = torch.ones_like(log_probs, dtype=torch.bool)
+    mask = action_mask.bool()
+    correction = loss_fn.is_correction_level != "off"
+    if correction and rollout_log_probs is None:
+        raise ValueError(
+            f"rollout_log_probs is required when is_correction_level={loss_fn.is_correction_level!r}"
+        )
+
+    # The ratio's denominator: OpenRLHF's gspo takes it against the rollout log-probs when correcting.
+    denominator = rollout_log_probs if (ratio_level == "sequence" and correction) else old_log_probs
+    weights = vllm_kl = is_filter_ratio = None
+    if correction and ratio_level == "token":
+        weights, is_filter_ratio = _is_correction(loss_fn, old_log_probs, rollout_log_probs, mask)
+        vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
+
+    out = compute_policy_loss(
+        log_probs,
+        denominator,
+        advantages,
+        mask,
+        objective=objective,
+        eps_low=loss_fn.clip_eps_low,
+        eps_high=loss_fn.clip_eps_high,
+        dual_clip=loss_fn.dual_clip,
+        ratio_level=ratio_level,
+        weights=weights,
+        check_finite=os.environ.get("CFPO_CHECK_FINITE", "1") != "0",
+    )
+    # OpenRLHF's own aggregation (token_level_loss, dp_size, batch_num_tokens, global_batch_size) on the
+    # core's per-token loss, which is exactly 0 at masked positions.
+    loss = module.aggregate_loss(
+        out.per_token_loss,
+        action_mask,
+        token_level_loss=loss_fn.token_level_loss,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+    )
+    clip_ratio = out.metrics["tr_exit_frac"]
+    ppo_kl = _masked_mean((old_log_probs - log_probs).detach().float(), mask)
+    loss_fn.cfpo_metrics = dict(out.metrics)
+    return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+def _is_correction(loss_fn, old_log_probs, rollout_log_probs, mask):
+    """OpenRLHF 0.11's train/rollout IS correction (PolicyLoss.forward): the per-token coefficient that
+    multiplies the per-token loss, and the filtered fraction at the unit's own granularity."""
+    low, high = loss_fn.is_correction_threshold
+    seq_level = loss_fn.is_correction_level == "seq"
+    is_log_ratio = (old_log_probs - rollout_log_probs).detach()  # log(pi_train / pi_rollout)
+    token_is = is_log_ratio.exp()
+    if loss_fn.is_correction_gating == "ratio":
+        stat = _masked_mean(is_log_ratio, mask, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
+        stat = stat.exp()
+    else:
+        p = rollout_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
+        q = old_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
+        if loss_fn.is_correction_gating == "binary_kl":
+            stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        else:  # tv
+            stat = (p - q).abs()
+        if seq_level:
+            stat = _masked_mean(stat, mask, dim=-1).unsqueeze(-1)
+    if loss_fn.is_correction_mode == "clip":
+        coef = stat.clamp(min=low, max=high)
+        filtered = (stat < low) | (stat > high)
+    else:  # mask: drop out-of-band units, survivors keep their per-token IS weight
+        keep = (stat >= low) & (stat <= high)
+        coef = torch.where(keep, token_is, 0.0)
+        filtered = ~keep
+    if seq_level:
+        is_filter_ratio = filtered.float().mean()
+    else:
+        is_filter_ratio = _masked_mean(filtered.float(), mask)
+    return coef.expand_as(old_log_probs), is_filter_ratio
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """OpenRLHF's masked_mean (sum over valid / count of valid), selecting instead of multiplying."""
+    selected = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if dim is None:
+        return selected.sum() / mask.sum()
+    return selected.sum(dim=dim) / mask.sum(dim=dim)
+
+
+def _patch_info(cls: type) -> dict:
+    for klass in cls.__mro__:
+        if _MARK in vars(klass):
+            return vars(klass)[_MARK]
+    raise RuntimeError(f"{cls.__qualname__} is not patched; call cfpo_loss.adapters.openrlhf.install() first")
+
+
+def _check_api(cls: type) -> None:
+    init_params = inspect.signature(cls.__init__).parameters
+    forward_params = inspect.signature(cls.forward).parameters
+    missing = [p for p in _INIT_PARAMS if p not in init_params] + [
+        p for p in _FORWARD_PARAMS if p not in forward_params
+    ]
+    if missing or not hasattr(sys.modules[cls.__module__], "aggregate_loss"):
+        raise RuntimeError(
+            f"{cls.__module__}.{cls.__qualname__} is not the OpenRLHF {supported_range('openrlhf')} PolicyLoss this "
+            f"adapter patches (missing: {', '.join(missing) or 'aggregate_loss'}); installed openrlhf "
+            f"{installed_version('openrlhf')}"
+        )

@@ -1,0 +1,72 @@
+"""OpenRLHF adapter tests: run in the `openrlhf` nox session (real openrlhf==0.11.2, CPU).
+
+flash_attn and vllm are import-only stand-ins from ./standins (put on sys.path by a .pth file that the
+nox session writes into its venv); every name in them raises if called. The code under test never
+goes through them: the policy loss, the CLI parser and Ray's worker setup hook do not call them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+if importlib.util.find_spec("openrlhf") is None:  # e.g. `pytest tests` in the core env
+    collect_ignore_glob = ["test_*.py"]
+else:
+    collect_ignore_glob = []
+
+
+def _site_root() -> Path:
+    """The directory that holds the installed ``openrlhf`` package (and the wheel's ``tests`` package)."""
+    return Path(importlib.util.find_spec("openrlhf").origin).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def openrlhf_root() -> Path:
+    return _site_root()
+
+
+@pytest.fixture(scope="session")
+def native_loss_module():
+    """A fresh, never-patched copy of OpenRLHF's own ``openrlhf/models/loss.py`` (and its ``utils.py``),
+    loaded from the installed source files the way OpenRLHF's own tests load it: the reference."""
+    models = _site_root() / "openrlhf" / "models"
+    pkg_name = "_cfpo_native_openrlhf_models"
+    pkg = types.ModuleType(pkg_name)
+    pkg.__path__ = [str(models)]
+    sys.modules[pkg_name] = pkg
+    for name in ("utils", "loss"):
+        spec = importlib.util.spec_from_file_location(f"{pkg_name}.{name}", models / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    loss = sys.modules[f"{pkg_name}.loss"]
+    assert not hasattr(loss.PolicyLoss, "__cfpo_loss_patch__")
+    return loss
+
+
+@pytest.fixture(scope="session")
+def patched_policy_loss():
+    """openrlhf.models.loss.PolicyLoss after install()."""
+    from cfpo_loss.adapters.openrlhf import install
+
+    install()
+    from openrlhf.models.loss import PolicyLoss
+
+    return PolicyLoss
+
+
+def pytest_report_header(config):
+    lines = []
+    for name in ("flash_attn", "vllm"):
+        spec = importlib.util.find_spec(name)
+        where = "absent" if spec is None else spec.origin
+        standin = spec is not None and str(HERE / "standins") in str(spec.origin)
+        lines.append(f"{name}: {'TEST STAND-IN' if standin else 'real'} ({where})")
+    return lines

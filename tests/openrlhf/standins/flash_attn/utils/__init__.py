@@ -1,0 +1,1 @@
+"""TEST-ONLY import stand-in for flash_attn.utils."""
