@@ -10,7 +10,7 @@ equals, in value and in gradient w.r.t. ``hidden``, ``lm_head_weight`` and ``lm_
 
 How (one pass, no recompute). The aggregation is linear in the per-token loss, L = Σ c_t ℓ_t, and its
 coefficients c_t depend only on the mask (and the global counts the caller passes), so they are known
-before the pass: they are read off the core's own ``aggregate_loss`` by autograd. Then, for each block
+before the pass (the core's ``aggregation.aggregation_scale``). Then, for each block
 of valid tokens (padding is skipped entirely):
 
     z = h_blk @ W.T (+ b) / temperature                    one (n, V) fp32 tile
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_tensor
-from .aggregation import AGG_MODES, aggregate_loss
+from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
 from .loss import RATIO_LEVELS, PolicyLossOutput, compute_policy_loss
 from .surrogates import OBJECTIVES
 
@@ -62,7 +62,7 @@ def fused_linear_policy_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
     target_ids: Tensor,
-    old_log_prob: Tensor,
+    old_log_prob: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
@@ -79,6 +79,7 @@ def fused_linear_policy_loss(
     ref_log_prob: Tensor | None = None,
     beta: float = 0.0,
     check_finite: bool = True,
+    compute_entropy: bool = False,
     dp_size: int = 1,
     batch_num_tokens: float | Tensor | None = None,
     global_batch_size: float | Tensor | None = None,
@@ -94,7 +95,8 @@ def fused_linear_policy_loss(
             may hold anything (e.g. -100).
         old_log_prob, advantages, mask, objective, eps_low, eps_high, dual_clip, agg, ratio_level,
         weights, check_finite, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor:
-            exactly as in :func:`cfpo_loss.compute_policy_loss`.
+            exactly as in :func:`cfpo_loss.compute_policy_loss`. ``old_log_prob=None`` means on-policy
+            (π_old = the current policy, detached: r = 1), as TRL does when it has no old log-probs.
         chunk_size: valid tokens per block (default: :func:`default_chunk_size` of V, a ~64 MiB fp32
             tile). Smaller saves memory, larger amortises better; any positive int works.
         temperature: logits are divided by it before the softmax (as TRL / verl do when scoring).
@@ -102,6 +104,8 @@ def fused_linear_policy_loss(
         ref_log_prob, beta: with ``beta > 0``, adds ``beta · k3`` per valid token, k3 = exp(ref − logp)
             − (ref − logp) − 1 (TRL's GRPO KL term, added after ``weights``), aggregated with ``agg``;
             the masked mean of k3 is reported as ``metrics["kl"]``.
+        compute_entropy: also report the masked mean entropy of the (tempered) token distribution as
+            ``metrics["entropy"]`` (detached; one extra pass over each tile). No entropy gradient.
 
     Returns:
         PolicyLossOutput whose ``loss`` (fp32 scalar) is differentiable w.r.t. ``hidden``,
@@ -177,13 +181,17 @@ def fused_linear_policy_loss(
     # The core validates everything else (shapes of old_log_prob / advantages / mask / weights, eps,
     # dual_clip, the global-batch arguments, non-finite values at valid positions): run it once on
     # cheap (B, T) stand-in log-probs before the expensive pass.
-    check_tensor("old_log_prob", old_log_prob)
+    stand_in = torch.zeros(bsz, seq, device=device)
+    if old_log_prob is not None:
+        check_tensor("old_log_prob", old_log_prob)
+        stand_in = stand_in.to(old_log_prob.device)
     compute_policy_loss(
-        torch.zeros(bsz, seq, device=old_log_prob.device), old_log_prob, advantages, mask, agg=agg, ratio_level=ratio_level,
+        stand_in, stand_in if old_log_prob is None else old_log_prob, advantages, mask, agg=agg, ratio_level=ratio_level,
         weights=weights, check_finite=check_finite, **policy_kw, **agg_kw,
     )
     mask = mask.bool() if mask.dtype != torch.bool else mask
-    for name, t in (("old_log_prob", old_log_prob), ("mask", mask), ("ref_log_prob", ref_log_prob)):
+    for name, t in (("old_log_prob", old_log_prob), ("mask", mask), ("advantages", advantages),
+                    ("ref_log_prob", ref_log_prob), ("weights", weights)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
     if beta > 0 and check_finite and not bool(torch.isfinite(torch.where(mask, ref_log_prob, 0)).all()):
@@ -204,7 +212,7 @@ def fused_linear_policy_loss(
         target_ids=target_ids, old_log_prob=old_log_prob, advantages=advantages, weights=weights,
         ref_log_prob=ref_log_prob if beta > 0 else None, beta=beta, temperature=temperature,
         chunk_size=chunk_size, ratio_level=ratio_level, agg=agg, agg_kw=agg_kw, policy_kw=policy_kw,
-        check_finite=check_finite,
+        check_finite=check_finite, compute_entropy=bool(compute_entropy),
     )
     hidden2d = hidden.reshape(bsz * seq, width)
     loss = _FusedLinearPolicyLoss.apply(hidden2d, lm_head_weight, lm_head_bias, ctx_data)
@@ -258,12 +266,11 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         all_valid = d["n_valid"] == bsz * seq
         valid_cpu = None if all_valid else valid.cpu()  # block -> rows lookups without a sync per block
 
-        # aggregation coefficients c_t = dL/dℓ_t, read off the core's aggregate_loss (linear in ℓ)
-        with torch.enable_grad():
-            probe = torch.zeros(bsz, seq, dtype=fp, device=device, requires_grad=True)
-            (coef,) = torch.autograd.grad(aggregate_loss(probe, mask, d["agg"], **d["agg_kw"]), probe)
+        # aggregation weights c_bt = dL/dℓ_bt (a per-row weight for every mode), known before the pass
+        coef = aggregation_scale(mask, d["agg"], **d["agg_kw"], dtype=fp).expand(bsz, seq)
 
         log_prob = torch.zeros(bsz * seq, dtype=fp, device=device)
+        entropy_sum = torch.zeros((), dtype=fp, device=device) if d["compute_entropy"] else None
         grad_h = torch.zeros_like(hidden2d) if need_h else None
         # weight gradient accumulated in the weight's dtype (addmm: fp32 accumulation inside each block)
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -291,6 +298,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             z.sub_(z_max.unsqueeze(1)).exp_()  # z := exp(z − max), in place
             sum_exp = z.sum(1)
             lp_blk = z_tgt - z_max - sum_exp.log()
+            if entropy_sum is not None:  # H = log Σe − Σ e·log e / Σe, with e = exp(z − max)
+                entropy_sum += (sum_exp.log() - torch.xlogy(z, z).sum(1) / sum_exp).sum()
             flat_pos = torch.arange(start, end, device=device) if idx is None else idx
             log_prob[flat_pos] = lp_blk
             if not need_any:
@@ -319,7 +328,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         # loss and metrics: the core's compute_policy_loss on the gathered log-probs
         log_prob = log_prob.view(bsz, seq)
         out = compute_policy_loss(
-            log_prob, old, adv, mask, agg=d["agg"], ratio_level=d["ratio_level"], weights=wts,
+            log_prob, log_prob if old is None else old, adv, mask, agg=d["agg"], ratio_level=d["ratio_level"], weights=wts,
             check_finite=d["check_finite"], **d["policy_kw"], **d["agg_kw"],
         )
         loss, per_token = out.loss.detach(), out.per_token_loss.detach()
@@ -329,6 +338,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             per_token = per_token + beta * kl
             loss = aggregate_loss(per_token, mask, d["agg"], **d["agg_kw"])
             metrics["kl"] = (kl.sum() / mask.sum().clamp(min=1)).float()
+        if entropy_sum is not None:
+            metrics["entropy"] = (entropy_sum / mask.sum().clamp(min=1)).float()
         d["metrics"], d["per_token_loss"], d["ratio"], d["log_prob"] = metrics, per_token, out.ratio, log_prob
 
         if grad_b is not None and grad_b.dtype != bias.dtype:
@@ -359,8 +370,9 @@ def _dloss_dlogprob(lp_blk, flat_pos, row0, row1, coef, old, adv, wts, ref, beta
         m_rows[local] = True
         lp_rows, m_rows = lp_rows.view(n_rows, seq), m_rows.view(n_rows, seq)
         rows = slice(row0, row1)
+        old_rows = lp_rows.detach() if old is None else old[rows]  # None: on-policy, r = 1
         out = compute_policy_loss(
-            lp_rows, old[rows], adv[rows], m_rows, agg="token-sum", ratio_level=d["ratio_level"],
+            lp_rows, old_rows, adv[rows], m_rows, agg="token-sum", ratio_level=d["ratio_level"],
             weights=None if wts is None else wts[rows], check_finite=False, **d["policy_kw"],
         )
         total = torch.where(m_rows, out.per_token_loss * coef[rows], 0).sum()

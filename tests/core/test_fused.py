@@ -205,6 +205,34 @@ def test_no_grad_inputs_give_loss_and_metrics():
     assert not out.loss.requires_grad
 
 
+def test_on_policy_old_log_prob_none_is_detached_current_policy():
+    # TRL: old_per_token_logps absent => per_token_logps.detach(); r = 1 and the gradient is A·∇log π
+    inp = make_inputs(seed=14)
+    for objective in OBJECTIVES:
+        logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).float()
+        lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        want = compute_policy_loss(lp, lp.detach(), inp["adv"], inp["mask"], objective=objective)
+        gw = torch.autograd.grad(want.loss, params(inp))
+        out = fused_linear_policy_loss(inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"],
+                                       objective=objective, lm_head_bias=inp["bias"], chunk_size=7)
+        gf = torch.autograd.grad(out.loss, params(inp))
+        torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-5, atol=1e-7)
+        assert_grads_close(gf, gw)
+        assert out.metrics["ratio_max"].item() == out.metrics["ratio_min"].item() == 1.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_entropy_metric(temperature):
+    inp = make_inputs(seed=15)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]) / temperature
+        logp = logits.log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)[inp["mask"]].mean()
+    out = fused(inp, chunk_size=5, temperature=temperature, compute_entropy=True)
+    torch.testing.assert_close(out.metrics["entropy"], ent, rtol=1e-5, atol=1e-6)
+    assert "entropy" not in fused(inp, chunk_size=5).metrics
+
+
 def test_default_chunk_size():
     assert default_chunk_size(32768) == 512
     assert default_chunk_size(151936) == 110
