@@ -29,10 +29,12 @@ of whole rows (as many as fit in ``chunk_size`` valid tokens, at least one row).
 
 Low precision (bf16 / fp16 inputs): each logits tile comes out of the matmul in the input dtype (the
 backend accumulates in fp32, exactly as the model's own lm_head would), and everything after it —
-log-softmax, loss, the tile's gradient — is fp32. The tile's gradient is cast to the input dtype for
-the two gradient matmuls (as autograd does in the unfused bf16 path). The weight gradient is accumulated
-across blocks in the weight's dtype (``addmm_``: fp32 inside each block, one rounding per block), so no
-fp32 (V × H) buffer is ever allocated; the bias gradient is accumulated in fp32.
+log-softmax, loss, the tile's gradient — is fp32. The hidden-state gradient is one matmul per block over
+the whole vocabulary with the tile's gradient cast to the input dtype (as autograd does in the unfused
+bf16 path). The weight and bias gradients sum one product per block, so they are accumulated in fp32
+(the fp32 tile times an fp32 copy of the block's hidden states) and cast once at the end: a bf16
+accumulator would round every block's contribution (TRL's chunked kernel makes the same choice). Cost
+in bf16: one fp32 (V × H) buffer, and the weight-gradient matmul runs in fp32.
 """
 
 from __future__ import annotations
@@ -271,9 +273,10 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
         log_prob = torch.zeros(bsz * seq, dtype=fp, device=device)
         entropy_sum = torch.zeros((), dtype=fp, device=device) if d["compute_entropy"] else None
-        grad_h = torch.zeros_like(hidden2d) if need_h else None
-        # weight gradient accumulated in the weight's dtype (addmm: fp32 accumulation inside each block)
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_h = torch.zeros(hidden2d.shape, dtype=low, device=device) if need_h else None
+        # the weight gradient sums one product per block: accumulate it in fp32 (a bf16 accumulator would
+        # round every block's contribution and swamp small ones), cast once at the end
+        grad_w = torch.zeros(weight.shape, dtype=fp, device=device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=fp, device=device) if need_b else None
         old, adv, wts = d["old_log_prob"], d["advantages"], d["weights"]
         ref, beta = d["ref_log_prob"], d["beta"]
@@ -312,18 +315,18 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             g = g / temperature
             z.mul_((-g / sum_exp).unsqueeze(1))
             z.scatter_add_(1, tgt, g.unsqueeze(1))
-            gz = z.to(low) if low != fp else z
-            del z
-            if need_h:
+            if need_w:  # fp32 tile x fp32 copy of the block's hidden states, into the fp32 accumulator
+                grad_w.addmm_(z.t(), h_blk if h_blk.dtype == fp else h_blk.to(fp))
+            if need_b:
+                grad_b.add_(z.sum(0))
+            if need_h:  # in the input dtype, as autograd does in the unfused path
+                gz = z.to(low) if low != fp else z
                 if idx is None:
                     torch.mm(gz, weight, out=grad_h[start:end])
                 else:
                     grad_h.index_copy_(0, idx, gz @ weight)
-            if need_w:
-                grad_w.addmm_(gz.t(), h_blk)
-            if need_b:
-                grad_b.add_(gz.sum(0, dtype=fp))
-            del gz
+                del gz
+            del z
 
         # loss and metrics: the core's compute_policy_loss on the gathered log-probs
         log_prob = log_prob.view(bsz, seq)
@@ -342,6 +345,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             metrics["entropy"] = (entropy_sum / mask.sum().clamp(min=1)).float()
         d["metrics"], d["per_token_loss"], d["ratio"], d["log_prob"] = metrics, per_token, out.ratio, log_prob
 
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
         if grad_b is not None and grad_b.dtype != bias.dtype:
             grad_b = grad_b.to(bias.dtype)
         ctx.grads = (grad_h, grad_w, grad_b)
