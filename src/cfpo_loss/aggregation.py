@@ -52,7 +52,7 @@ def aggregate_loss(
         dtype=per_token_loss.dtype,
     )
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=mask.device)
-    return (torch.where(mask, per_token_loss, zero) * scale).sum()
+    return (torch.where(mask, per_token_loss, zero).sum(-1, keepdim=True) * scale).sum()
 
 
 def aggregation_scale(

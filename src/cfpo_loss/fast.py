@@ -35,13 +35,21 @@ def fast_forward(
     dual_clip: float | None,
     ratio_level: str,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """(loss, dL/dlog_prob, ratio, metrics). Inputs already checked, cast and (B, T)-shaped."""
+    """(loss, dL/dlog_prob, ratio, metrics, checksum). Inputs already checked, cast and (B, T)-shaped.
+
+    ``checksum`` sums the selected log-ratios, advantages and weights: finite iff every valid entry is
+    (or a sum overflowed), so the caller's finiteness check costs no extra pass."""
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     raw = torch.where(mask, log_prob - old_log_prob, zero)
     log_ratio = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     passes = mask & (raw.abs() <= LOG_RATIO_CLAMP)  # where clamp lets the gradient through
     advantages = torch.where(mask, advantages, zero)
-    weight = scale if weights is None else scale * torch.where(mask, weights, zero)
+    checksum = raw.sum() + advantages.sum()
+    weight = scale
+    if weights is not None:
+        weights = torch.where(mask, weights, zero)
+        checksum = checksum + weights.sum()
+        weight = scale * weights
     if ratio_level == "sequence":
         n = mask.sum(-1, keepdim=True).clamp(min=1)
         ratio = torch.where(mask, (log_ratio.sum(-1, keepdim=True) / n).exp(), zero + 1.0)
@@ -57,7 +65,7 @@ def fast_forward(
     metrics = trust_region_metrics(
         ratio, log_ratio, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, objective=objective
     )
-    return loss, grad, ratio, metrics
+    return loss, grad, ratio, metrics, checksum
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,10 +88,13 @@ class _WithGradient(torch.autograd.Function):
 
 
 def fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options, compile: bool):
-    """Run the one-pass forward (compiled or eager) and attach its analytic gradient to log_prob."""
+    """Run the one-pass forward (compiled or eager) and attach its analytic gradient to log_prob.
+    Returns (loss, ratio, metrics, checksum)."""
     fn = _compiled_forward() if compile else fast_forward
     with torch.no_grad():
-        loss, grad, ratio, metrics = fn(log_prob.detach(), old_log_prob, advantages, mask, scale, weights, *options)
+        loss, grad, ratio, metrics, checksum = fn(
+            log_prob.detach(), old_log_prob, advantages, mask, scale, weights, *options
+        )
     if log_prob.requires_grad:
         loss = _WithGradient.apply(loss, log_prob, grad.to(log_prob.dtype))
-    return loss, ratio, {k: v.float() for k, v in metrics.items()}
+    return loss, ratio, {k: v.float() for k, v in metrics.items()}, checksum

@@ -92,9 +92,7 @@ def compute_policy_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     eps_low, eps_high = check_eps(eps_low, eps_high)
     dual_clip = check_dual_clip(dual_clip) if objective == "clip" else None
-    log_prob, old_log_prob, advantages, mask, weights = _check_inputs(
-        log_prob, old_log_prob, advantages, mask, weights, check_finite
-    )
+    log_prob, old_log_prob, advantages, mask, weights = _check_inputs(log_prob, old_log_prob, advantages, mask, weights)
 
     if fast:
         check_choice("fast", fast, (True, "eager"))
@@ -102,14 +100,22 @@ def compute_policy_loss(
                                   global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
                                   dtype=log_prob.dtype)
         options = (objective, eps_low, eps_high, dual_clip, ratio_level)
-        loss, ratio, metrics = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options,
-                                                compile=fast is True)
+        loss, ratio, metrics, checksum = fast_policy_loss(
+            log_prob, old_log_prob, advantages, mask, scale, weights, options, compile=fast is True
+        )
+        if check_finite and not bool(torch.isfinite(checksum)):
+            check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
+                               weights=weights)
         return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=None, ratio=ratio)
 
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     # Select, never multiply: NaN·0 = NaN, and padding log-probs are often NaN or -inf.
-    log_ratio = torch.where(mask, log_prob - old_log_prob, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    raw_log_ratio = torch.where(mask, log_prob - old_log_prob, zero)
     advantages = torch.where(mask, advantages, zero)
+    weights = torch.where(mask, weights, zero).detach() if weights is not None else None
+    if check_finite:
+        _check_finite(raw_log_ratio.detach(), advantages, weights, mask, log_prob, old_log_prob)
+    log_ratio = raw_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if ratio_level == "sequence":
         seq_log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         ratio = torch.where(mask, seq_log_ratio.exp(), zero + 1.0)
@@ -119,7 +125,7 @@ def compute_policy_loss(
     extra = (dual_clip,) if objective == "clip" else ()
     per_token_loss = -OBJECTIVES[objective](ratio, advantages, eps_low, eps_high, *extra)
     if weights is not None:
-        per_token_loss = per_token_loss * torch.where(mask, weights, zero).detach()
+        per_token_loss = per_token_loss * weights
     loss = aggregate_loss(
         per_token_loss,
         mask,
@@ -144,7 +150,7 @@ def compute_policy_loss(
     return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=per_token_loss, ratio=ratio)
 
 
-def _check_inputs(log_prob, old_log_prob, advantages, mask, weights, check_finite):
+def _check_inputs(log_prob, old_log_prob, advantages, mask, weights):
     """Validate shapes / dtypes / devices; return fp32 (or fp64) tensors, advantages as (B, T), bool mask."""
     check_tensor("log_prob", log_prob)
     check_tensor("old_log_prob", old_log_prob)
@@ -171,8 +177,15 @@ def _check_inputs(log_prob, old_log_prob, advantages, mask, weights, check_finit
     dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
     log_prob, old_log_prob, advantages = log_prob.to(dtype), old_log_prob.to(dtype), advantages.to(dtype)
     weights = weights.to(dtype) if weights is not None else None
-    if check_finite:
-        check_finite_where(
-            mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages, weights=weights
-        )
     return log_prob, old_log_prob, advantages, mask, weights
+
+
+def _check_finite(raw_log_ratio, advantages, weights, mask, log_prob, old_log_prob) -> None:
+    """One device sync. Masked positions are already 0 in the three selected tensors, so their sums are
+    finite exactly when every valid entry is (an overflowing sum only costs the detailed look below)."""
+    total = raw_log_ratio.sum() + advantages.sum()
+    if weights is not None:
+        total = total + weights.sum()
+    if not bool(torch.isfinite(total)):
+        check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
+                           weights=weights)

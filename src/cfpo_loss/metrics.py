@@ -1,6 +1,6 @@
 """Trust-region statistics, computed the same way for every objective so runs compare side by side.
 
-All are masked means over valid tokens (detached 0-dim tensors; no device sync here):
+All are masked means over valid tokens (detached 0-dim fp32 tensors; no device sync here):
 
     ratio_mean, ratio_min, ratio_max   the ratio r as the objective used it
     ratio_dev                          mean |r − 1|
@@ -36,30 +36,29 @@ def trust_region_metrics(
     dual_clip: float | None = None,
     objective: str = "cfpo",
 ) -> dict[str, Tensor]:
-    """Metrics of §3 of the design. ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with
-    masked positions already neutral (ratio 1, log_ratio 0, advantages 0); ``mask``: bool (B, T)."""
+    """Metrics above. ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with masked positions
+    neutral (ratio 1, log_ratio 0, advantages 0), so every per-token term is already 0 there and the
+    masked means need no further select; ``mask``: bool (B, T)."""
     count = mask.sum().clamp(min=1).to(ratio.dtype)
-
-    def mean(x: Tensor) -> Tensor:
-        return torch.where(mask, x, 0).sum(dtype=ratio.dtype) / count
-
-    exit_high = (advantages > 0) & (ratio > 1.0 + eps_high)
-    exit_low = (advantages < 0) & (ratio < 1.0 - eps_low)
+    deviation = ratio - 1.0  # 0 at masked positions
+    positive, negative = advantages > 0, advantages < 0
+    exit_high = (positive & (ratio > 1.0 + eps_high)).sum()
+    exit_low = (negative & (ratio < 1.0 - eps_low)).sum()
     any_valid = mask.any()
     one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
     metrics = {
-        "ratio_mean": mean(ratio),
+        "ratio_mean": deviation.sum() / count + 1.0,
         "ratio_min": torch.where(any_valid, torch.where(mask, ratio, torch.inf).min(), one),
         "ratio_max": torch.where(any_valid, torch.where(mask, ratio, -torch.inf).max(), one),
-        "ratio_dev": mean((ratio - 1.0).abs()),
-        "tr_exit_frac": mean((exit_high | exit_low).to(ratio.dtype)),
-        "tr_exit_low": mean(exit_low.to(ratio.dtype)),
-        "tr_exit_high": mean(exit_high.to(ratio.dtype)),
-        "approx_kl_k1": mean(-log_ratio),
-        "approx_kl_k3": mean(torch.expm1(log_ratio) - log_ratio),
+        "ratio_dev": deviation.abs().sum() / count,
+        "tr_exit_frac": (exit_high + exit_low) / count,
+        "tr_exit_low": exit_low / count,
+        "tr_exit_high": exit_high / count,
+        "approx_kl_k1": -log_ratio.sum() / count,
+        "approx_kl_k3": (torch.expm1(log_ratio) - log_ratio).sum() / count,
     }
     if dual_clip is not None:
-        metrics["dual_clip_frac"] = mean(((advantages < 0) & (ratio > dual_clip)).to(ratio.dtype))
+        metrics["dual_clip_frac"] = (negative & (ratio > dual_clip)).sum() / count
     if objective == "cfpo":
-        metrics["penalty"] = mean(cfpo_penalty(ratio, advantages, eps_low, eps_high))
+        metrics["penalty"] = cfpo_penalty(ratio, advantages, eps_low, eps_high).sum() / count
     return {k: v.float() for k, v in metrics.items()}
