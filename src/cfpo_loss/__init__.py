@@ -10,6 +10,7 @@ no RL framework.
 
 from .advantages import group_advantages, rloo_advantages
 from .aggregation import AGG_MODES, aggregate_loss
+from .fused import fused_linear_policy_loss
 from .loss import PolicyLossOutput, compute_policy_loss
 from .surrogates import cfpo_surrogate, clipped_surrogate
 
@@ -23,6 +24,7 @@ __all__ = [
     "cfpo_surrogate",
     "clipped_surrogate",
     "compute_policy_loss",
+    "fused_linear_policy_loss",
     "group_advantages",
     "rloo_advantages",
 ]
