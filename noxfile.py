@@ -129,11 +129,27 @@ def openrlhf(session: nox.Session) -> None:
     _install(session, "setuptools", "wheel", "packaging")
     _install(session, "--no-build-isolation", "deepspeed==0.19.6")
     # what openrlhf.models / openrlhf.trainer.ray.ppo_actor / openrlhf.cli.train_ppo_ray import at module
-    # level (flash-attn and vllm excepted: import-only test stand-ins, see tests/openrlhf/README.md)
-    _install(session, "transformers==5.15.0", "peft", "ray[default]==2.55.0", "torchdata", "tqdm")
+    # level, at OpenRLHF's own pins (flash-attn and vllm excepted: import-only test stand-ins; the rest of
+    # OpenRLHF's declared dependencies is imported only by training / data code: tests/openrlhf/README.md)
+    _install(session, "transformers==5.15.0", "ray[default]==2.55.0", "peft", "torchdata", "tqdm",
+             "sympy", "pylatexenc", "pillow")
     # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
     site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
     standins = os.path.abspath("tests/openrlhf/standins")
     with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
         f.write(standins + "\n")
     _pytest(session, "tests/openrlhf")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main command: build an environment from nothing and run examples/stability_demo.py.
+
+    Not a test (not in nox.options.sessions). `nox -s demo` runs the default configuration (clip vs cfpo x
+    num_iterations 1/4/16 with the real TRL GRPOTrainer, <= 15 min on 2 CPU cores) and writes
+    stability_demo_out/; `nox -s demo -- --quick` is the < 2 minute smoke run; arguments after `--` go to the
+    script (`nox -s demo -- --out my_dir --rounds 100`).
+    """
+    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, "-e", ".[trl,demo]")  # trl==1.16.0, matplotlib, tqdm: what a user installs
+    session.run("python", "examples/stability_demo.py", *session.posargs, env=ENV)

@@ -339,3 +339,33 @@ def test_data_parallel_shards_add_up_to_the_full_batch(patched_policy_loss, loss
     shards = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 2), slice(2, B))]
     per_rank = [run(loss_fn, shard, dp_size=2, **info)["loss"] for shard in shards]
     torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, full, rtol=1e-6, atol=1e-7)
+
+
+BY_NAME = """
+import torch
+from openrlhf.trainer.ray.ppo_actor import PolicyLoss  # bound by name, as OpenRLHF's PPO actor does
+from openrlhf.trainer.ray import ppo_actor
+args = (torch.zeros(1, 2, requires_grad=True), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2).bool())
+try:
+    PolicyLoss(policy_loss_type="cfpo")(*args)
+    raise SystemExit("cfpo worked before install()")
+except ValueError as e:
+    assert "Invalid policy loss type" in str(e), e
+from cfpo_loss.adapters.openrlhf import install, is_installed
+assert not is_installed()
+install()
+install()
+assert is_installed()
+for cls in (PolicyLoss, ppo_actor.PolicyLoss):
+    loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = cls(policy_loss_type="cfpo")(*args)
+    assert loss.item() == -1.0 and clip_ratio.item() == 0.0 and vllm_kl is None, loss  # r = 1: J = A
+print("OK")
+"""
+
+
+def test_install_reaches_policy_loss_names_bound_before_it():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", BY_NAME], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
