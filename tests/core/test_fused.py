@@ -234,8 +234,8 @@ def test_entropy_metric(temperature):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(32768) == 512
-    assert default_chunk_size(151936) == 110
+    assert default_chunk_size(32768) == 1024
+    assert default_chunk_size(151936) == 220
     assert default_chunk_size(10) == 4096
     assert 64 <= default_chunk_size(10**7) <= 4096
 
