@@ -31,6 +31,9 @@ BATCH = {
 class OpenRLHFLikeActor:
     """Does what openrlhf.trainer.ray.ppo_actor does with the loss; imports no cfpo_loss."""
 
+    def modules_at_start(self):
+        return {name: name in sys.modules for name in ("cfpo_loss", "openrlhf", "deepspeed")}
+
     def run(self, batch, loss_type):
         import torch
         from openrlhf.models import PolicyLoss
@@ -59,6 +62,7 @@ def check_workers(out_path):
     record = {"job_runtime_env": ray.get_runtime_context().runtime_env, "results": [], "errors": []}
     for actor in actors:
         try:
+            record.setdefault("modules_at_start", []).append(ray.get(actor.modules_at_start.remote(), timeout=240))
             record["results"].append(ray.get(actor.run.remote(BATCH, "cfpo"), timeout=240))
         except Exception as e:  # noqa: BLE001 - the negative control expects OpenRLHF's error
             record["errors"].append(f"{type(e).__name__}: {e}")

@@ -94,7 +94,7 @@ def test_ray_init_is_openrlhfs_own_call_plus_the_worker_setup_hook(probes):
     for case in ("launcher-ppo", "launcher-cfpo_seq"):
         (ours,) = probes[case]["ray_init"]
         runtime_env = dict(ours["kwargs"]["runtime_env"])
-        assert runtime_env.pop("worker_process_setup_hook") == "cfpo_loss.adapters.openrlhf.install"
+        assert runtime_env.pop("worker_process_setup_hook") == "cfpo_loss.adapters.openrlhf.install_on_import"
         assert runtime_env == native["kwargs"]["runtime_env"]  # OpenRLHF's env_vars, untouched
         assert ours["args"] == native["args"] == []
         assert set(ours["kwargs"]) == set(native["kwargs"])  # no address forced: Ray resolves it as usual
@@ -129,7 +129,7 @@ def test_with_setup_hook_adds_the_hook_without_touching_the_rest():
     env = {"env_vars": {"A": "1"}, "working_dir": "/x"}
     merged = launcher.with_setup_hook(env)
     assert merged == {"env_vars": {"A": "1"}, "working_dir": "/x",
-                      "worker_process_setup_hook": "cfpo_loss.adapters.openrlhf.install"}
+                      "worker_process_setup_hook": "cfpo_loss.adapters.openrlhf.install_on_import"}
     assert "worker_process_setup_hook" not in env
     assert launcher.with_setup_hook(None) == {"worker_process_setup_hook": launcher.SETUP_HOOK}
     assert launcher.with_setup_hook(merged) == merged

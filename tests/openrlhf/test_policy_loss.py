@@ -369,3 +369,29 @@ def test_install_reaches_policy_loss_names_bound_before_it():
 
     proc = subprocess.run([sys.executable, "-c", BY_NAME], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+ON_IMPORT = """
+import sys
+from cfpo_loss.adapters.openrlhf import install_on_import, is_installed
+install_on_import()
+install_on_import()
+assert "openrlhf" not in sys.modules and "deepspeed" not in sys.modules  # the hook imports neither
+import torch
+from openrlhf.trainer.ray.ppo_actor import PolicyLoss  # what a PPO actor process imports
+assert is_installed()
+args = (torch.zeros(1, 2, requires_grad=True), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2).bool())
+loss = PolicyLoss(policy_loss_type="cfpo")(*args)[0]
+assert loss.item() == -1.0, loss
+import inspect, openrlhf.models.loss as m
+assert "class PolicyLoss" in inspect.getsource(m)  # the module's loader still works for tools
+print("OK")
+"""
+
+
+def test_install_on_import_patches_when_openrlhf_is_imported_later():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", ON_IMPORT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -73,9 +73,11 @@ def test_ray_actors_under_the_launcher_compute_the_cfpo_loss(cluster_address, tm
     record = _probe("launcher", cluster_address, tmp_path)
     assert record["errors"] == []
     assert record["gcs_address"] == cluster_address  # the user's cluster, not a new one
-    assert record["job_runtime_env"]["worker_process_setup_hook"] == "cfpo_loss.adapters.openrlhf.install"
+    assert record["job_runtime_env"]["worker_process_setup_hook"] == "cfpo_loss.adapters.openrlhf.install_on_import"
     assert record["job_runtime_env"]["env_vars"]["NCCL_DEBUG"] == "WARN"  # OpenRLHF's own runtime_env kept
     expected, expected_grad = _expected()
+    # the hook itself loads no OpenRLHF / DeepSpeed into a worker (OpenRLHF's vLLM engines stay clean)
+    assert record["modules_at_start"] == [{"cfpo_loss": True, "openrlhf": False, "deepspeed": False}] * 2
     results = record["results"]
     assert len(results) == 2 and len({r["pid"] for r in results}) == 2
     for r in results:

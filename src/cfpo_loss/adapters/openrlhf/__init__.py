@@ -40,6 +40,7 @@ one device sync per call).
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import inspect
 import os
 import sys
@@ -52,7 +53,14 @@ from ... import compute_policy_loss
 from ..._checks import check_eps
 from .._support import installed_version, is_supported, supported_range
 
-__all__ = ["CFPO_LOSS_TYPES", "install", "is_installed", "patch_policy_loss_class", "cfpo_policy_loss_forward"]
+__all__ = [
+    "CFPO_LOSS_TYPES",
+    "cfpo_policy_loss_forward",
+    "install",
+    "install_on_import",
+    "is_installed",
+    "patch_policy_loss_class",
+]
 
 #: the policy_loss_type values this adapter adds -> the core's ratio_level
 CFPO_LOSS_TYPES = {"cfpo": "token", "cfpo_seq": "sequence"}
@@ -98,6 +106,52 @@ def install() -> None:
     from openrlhf.models import loss as loss_module
 
     patch_policy_loss_class(loss_module.PolicyLoss)
+
+
+def install_on_import() -> None:
+    """Patch ``PolicyLoss`` as soon as ``openrlhf.models.loss`` is imported in this process (now, if it
+    already is). Idempotent. This is the Ray ``worker_process_setup_hook`` the launcher sets: it imports
+    neither OpenRLHF nor DeepSpeed into workers that never use the loss (OpenRLHF keeps DeepSpeed out
+    of its vLLM engine processes), and patches the PPO actors' import of ``openrlhf.models``."""
+    if _LOSS_MODULE in sys.modules:
+        install()
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+_LOSS_MODULE = "openrlhf.models.loss"
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``openrlhf.models.loss`` through the other finders and patches it right after it executes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _LOSS_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        patch_policy_loss_class(module.PolicyLoss)
+
+    def __getattr__(self, name):  # get_source, get_code, is_package, ... of the real loader
+        return getattr(self._loader, name)
 
 
 def is_installed() -> bool:

@@ -9,8 +9,10 @@ changes, and nothing else in the command changes:
 1. the ``--actor.policy_loss_type`` choices are widened with ``cfpo`` and ``cfpo_seq``;
 2. ``cfpo_loss.adapters.openrlhf.install()`` runs in this (driver) process;
 3. every ``ray.init`` call made while the CLI runs gets ``worker_process_setup_hook =
-   "cfpo_loss.adapters.openrlhf.install"`` added to its ``runtime_env``, so every Ray worker (the PPO
-   actors that build ``PolicyLoss``) has the loss before any OpenRLHF actor is created. The rest of the
+   "cfpo_loss.adapters.openrlhf.install_on_import"`` added to its ``runtime_env``, so every Ray worker
+   (the PPO actors that build ``PolicyLoss``) has the loss before any OpenRLHF actor is created. The
+   hook patches ``PolicyLoss`` when a worker imports ``openrlhf.models.loss`` and imports nothing of
+   OpenRLHF or DeepSpeed itself (OpenRLHF keeps DeepSpeed out of its vLLM engine processes). The rest of the
    ``ray.init`` call is OpenRLHF's own: its ``env_vars``, and the cluster it connects to (``RAY_ADDRESS``,
    a ``ray start`` cluster on this node, or ``ray job submit``'s, merged by Ray as usual).
 
@@ -40,8 +42,9 @@ __all__ = [
 ]
 
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
-#: what Ray workers import and call at start (a module path, so nothing is pickled)
-SETUP_HOOK = "cfpo_loss.adapters.openrlhf.install"
+#: what Ray workers import and call at start (a module path, so nothing is pickled): it patches PolicyLoss
+#: when the worker imports openrlhf.models.loss, and imports nothing of OpenRLHF itself
+SETUP_HOOK = "cfpo_loss.adapters.openrlhf.install_on_import"
 _OPTIONS = ("--actor.policy_loss_type", "--policy_loss_type")  # 0.11's dotted name; the flat one of older CLIs
 
 
