@@ -137,6 +137,13 @@ def test_with_setup_hook_adds_the_hook_without_touching_the_rest():
         launcher.with_setup_hook({"worker_process_setup_hook": "my.hook"})
 
 
+def test_the_hook_can_be_left_to_the_users_own(monkeypatch):
+    monkeypatch.setenv("CFPO_OPENRLHF_SETUP_HOOK", "0")
+    own = {"worker_process_setup_hook": "my.hook", "env_vars": {"A": "1"}}
+    assert launcher.with_setup_hook(own) is own
+    assert launcher.with_setup_hook(None) is None
+
+
 def test_widening_is_scoped_to_the_policy_loss_option():
     native_add = argparse._ActionsContainer.add_argument
     with launcher.widened_policy_loss_choices():

@@ -18,7 +18,8 @@ changes, and nothing else in the command changes:
 
 cfpo_loss must be installed in the Python environment of every node of the Ray cluster (the hook imports
 it there). If your job already sets its own ``worker_process_setup_hook``, Ray refuses a second one: call
-``cfpo_loss.adapters.openrlhf.install()`` from your hook instead.
+``cfpo_loss.adapters.openrlhf.install_on_import()`` from your hook and set ``CFPO_OPENRLHF_SETUP_HOOK=0``
+(the launcher then leaves ``ray.init`` alone).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import runpy
 import sys
 from typing import Iterator, Optional, Sequence
@@ -35,6 +37,7 @@ from . import CFPO_LOSS_TYPES, install
 __all__ = [
     "OPENRLHF_CLI",
     "SETUP_HOOK",
+    "SETUP_HOOK_ENV",
     "main",
     "ray_init_with_setup_hook",
     "widened_policy_loss_choices",
@@ -45,6 +48,8 @@ OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 #: what Ray workers import and call at start (a module path, so nothing is pickled): it patches PolicyLoss
 #: when the worker imports openrlhf.models.loss, and imports nothing of OpenRLHF itself
 SETUP_HOOK = "cfpo_loss.adapters.openrlhf.install_on_import"
+#: set to "0" to leave ray.init's runtime_env alone (your own worker_process_setup_hook calls SETUP_HOOK)
+SETUP_HOOK_ENV = "CFPO_OPENRLHF_SETUP_HOOK"
 _OPTIONS = ("--actor.policy_loss_type", "--policy_loss_type")  # 0.11's dotted name; the flat one of older CLIs
 
 
@@ -69,14 +74,20 @@ def widened_policy_loss_choices() -> Iterator[None]:
         argparse._ActionsContainer.add_argument = native
 
 
-def with_setup_hook(runtime_env: Optional[dict]) -> dict:
-    """``runtime_env`` plus our ``worker_process_setup_hook`` (a copy; the caller's dict is untouched)."""
+def with_setup_hook(runtime_env: Optional[dict]) -> Optional[dict]:
+    """``runtime_env`` plus our ``worker_process_setup_hook`` (a copy; the caller's dict is untouched).
+
+    With ``CFPO_OPENRLHF_SETUP_HOOK=0`` in the environment, ``runtime_env`` is returned as given: for
+    jobs that bring their own hook (Ray runs one), which must then call ``install_on_import()`` itself.
+    """
+    if os.environ.get(SETUP_HOOK_ENV, "1") == "0":
+        return runtime_env
     runtime_env = dict(runtime_env or {})
     hook = runtime_env.get("worker_process_setup_hook")
     if hook is not None and hook != SETUP_HOOK:
         raise ValueError(
             f"runtime_env already has worker_process_setup_hook={hook!r}; Ray runs one hook per worker. "
-            f"Call {SETUP_HOOK}() from that hook and run OpenRLHF's own CLI instead of this launcher."
+            f"Call {SETUP_HOOK}() from that hook and set {SETUP_HOOK_ENV}=0 for this launcher."
         )
     runtime_env["worker_process_setup_hook"] = SETUP_HOOK
     return runtime_env
