@@ -24,6 +24,10 @@ Methods (all fp32, temperature 1, token-mean over valid tokens, eps 0.2):
   fused-cfpo / fused-clip   cfpo_loss.fused.fused_linear_policy_loss (default chunk size)
   liger-clip                liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(beta=0, loss_type="dapo")
                             (its token-mean; ``--liger-compiled`` to let it torch.compile its loss math)
+  trl-cfpo                  (opt-in, needs trl==1.16.0) log-probs from TRL's own chunked LM-head kernel
+                            ``trl.kernels.ChunkedLogProbFunction`` exactly as GRPOTrainer 1.16 calls it on a
+                            non-Triton device (all positions, 32768-wide vocab tiles, log_probs + entropy),
+                            then cfpo_loss.compute_policy_loss: what CFPOTrainer does today
 
 Ratios are printed against the naive path of the same objective, measured in the same run.
 """
@@ -40,7 +44,8 @@ import subprocess
 import sys
 import time
 
-METHODS = ("naive-cfpo", "naive-clip", "fused-cfpo", "fused-clip", "liger-clip")
+METHODS = ("naive-cfpo", "naive-clip", "fused-cfpo", "fused-clip", "liger-clip", "trl-cfpo")
+DEFAULT_METHODS = METHODS[:5]
 DEFAULT_CONFIGS = ("8x512x1024x32768", "8x512x1024x131072")
 
 
@@ -115,6 +120,22 @@ def _step_fn(torch, method, hidden, weight, targets, old, adv, mask, liger_compi
             return loss
 
         return step
+    if method == "trl-cfpo":
+        from cfpo_loss import compute_policy_loss
+        from trl.kernels import ChunkedLogProbFunction
+
+        B, T, H = hidden.shape
+
+        def step():
+            lp, _entropy, *_ = ChunkedLogProbFunction.apply(
+                hidden.reshape(-1, H), weight, None, targets.reshape(-1), 1.0, 32768, None, 1.0,
+                ("log_probs", "entropy"),
+            )
+            out = compute_policy_loss(lp.view(B, T), old, adv, mask, objective="cfpo", agg="token-mean")
+            out.loss.backward()
+            return out.loss
+
+        return step
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -186,7 +207,7 @@ def _load() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="BxTxHxV ...")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over all methods (interleaved, so load drift hits every method alike)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per subprocess, after one warm-up")
@@ -246,7 +267,8 @@ def _report(cfg, runs) -> None:
             why = (rs[0].get("skipped") or rs[0].get("failed")) if rs else "not run"
             print(f"{m:<12} {'-':>7} {'-':>7} {'-':>9} {'-':>11} {'-':>10} {'-':>10}  {why}")
             continue
-        base = {r["round"]: r for r in ok.get("naive-" + m.split("-")[1], [])}
+        naive = ok.get("naive-" + m.split("-")[1]) or ok.get("naive-cfpo") or ok.get("naive-clip") or []
+        base = {r["round"]: r for r in naive}  # same objective's naive run; either (same cost) if only one ran
         per_round = ", ".join(f"{r['time_s']:.2f}" for r in good)
         print(f"{m:<12} {statistics.median(r['time_s'] for r in good):>7.2f} "
               f"{statistics.median(r['cpu_s'] for r in good):>7.2f} {max(r['peak_mib'] for r in good):>9.0f} "

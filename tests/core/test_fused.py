@@ -233,6 +233,14 @@ def test_entropy_metric(temperature):
     assert "entropy" not in fused(inp, chunk_size=5).metrics
 
 
+def test_second_backward_through_the_same_graph_raises():
+    inp = make_inputs(seed=16)
+    out = fused(inp, chunk_size=5)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward called twice"):
+        out.loss.backward()
+
+
 def test_default_chunk_size():
     assert default_chunk_size(32768) == 1024
     assert default_chunk_size(151936) == 220
