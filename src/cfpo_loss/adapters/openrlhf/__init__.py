@@ -5,9 +5,10 @@
 ``install()`` ran (``openrlhf.trainer.ray.ppo_actor`` imports it by name from ``openrlhf.models``).
 ``"ppo"`` and ``"gspo"`` keep running OpenRLHF's own, unchanged ``forward``. Calling it twice is harmless.
 
-OpenRLHF builds ``PolicyLoss`` inside Ray actors, so ``install()`` must run in every Ray worker: the
+OpenRLHF builds ``PolicyLoss`` inside Ray actors, so the patch must reach every Ray worker: the
 launcher ``python -m cfpo_loss.adapters.openrlhf.train_ppo_ray`` (console script
-``cfpo-openrlhf-train-ppo-ray``) does that with a Ray ``worker_process_setup_hook``.
+``cfpo-openrlhf-train-ppo-ray``) sets ``install_on_import`` as Ray's ``worker_process_setup_hook``,
+which patches the class when a worker imports ``openrlhf.models.loss``.
 
 What the new types do (the per-token math is the core's, ``cfpo_loss.compute_policy_loss``):
 
@@ -93,7 +94,7 @@ _FORWARD_PARAMS = (
 def install() -> None:
     """Make ``openrlhf.models.loss.PolicyLoss`` accept policy_loss_type "cfpo" / "cfpo_seq". Idempotent.
 
-    Also the ``worker_process_setup_hook`` the launcher gives Ray (it is called with no arguments).
+    Imports ``openrlhf.models`` (and so DeepSpeed) now; ``install_on_import()`` waits for that import.
     """
     version = installed_version("openrlhf")
     if version is not None and not is_supported("openrlhf", version):
