@@ -139,3 +139,17 @@ def openrlhf(session: nox.Session) -> None:
     with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
         f.write(standins + "\n")
     _pytest(session, "tests/openrlhf")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main command: build an environment from nothing and run examples/stability_demo.py.
+
+    Not a test (not in nox.options.sessions). `nox -s demo` runs the default configuration (clip vs cfpo x
+    num_iterations 1/4/16 with the real TRL GRPOTrainer, <= 15 min on 2 CPU cores) and writes
+    stability_demo_out/; `nox -s demo -- --quick` is the < 2 minute smoke run; arguments after `--` go to the
+    script (`nox -s demo -- --out my_dir --rounds 100`).
+    """
+    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, "-e", ".[trl,demo]")  # trl==1.16.0, matplotlib, tqdm: what a user installs
+    session.run("python", "examples/stability_demo.py", *session.posargs, env=ENV)
