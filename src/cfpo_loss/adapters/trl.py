@@ -39,6 +39,15 @@ pushes): for CFPO nothing is clipped, but the statistic is the same one, so runs
 The tests (tests/trl) prove that with ``policy_objective="clip"`` loss and parameter gradients equal
 TRL's own ``GRPOTrainer._compute_loss``.
 
+``use_fused_loss=True`` (opt-in) replaces TRL's log-prob kernel + objective + aggregation by one chunked pass of
+the core (``cfpo_loss.fused_linear_policy_loss``: LM head, log-probs, objective, KL and aggregation, gradients
+computed in the forward, never the logits): ``_compute_loss_fused`` runs the model's backbone, maps
+``loss_type`` to the core's aggregation with TRL's normalisers (lines 3153-3182), and logs the same metrics.
+It supports a subset of TRL's options (single process, no PEFT / MoE aux loss / logit softcapping or scaling /
+multimodal inputs, no entropy bonus, entropy mask, off-policy mask or vLLM IS correction, and KL only with
+``use_bias_correction_kl=False``), and refuses the rest by name at construction. Tests: same loss and gradients as
+the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's GRPOTrainer.
+
 Version guard: importing this module checks that TRL's version lies in ``SUPPORTED_TRL`` *and* that the
 source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
 raises ``ImportError`` otherwise: a silently changed TRL loss would otherwise be replaced by a stale copy.
@@ -60,12 +69,14 @@ try:
     import trl
     from packaging.version import InvalidVersion, Version
     from trl import GRPOConfig, GRPOTrainer
+    from accelerate.utils import is_peft_model
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError(
         "cfpo_loss.adapters.trl needs TRL: pip install 'cfpo-loss[trl]' (trl==1.16.0)"
     ) from exc
 
+from cfpo_loss.fused import fused_linear_policy_loss
 from cfpo_loss.surrogates import cfpo_penalty, cfpo_surrogate, clipped_surrogate
 
 __all__ = ["CFPOConfig", "CFPOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES", "POLICY_OBJECTIVES"]
@@ -81,6 +92,11 @@ AGGREGATION_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: TRL loss types that are a different policy objective (not an aggregation): rejected.
 _OTHER_OBJECTIVE_LOSS_TYPES = ("cispo", "sapo", "vespo")
 POLICY_OBJECTIVES = ("cfpo", "clip")
+# inputs the fused path cannot take (vision-language models) and config logit transforms it does not apply
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
 
 
 def _check_trl_version() -> None:
@@ -129,12 +145,7 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
     if not isinstance(use_fused_loss, bool):
         raise TypeError(f"use_fused_loss must be a bool, got {type(use_fused_loss).__name__} {use_fused_loss!r}")
     if use_fused_loss:
-        # TODO(issue 6): wire cfpo_loss's fused chunked LM-head path in here once it measurably beats TRL's own
-        # chunked log-prob kernel (trl.kernels.ChunkedLogProbFunction), which CFPOTrainer already uses.
-        raise NotImplementedError(
-            "use_fused_loss=True is not implemented for TRL yet: CFPOTrainer computes log-probs with TRL's own "
-            "chunked LM-head kernel. Leave use_fused_loss=False."
-        )
+        _validate_fused(args)
     loss_type = args.loss_type
     if loss_type not in AGGREGATION_LOSS_TYPES:
         kind = "is a different policy objective in TRL, not an aggregation" if loss_type in _OTHER_OBJECTIVE_LOSS_TYPES else "is unknown"
@@ -161,6 +172,28 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
             raise ValueError(f"delta must be a float > 1 + epsilon_high = {1.0 + eps_high}, got {delta!r}")
 
 
+def _validate_fused(args) -> None:
+    """use_fused_loss=True runs LM head + objective + aggregation in one chunked pass (cfpo_loss.fused), so it can
+    only honour the parts of TRL's loss that act on that pass's inputs. Everything else is refused, by name."""
+    refused = []
+    if args.beta != 0.0 and args.use_bias_correction_kl:
+        refused.append("beta > 0 with use_bias_correction_kl=True (the fused pass adds the plain k3 KL; set "
+                       "use_bias_correction_kl=False)")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        refused.append("an entropy bonus (entropy_coef / use_adaptive_entropy: needs the entropy's gradient)")
+    if args.top_entropy_quantile < 1.0:
+        refused.append("top_entropy_quantile < 1 (needs the entropies before the loss)")
+    if args.off_policy_mask_threshold is not None:
+        refused.append("off_policy_mask_threshold (needs the log-probs before the loss)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        refused.append("vLLM importance-sampling correction (not tested with the fused pass)")
+    if args.world_size > 1:
+        refused.append("more than one process (the fused pass calls the backbone directly, outside DDP/FSDP)")
+    if refused:
+        raise ValueError("use_fused_loss=True does not support " + "; ".join(refused) + ". Use use_fused_loss=False "
+                         "(TRL's own chunked log-prob kernel with the same objective) for these options.")
+
+
 @dataclass
 class CFPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the choice of policy objective.
@@ -171,8 +204,11 @@ class CFPOConfig(GRPOConfig):
             for A < 0). `"clip"`: TRL's clipped objective min(r·A, clip(r, 1−ε_low, 1+ε_high)·A).
             `loss_type` chooses the aggregation for both (grpo, bnpo, dr_grpo, dapo, luspo).
         use_fused_loss (`bool`, *optional*, defaults to `False`):
-            Reserved for cfpo_loss's fused chunked LM-head path; `True` raises NotImplementedError for now
-            (TRL's own chunked log-prob kernel is used).
+            `True`: compute LM head, log-probs, objective and aggregation in one chunked pass
+            (`cfpo_loss.fused_linear_policy_loss`), which never holds the logits and computes the gradients in the
+            forward; `False`: TRL's own chunked log-prob kernel, then the objective. Same loss and gradients. The
+            fused pass supports a subset of TRL's loss options (single process; no entropy bonus / entropy mask /
+            off-policy mask / vLLM IS correction; KL only with use_bias_correction_kl=False), refused by name.
     """
 
     policy_objective: str = field(
@@ -185,7 +221,10 @@ class CFPOConfig(GRPOConfig):
     )
     use_fused_loss: bool = field(
         default=False,
-        metadata={"help": "Reserved for the fused chunked LM-head path (not implemented for TRL yet)."},
+        metadata={
+            "help": "Compute LM head + objective + aggregation in one chunked pass (cfpo_loss.fused) instead of "
+            "TRL's log-prob kernel followed by the objective; supports a subset of TRL's loss options."
+        },
     )
 
     def __post_init__(self):
@@ -211,13 +250,173 @@ class CFPOTrainer(GRPOTrainer):
         policy_objective = getattr(args, "policy_objective", "cfpo")
         _validate(args, policy_objective, getattr(args, "use_fused_loss", False))  # before loading any model
         self.policy_objective = policy_objective
+        self.use_fused_loss = getattr(args, "use_fused_loss", False)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if self.use_fused_loss:
+            self._check_fused_model()
+
+    # ---- use_fused_loss=True --------------------------------------------------------------------------------
+
+    def _check_fused_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            raise ValueError("use_fused_loss=True does not support PEFT models yet; use use_fused_loss=False")
+        if self.aux_loss_enabled:
+            raise ValueError("use_fused_loss=True does not support the MoE router aux loss; use use_fused_loss=False")
+        text_config = model.config.get_text_config()
+        for attr in _LOGIT_TRANSFORMS:
+            value = getattr(text_config, attr, None)
+            if value is not None and value != 1.0:
+                raise ValueError(
+                    f"use_fused_loss=True: the model config sets {attr}={value!r}, a logit transform the fused pass "
+                    "does not apply (it computes logits = hidden @ lm_head.weight.T / temperature); use "
+                    "use_fused_loss=False"
+                )
+        if model.get_output_embeddings() is None or not hasattr(model, "base_model"):
+            raise ValueError("use_fused_loss=True needs a causal LM with an output embedding and a base_model")
+
+    def _compute_loss_fused(self, model, inputs):
+        """The loss of `_compute_loss` in one chunked pass: backbone hidden states -> fused_linear_policy_loss
+        (LM head, log-probs, objective, KL, aggregation; never the (tokens x vocabulary) logits), then TRL's
+        normalisation and metrics. Same inputs, loss and gradients as the unfused path (checked in the tests)."""
+        extra = sorted(k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None)
+        if extra:
+            raise ValueError(f"use_fused_loss=True does not support multimodal inputs ({', '.join(extra)})")
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        lm_head = unwrapped.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        device_type = weight.device.type
+        with self.accelerator.autocast():
+            hidden = unwrapped.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            # The LM head's precision, as TRL's kernel picks it: the autocast dtype when mixed precision is on (each
+            # logits tile in that dtype, everything after it in fp32), else the weight's; fp32 with
+            # cast_lm_head_to_fp32. The fused pass itself runs outside autocast, on explicitly cast inputs.
+            autocast_on = torch.is_autocast_enabled(device_type)
+            head_dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        if self.args.cast_lm_head_to_fp32:
+            head_dtype = torch.float32
+        # the state at position t predicts token t + 1: the completion is scored by the states just before it
+        hidden = hidden.last_hidden_state[:, -logits_to_keep - 1 : -1].to(head_dtype)
+        weight = weight.to(head_dtype)
+        bias = None if bias is None else bias.to(head_dtype)
+
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        batch = completion_ids.size(0)
+        # TRL's loss_type aggregations (trl 1.16.0 lines 3153-3182) as the core's verl-style modes
+        if self.loss_type == "dapo":
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            agg, accumulation = dict(agg="token-mean", batch_num_tokens=normalizer), 1.0
+        elif self.loss_type == "bnpo":
+            agg = dict(agg="token-mean")
+        elif self.loss_type == "grpo":
+            agg = dict(agg="seq-mean-token-mean", global_batch_size=batch)
+        elif self.loss_type == "dr_grpo":
+            agg = dict(agg="seq-mean-token-sum-norm", global_batch_size=batch, loss_scale_factor=self.max_completion_length)
+        else:  # luspo
+            agg = dict(agg="seq-mean-token-sum", global_batch_size=batch)
+
+        out = fused_linear_policy_loss(
+            hidden,
+            weight,
+            completion_ids,
+            inputs.get("old_per_token_logps"),  # None: on-policy, r = 1 (as TRL's per_token_logps.detach())
+            advantages,
+            mask,
+            objective=self.policy_objective,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            dual_clip=self.args.delta if self.policy_objective == "clip" else None,
+            ratio_level=self.importance_sampling_level,
+            temperature=self.temperature,
+            lm_head_bias=bias,
+            ref_log_prob=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            beta=self.beta,
+            compute_entropy=True,
+            check_finite=False,  # TRL does not check either; a NaN loss shows in the logs
+            **agg,
+        )
+        loss = out.loss / accumulation
+
+        # Metrics, as the unfused path logs them
+        _, global_masked_mean = self._metric_reducers(mask)
+        n_valid = mask.sum().float()
+        for key in (["kl"] if self.beta != 0.0 else []) + ["entropy"]:
+            totals = self.accelerator.reduce(torch.stack([out.metrics[key] * n_valid, n_valid]), reduction="sum")
+            self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        ratio = out.ratio
+        if self.importance_sampling_level == "sequence":  # one ratio per sequence, as TRL's coef_1 (B, 1)
+            valid = mask.bool()
+            per_row = torch.where(valid, ratio, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+            ratio = torch.where(valid.any(-1, keepdim=True), per_row, torch.ones_like(per_row))
+        self._log_trust_region_metrics(mode, ratio, advantages, mask)
+        return loss
 
     def _policy_objective(self, coef_1: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """Per-token objective J(r, A) to maximise, from the core. Shapes broadcast as TRL's coef_1 * advantages."""
         if self.policy_objective == "cfpo":
             return cfpo_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high)
         return clipped_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high, dual_clip=self.args.delta)
+
+    def _metric_reducers(self, mask):
+        """TRL 1.16.0's metric closures from `_compute_loss` (grpo_trainer.py lines 3254-3265), verbatim."""
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": already one value per sequence
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": one value per sequence
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        return masked_seq_mean, global_masked_mean
+
+    def _log_trust_region_metrics(self, mode, coef_1, advantages, mask):
+        """TRL's clip_ratio/* metrics (trl 1.16.0 grpo_trainer.py lines 3272-3283, verbatim: same meaning for both
+        objectives) plus cfpo/ratio_dev, cfpo/ratio_max and (cfpo only) cfpo/penalty.
+
+        coef_1 is the ratio, (B, T) at token level or (B, 1) at sequence level (then the statistics are per
+        sequence, as TRL's are)."""
+        masked_seq_mean, global_masked_mean = self._metric_reducers(mask)
+        if self.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+            # Compute the clipped probability ratios
+            is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
+            is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
+            is_region_clipped = is_low_clipped | is_high_clipped
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low_clipped.float()))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(is_high_clipped.float()))
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(is_region_clipped.float()))
+            gathered_low_clip = self.accelerator.gather(masked_seq_mean(is_low_clipped.float()))
+            self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low_clip).item())
+            gathered_high_clip = self.accelerator.gather(masked_seq_mean(is_high_clipped.float()))
+            self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high_clip).item())
+
+        # trust-region diagnostics logged for both objectives (penalty only for cfpo), so runs compare side by
+        # side: mean |r - 1| and max r over valid tokens (per sequence at sequence level), and CFPO's mean quadratic
+        # penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
+        ratio = coef_1.detach()
+        self._metrics[mode]["cfpo/ratio_dev"].append(global_masked_mean((ratio - 1.0).abs()))
+        self._metrics[mode]["cfpo/ratio_max"].append(self._cfpo_global_masked_max(ratio, mask))
+        if self.policy_objective == "cfpo":
+            penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
+            self._metrics[mode]["cfpo/penalty"].append(global_masked_mean(penalty))
 
     def _cfpo_global_masked_max(self, x: torch.Tensor, mask: torch.Tensor) -> float:
         """Max of x over valid tokens (one value per sequence when x is (B, 1)), across processes; NaN if none."""
@@ -228,6 +427,8 @@ class CFPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         """trl==1.16.0 GRPOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
+        if self.use_fused_loss:  # CFPO: opt-in one-pass path (LM head + objective + aggregation)
+            return self._compute_loss_fused(model, inputs)
         # Compute the per-token log probabilities for the model
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -436,45 +637,16 @@ class CFPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         # Log the metrics
-        def masked_seq_mean(x):
-            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": already one value per sequence
-                return x.squeeze(1)
-            return (x * mask).sum(-1) / mask.sum(-1)
-
-        def global_masked_mean(x):
-            if x.shape[1] == 1:  # when importance_sampling_level == "sequence": one value per sequence
-                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
-            else:
-                local_sum, local_count = (x * mask).sum(), mask.sum().float()
-            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
+        # CFPO: TRL's two closures masked_seq_mean / global_masked_mean, verbatim, moved to _metric_reducers so that
+        # the fused path logs through the very same code.
+        masked_seq_mean, global_masked_mean = self._metric_reducers(mask)
 
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
 
         self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
 
-        if self.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
-            # Compute the clipped probability ratios
-            is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
-            is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
-            is_region_clipped = is_low_clipped | is_high_clipped
-            self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low_clipped.float()))
-            self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(is_high_clipped.float()))
-            self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(is_region_clipped.float()))
-            gathered_low_clip = self.accelerator.gather(masked_seq_mean(is_low_clipped.float()))
-            self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low_clip).item())
-            gathered_high_clip = self.accelerator.gather(masked_seq_mean(is_high_clipped.float()))
-            self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high_clip).item())
-
-        # CFPO: trust-region diagnostics logged for both objectives (penalty only for cfpo), so runs compare side by
-        # side: mean |r - 1| and max r over valid tokens (per sequence at sequence level), and CFPO's mean quadratic
-        # penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
-        ratio = coef_1.detach()
-        self._metrics[mode]["cfpo/ratio_dev"].append(global_masked_mean((ratio - 1.0).abs()))
-        self._metrics[mode]["cfpo/ratio_max"].append(self._cfpo_global_masked_max(ratio, mask))
-        if self.policy_objective == "cfpo":
-            penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
-            self._metrics[mode]["cfpo/penalty"].append(global_masked_mean(penalty))
+        # CFPO: TRL's clip_ratio/* block (verbatim) and the cfpo/* metrics, in _log_trust_region_metrics.
+        self._log_trust_region_metrics(mode, coef_1, advantages, mask)
 
         return loss
