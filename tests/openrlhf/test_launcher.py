@@ -41,6 +41,8 @@ RLOO = [
     "--data.prompt_dataset", "OpenRLHF/prompt-collection-v0.1", "--data.input_key", "context_messages",
     "--data.apply_chat_template", "--reward.normalize_enable", "--actor.gradient_checkpointing_enable",
     "--actor.loss_agg_mode", "seq-mean-token-mean",
+    # its default is "ppo_" + the current minute, which differs between two processes across a minute
+    "--logger.wandb.run_name", "rloo-cfpo",
 ]
 
 
