@@ -24,8 +24,11 @@ smaller hook to override. ``CFPOTrainer._compute_loss`` is therefore a copy of t
   ``per_token_loss = -J(coef_1, advantages)``, with J the core's ``cfpo_surrogate`` or
   ``clipped_surrogate`` (TRL's two-sided-clipping ``delta`` is the core's ``dual_clip``; equal to TRL's
   clamp of ``coef_1`` whenever ``delta > 1 + epsilon_high``, which is enforced);
-* three metrics are added after TRL's ``clip_ratio/*`` block (lines 3272-3283): ``cfpo/ratio_dev``,
-  ``cfpo/ratio_max`` and (cfpo only) ``cfpo/penalty``.
+* TRL's two metric closures (lines 3254-3265) and its ``clip_ratio/*`` block (lines 3272-3283) move, verbatim,
+  into ``_metric_reducers`` / ``_log_trust_region_metrics`` (shared with the fused path), which also log
+  ``cfpo/ratio_dev``, ``cfpo/ratio_max`` and (cfpo only) ``cfpo/penalty``; the cispo / vespo metric branches
+  (lines 3284-3290) go with those loss types;
+* the first line hands over to ``_compute_loss_fused`` when ``use_fused_loss=True`` (below).
 
 Every other line is TRL's text verbatim, and every departure is marked ``# CFPO:``: log-probs and
 entropies through TRL's own ``_get_per_token_logps_and_entropies`` (its chunked LM-head kernel), the
@@ -68,8 +71,8 @@ import torch
 try:
     import trl
     from packaging.version import InvalidVersion, Version
-    from trl import GRPOConfig, GRPOTrainer
     from accelerate.utils import is_peft_model
+    from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError(
@@ -94,7 +97,7 @@ _OTHER_OBJECTIVE_LOSS_TYPES = ("cispo", "sapo", "vespo")
 POLICY_OBJECTIVES = ("cfpo", "clip")
 # inputs the fused path cannot take (vision-language models) and config logit transforms it does not apply
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles")
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles", "num_images")
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
@@ -148,7 +151,10 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
         _validate_fused(args)
     loss_type = args.loss_type
     if loss_type not in AGGREGATION_LOSS_TYPES:
-        kind = "is a different policy objective in TRL, not an aggregation" if loss_type in _OTHER_OBJECTIVE_LOSS_TYPES else "is unknown"
+        if loss_type in _OTHER_OBJECTIVE_LOSS_TYPES:
+            kind = "is a different policy objective in TRL, not an aggregation"
+        else:
+            kind = "is unknown"
         raise ValueError(
             f"loss_type={loss_type!r} {kind}. With CFPOTrainer, loss_type only chooses how the "
             f"{policy_objective!r} objective is aggregated: one of {AGGREGATION_LOSS_TYPES}. "
@@ -324,7 +330,9 @@ class CFPOTrainer(GRPOTrainer):
         elif self.loss_type == "grpo":
             agg = dict(agg="seq-mean-token-mean", global_batch_size=batch)
         elif self.loss_type == "dr_grpo":
-            agg = dict(agg="seq-mean-token-sum-norm", global_batch_size=batch, loss_scale_factor=self.max_completion_length)
+            agg = dict(
+                agg="seq-mean-token-sum-norm", global_batch_size=batch, loss_scale_factor=self.max_completion_length
+            )
         else:  # luspo
             agg = dict(agg="seq-mean-token-sum", global_batch_size=batch)
 
