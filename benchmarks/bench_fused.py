@@ -147,7 +147,7 @@ def worker(method: str, B: int, T: int, H: int, V: int, repeats: int, liger_comp
     weight.requires_grad_(True)
     step = _step_fn(torch, method, hidden, weight, targets, old, adv, mask, liger_compiled)
     times, cpus, peaks, loss = [], [], [], None
-    for i in range(repeats + 1):  # run 0 is the warm-up
+    for i in range(repeats + 1 if repeats else 1):  # run 0 is the warm-up
         hidden.grad = weight.grad = None
         gc.collect()
         _reset_peak()
@@ -156,7 +156,7 @@ def worker(method: str, B: int, T: int, H: int, V: int, repeats: int, liger_comp
         loss = step()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         peaks.append(_rss_kib("VmHWM") - base)
-        if i:
+        if i or not repeats:  # --repeats 0: the single (cold) run is the timed one
             times.append(dt)
             cpus.append(dc)
     return {
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over all methods (interleaved, so load drift hits every method alike)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per subprocess, after one warm-up")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per subprocess, after one warm-up (0: one run, no warm-up, timed cold)")
     p.add_argument("--liger-compiled", action="store_true", help="Liger with compiled=True (torch.compile)")
     p.add_argument("--json", help="also write all results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
     import torch
 
     print(f"# {platform.platform()} | {platform.machine()} | cpus={os.cpu_count()} | torch {torch.__version__} "
-          f"threads={torch.get_num_threads()} | {args.rounds} rounds x (1 warm-up + {args.repeats} timed) | "
+          f"threads={torch.get_num_threads()} | {args.rounds} rounds x "
+          f"({'1 warm-up + %d timed' % args.repeats if args.repeats else '1 cold timed run'}) | "
           f"{_load()}", flush=True)
     results = []
     for cfg in configs:
