@@ -1,8 +1,8 @@
 """CFPO vs clipped GRPO as sample reuse grows: a CPU-sized version of the paper's stability experiment.
 
     pip install "cfpo-loss[trl,demo]"          # trl==1.16.0, matplotlib, tqdm (keep torch a CPU build)
-    python examples/stability_demo.py          # default run, ~10-15 min on 2 CPU cores
-    python examples/stability_demo.py --quick  # smoke run, < 2 min (outputs have the same format)
+    python examples/stability_demo.py          # default run: 8400 optimizer steps, 6.4 min measured on 2 CPU cores
+    python examples/stability_demo.py --quick  # smoke run, ~15 s of training (outputs have the same format)
 
 What it does
 ------------
@@ -364,6 +364,7 @@ def summary_rows(runs: dict) -> list[dict]:
         _, rewards = per_round(rows, "reward")
         tail = max(1, len(rewards) // 10)
         entropies = [float(r["entropy"]) for r in rows if not math.isnan(float(r["entropy"]))]
+        last = entropies[-max(1, len(entropies) // 10) :]
         kls = [float(r["kl_consecutive"]) for r in rows if r["kl_consecutive"] != ""]
         out.append(
             {
@@ -375,7 +376,7 @@ def summary_rows(runs: dict) -> list[dict]:
                 "max_abs_dev": max(float(r["max_abs_ratio_dev"]) for r in rows),
                 "mean_dev": sum(float(r["ratio_dev"]) for r in rows) / len(rows),
                 "mean_exit": sum(float(r["exit_frac"]) for r in rows) / len(rows),
-                "entropy_final": sum(entropies[-max(1, len(entropies) // 10) :]) / max(1, len(entropies[-max(1, len(entropies) // 10) :])),
+                "entropy_final": sum(last) / len(last) if last else float("nan"),
                 "mean_kl_consecutive": sum(kls) / len(kls) if kls else float("nan"),
             }
         )
