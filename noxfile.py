@@ -67,9 +67,12 @@ def core(session: nox.Session) -> None:
 
 @nox.session
 def trl(session: nox.Session) -> None:
-    """TRL adapter against the real trl==1.16.0 GRPOTrainer."""
+    """TRL adapter against the real trl==1.16.0 GRPOTrainer; then the example, briefly, so it cannot rot."""
     _base(session, TRL, "matplotlib", "tqdm")
     _pytest(session, "tests/trl")
+    if not session.posargs:
+        session.run("python", "examples/trl_cfpo.py", "--steps", "8", env=ENV)
+        session.run("python", "examples/trl_cfpo.py", "--steps", "8", "--objective", "cfpo", "--fused", env=ENV)
 
 
 @nox.session
