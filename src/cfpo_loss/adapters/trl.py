@@ -79,13 +79,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
         "cfpo_loss.adapters.trl needs TRL: pip install 'cfpo-loss[trl]' (trl==1.16.0)"
     ) from exc
 
+from cfpo_loss.adapters._support import SUPPORTED as _SUPPORTED
 from cfpo_loss.fused import fused_linear_policy_loss
 from cfpo_loss.surrogates import cfpo_penalty, cfpo_surrogate, clipped_surrogate
 
 __all__ = ["CFPOConfig", "CFPOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES", "POLICY_OBJECTIVES"]
 
-#: TRL versions this adapter is written and tested against (half-open range).
-SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
+#: TRL versions this adapter is written and tested against (half-open range; one table for all adapters).
+SUPPORTED_TRL = (f">={_SUPPORTED['trl'][0]}", f"<{_SUPPORTED['trl'][1]}")
 #: sha256 of ``inspect.getsource(trl.GRPOTrainer._compute_loss)`` in trl==1.16.0, the text mirrored below.
 _MIRRORED_SHA256 = "80295546bbdbf6f711acce7f6e69b0100ab40aa8f23ed8052cc564ff024e3e40"
 _ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_TRL"
