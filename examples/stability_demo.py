@@ -51,7 +51,6 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_MODE": "disabled",
     "TRANSFORMERS_VERBOSITY": "error",
-    "DISABLE_TQDM": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
