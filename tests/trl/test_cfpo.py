@@ -95,6 +95,7 @@ def test_cfpo_loss_equals_core(tiny_model_dir, tokenizer, tmp_path, loss_type, l
             ("clip_ratio/high_mean", "tr_exit_high"),
             ("cfpo/ratio_dev", "ratio_dev"),
             ("cfpo/ratio_max", "ratio_max"),
+            ("cfpo/ratio_min", "ratio_min"),
             ("cfpo/penalty", "penalty"),
         ]:
             assert m[ours] == pytest.approx(core.metrics[core_key].item(), rel=1e-5, abs=1e-6), ours

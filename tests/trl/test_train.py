@@ -19,6 +19,7 @@ METRICS = (
     "clip_ratio/high_max",
     "cfpo/ratio_dev",
     "cfpo/ratio_max",
+    "cfpo/ratio_min",
     "cfpo/penalty",
 )
 

@@ -26,7 +26,7 @@ smaller hook to override. ``CFPOTrainer._compute_loss`` is therefore a copy of t
   clamp of ``coef_1`` whenever ``delta > 1 + epsilon_high``, which is enforced);
 * TRL's two metric closures (lines 3254-3265) and its ``clip_ratio/*`` block (lines 3272-3283) move, verbatim,
   into ``_metric_reducers`` / ``_log_trust_region_metrics`` (shared with the fused path), which also log
-  ``cfpo/ratio_dev``, ``cfpo/ratio_max`` and (cfpo only) ``cfpo/penalty``; the cispo / vespo metric branches
+  ``cfpo/ratio_dev``, ``cfpo/ratio_max``, ``cfpo/ratio_min`` and (cfpo only) ``cfpo/penalty``; the cispo / vespo metric branches
   (lines 3284-3290) go with those loss types;
 * the first line hands over to ``_compute_loss_fused`` when ``use_fused_loss=True`` (below).
 
@@ -399,7 +399,7 @@ class CFPOTrainer(GRPOTrainer):
 
     def _log_trust_region_metrics(self, mode, coef_1, advantages, mask):
         """TRL's clip_ratio/* metrics (trl 1.16.0 grpo_trainer.py lines 3272-3283, verbatim: same meaning for both
-        objectives) plus cfpo/ratio_dev, cfpo/ratio_max and (cfpo only) cfpo/penalty.
+        objectives) plus cfpo/ratio_dev, cfpo/ratio_max, cfpo/ratio_min and (cfpo only) cfpo/penalty.
 
         coef_1 is the ratio, (B, T) at token level or (B, 1) at sequence level (then the statistics are per
         sequence, as TRL's are)."""
@@ -423,6 +423,8 @@ class CFPOTrainer(GRPOTrainer):
         ratio = coef_1.detach()
         self._metrics[mode]["cfpo/ratio_dev"].append(global_masked_mean((ratio - 1.0).abs()))
         self._metrics[mode]["cfpo/ratio_max"].append(self._cfpo_global_masked_max(ratio, mask))
+        # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
+        self._metrics[mode]["cfpo/ratio_min"].append(-self._cfpo_global_masked_max(-ratio, mask))
         if self.policy_objective == "cfpo":
             penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
             self._metrics[mode]["cfpo/penalty"].append(global_masked_mean(penalty))
