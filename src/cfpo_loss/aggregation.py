@@ -52,7 +52,12 @@ def aggregate_loss(
         dtype=per_token_loss.dtype,
     )
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=mask.device)
-    return (torch.where(mask, per_token_loss, zero).sum(-1, keepdim=True) * scale).sum()
+    return weighted_row_sum(torch.where(mask, per_token_loss, zero), scale)
+
+
+def weighted_row_sum(per_token_loss: Tensor, scale: Tensor) -> Tensor:
+    """Σ_b w_b · Σ_t ℓ_bt for a per-token loss already 0 at masked positions, w from ``aggregation_scale``."""
+    return (per_token_loss * scale).sum()
 
 
 def aggregation_scale(

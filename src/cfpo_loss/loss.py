@@ -21,7 +21,7 @@ from ._checks import (
     check_tensor,
     compute_dtype,
 )
-from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
+from .aggregation import AGG_MODES, aggregation_scale, weighted_row_sum
 from .onepass import _PerTokenLoss, fast_policy_loss
 from .surrogates import OBJECTIVES
 
@@ -93,24 +93,16 @@ def compute_policy_loss(
     log_prob, old_log_prob, advantages, mask, weights = _check_inputs(log_prob, old_log_prob, advantages, mask, weights)
 
     options = (objective, eps_low, eps_high, dual_clip, ratio_level)
+    scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+                              dtype=log_prob.dtype)
     if fast:
         check_choice("fast", fast, (True,))
-        scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                                  global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-                                  dtype=log_prob.dtype)
         loss, ratio, metrics, checksum = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options)
     else:
         found: dict = {}
         per_token_loss = _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, options, found)
-        loss = aggregate_loss(
-            per_token_loss,
-            mask,
-            agg,
-            dp_size=dp_size,
-            batch_num_tokens=batch_num_tokens,
-            global_batch_size=global_batch_size,
-            loss_scale_factor=loss_scale_factor,
-        )
+        loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
         ratio, metrics, checksum = found["ratio"], found["metrics"], found["checksum"]
     if check_finite and not bool(torch.isfinite(checksum)):  # the one device sync
         check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,

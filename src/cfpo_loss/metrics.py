@@ -37,30 +37,32 @@ def trust_region_metrics(
     objective: str = "cfpo",
     penalty: Tensor | None = None,
     ratio_level: str = "token",
+    select=None,
 ) -> dict[str, Tensor]:
     """Metrics above. ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with masked positions
     neutral (ratio 1, log_ratio 0, advantages 0), so every per-token term is already 0 there and the
     masked means need no further select; ``mask``: bool (B, T). ``penalty``: the per-token CFPO penalty
     if the caller already has it (else computed here for objective "cfpo"). At ``ratio_level`` "token",
-    ratio = exp(log_ratio), which lets k3 come from sums the other metrics need anyway."""
-    count = mask.sum().clamp(min=1).to(ratio.dtype)
+    ratio = exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the
+    caller's ``onepass.Select`` for ``mask``, if it has one (a faster ``where``)."""
+    count = torch.count_nonzero(mask).clamp(min=1).to(ratio.dtype)
     deviation = ratio - 1.0  # 0 at masked positions
     positive, negative = advantages > 0, advantages < 0
-    exit_high = (positive & (ratio > 1.0 + eps_high)).sum()
-    exit_low = (negative & (ratio < 1.0 - eps_low)).sum()
+    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
+    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
     any_valid = mask.any()
     one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
-    # fp64 accumulation: at token level k3 = mean(r − 1 − log r) is the difference of these two sums
-    deviation_sum = deviation.sum(dtype=torch.float64)
-    log_ratio_sum = log_ratio.sum(dtype=torch.float64)
+    # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
+    deviation_sum = deviation.sum()
+    log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
         k3 = ((deviation_sum - log_ratio_sum) / count).clamp(min=0.0)
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3 = (torch.expm1(log_ratio) - log_ratio).sum() / count
     metrics = {
         "ratio_mean": deviation_sum / count + 1.0,
-        "ratio_min": torch.where(any_valid, torch.where(mask, ratio, torch.inf).min(), one),
-        "ratio_max": torch.where(any_valid, torch.where(mask, ratio, -torch.inf).max(), one),
+        "ratio_min": torch.where(any_valid, _fill(ratio, mask, select, torch.inf).min(), one),
+        "ratio_max": torch.where(any_valid, _fill(ratio, mask, select, -torch.inf).max(), one),
         "ratio_dev": deviation.abs().sum() / count,
         "tr_exit_frac": (exit_high + exit_low) / count,
         "tr_exit_low": exit_low / count,
@@ -69,9 +71,13 @@ def trust_region_metrics(
         "approx_kl_k3": k3,
     }
     if dual_clip is not None:
-        metrics["dual_clip_frac"] = (negative & (ratio > dual_clip)).sum() / count
+        metrics["dual_clip_frac"] = torch.count_nonzero(negative & (ratio > dual_clip)) / count
     if objective == "cfpo":
         if penalty is None:
             penalty = cfpo_penalty(ratio, advantages, eps_low, eps_high)
         metrics["penalty"] = penalty.sum() / count
     return {k: v.float() for k, v in metrics.items()}
+
+
+def _fill(x: Tensor, mask: Tensor, select, value: float) -> Tensor:
+    return select.fill(x, value) if select is not None else torch.where(mask, x, value)
