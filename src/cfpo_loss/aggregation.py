@@ -57,7 +57,7 @@ def aggregate_loss(
 
 def weighted_row_sum(per_token_loss: Tensor, scale: Tensor) -> Tensor:
     """Σ_b w_b · Σ_t ℓ_bt for a per-token loss already 0 at masked positions, w from ``aggregation_scale``."""
-    return (per_token_loss * scale).sum()
+    return (per_token_loss.sum(-1, keepdim=True) * scale).sum()
 
 
 def aggregation_scale(
