@@ -9,7 +9,10 @@ Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back c
                       analytic derivative and the metrics; backward is one multiply), with its input
                       checks and all ten metrics, read with .item() as a logger would
   fast (compiled)     compute_policy_loss(fast=True): the same pass plus aggregation, torch.compile'd
-  copy floor          copying the same input and gradient bytes once: memory bandwidth's floor
+  copy floor          copying the same input and gradient bytes once into preallocated buffers:
+                      memory bandwidth's floor (cache-resident at this size, steady state)
+  copy into fresh     the same copies into newly allocated tensors (allocation and first-touch
+                      page faults included), as any op that returns a new gradient tensor pays
 It prints milliseconds, the ratio to the verl-style baseline and the ratio to the copy floor.
 """
 
@@ -119,6 +122,8 @@ def main() -> None:
             if not args.no_compile:
                 rows[f"ours {objective} fast (compiled)"] = ours(objective, True)
         rows["copy floor"] = copy_floor
+        # the same bytes into freshly allocated tensors, as an op that returns a new gradient must do
+        rows["copy into fresh tensors"] = lambda: ([x.clone() for x in sources], log_prob.detach().clone())
 
         if not args.no_compile:  # same loss and gradient as the reference path, checked here too
             for objective in ("clip", "cfpo"):
