@@ -64,7 +64,7 @@ def _penalty_coef(advantages: Tensor, eps_low: float, eps_high: float) -> Tensor
 
 def cfpo_surrogate_grad(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """dJ_CFPO/dr = A − |A|/ε·(r − 1): zero at r* = 1 + sign(A)·ε, pointing back towards it outside."""
-    return advantages - 2.0 * _penalty_coef(advantages, eps_low, eps_high) * (ratio - 1.0)
+    return cfpo_terms(ratio, advantages, eps_low, eps_high)[1]
 
 
 def clipped_surrogate_grad(
@@ -85,6 +85,7 @@ def cfpo_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: floa
     coef = _penalty_coef(advantages, eps_low, eps_high)  # |A|/(2ε)
     deviation = ratio - 1.0
     penalty = coef * deviation.square()
+    # dJ/dr = A − 2·|A|/(2ε)·(r − 1) = A − |A|/ε·(r − 1)
     return ratio * advantages - penalty, advantages - 2.0 * coef * deviation, penalty
 
 
