@@ -11,7 +11,8 @@ gradient equals the clipped objective's (both are A). The clipped PPO/GRPO basel
 
 and with dual-clip c > 1, tokens with A < 0 are bounded below by c·A (verl / OpenRLHF semantics).
 
-Each objective also has its analytic derivative dJ/dr, used by the fast and fused paths; the tests
+Each objective also has its analytic derivative dJ/dr (``*_grad``, and ``objective_terms`` giving J, dJ/dr and
+the CFPO penalty in one pass), used by compute_policy_loss so that its backward is one multiply; the tests
 check both against autograd and against the equations above.
 """
 
