@@ -12,12 +12,15 @@ from .advantages import group_advantages, rloo_advantages
 from .aggregation import AGG_MODES, aggregate_loss
 from .fused import fused_linear_policy_loss
 from .loss import PolicyLossOutput, compute_policy_loss
-from .surrogates import cfpo_surrogate, clipped_surrogate
+from .metrics import read_metrics
+from .surrogates import OBJECTIVES, Objective, cfpo_surrogate, clipped_surrogate, get_objective
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGG_MODES",
+    "OBJECTIVES",
+    "Objective",
     "PolicyLossOutput",
     "__version__",
     "aggregate_loss",
@@ -25,6 +28,8 @@ __all__ = [
     "clipped_surrogate",
     "compute_policy_loss",
     "fused_linear_policy_loss",
+    "get_objective",
     "group_advantages",
+    "read_metrics",
     "rloo_advantages",
 ]

@@ -47,7 +47,7 @@ from torch import Tensor
 from ._checks import check_choice, check_tensor
 from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
 from .loss import RATIO_LEVELS, PolicyLossOutput, compute_policy_loss
-from .surrogates import OBJECTIVES
+from .surrogates import OBJECTIVES  # noqa: F401  (rewritten below)
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 

@@ -22,8 +22,9 @@ from ._checks import (
     compute_dtype,
 )
 from .aggregation import AGG_MODES, aggregation_scale, weighted_row_sum
-from .onepass import _PerTokenLoss, fast_policy_loss
-from .surrogates import OBJECTIVES
+from .metrics import metric_names, metrics_dict, read_metrics
+from .onepass import PassOptions, eager_policy_loss, fast_policy_loss
+from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
 
@@ -43,6 +44,19 @@ class PolicyLossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     per_token_loss: Tensor | None = None
     ratio: Tensor | None = None
+
+    def metric_floats(self) -> dict[str, float]:
+        """``metrics`` as Python floats, read with one device-to-host transfer (``read_metrics``)."""
+        return read_metrics(self.metrics)
+
+
+def pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, *, with_metrics=True) -> PassOptions:
+    """Validate the scalar arguments of a policy loss into the typed options of the per-token pass."""
+    record = get_objective(objective)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    eps_low, eps_high = check_eps(eps_low, eps_high)
+    dual_clip = check_dual_clip(dual_clip) if record.takes_dual_clip else None
+    return PassOptions(record, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
 
 
 def compute_policy_loss(
@@ -85,40 +99,43 @@ def compute_policy_loss(
             call per shape family compiles: tens of seconds on a CPU; afterwards several times faster than
             the default eager pass). Same loss, gradient and metrics; no ``per_token_loss`` is returned.
     """
-    check_choice("objective", objective, tuple(OBJECTIVES))
+    options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
     check_choice("agg", agg, AGG_MODES)
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    eps_low, eps_high = check_eps(eps_low, eps_high)
-    dual_clip = check_dual_clip(dual_clip) if objective == "clip" else None
-    log_prob, old_log_prob, advantages, mask, weights = _check_inputs(log_prob, old_log_prob, advantages, mask, weights)
-
-    options = (objective, eps_low, eps_high, dual_clip, ratio_level)
+    check_choice("fast", fast, (False, True))
+    check_tensor("log_prob", log_prob)
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
+    old_log_prob, advantages, mask, weights, dtype = check_batch(log_prob.shape, log_prob.device, old_log_prob,
+                                                                 advantages, mask, weights, log_prob=log_prob)
+    log_prob = log_prob.to(dtype)
     scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-                              dtype=log_prob.dtype)
+                              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, dtype=dtype)
     if fast:
-        check_choice("fast", fast, (True,))
-        loss, ratio, metrics, checksum = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options)
+        loss, _, ratio, metrics, checksum = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights,
+                                                             options)
+        per_token_loss = None
     else:
-        found: dict = {}
-        per_token_loss = _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, options, found)
+        per_token_loss, ratio, metrics, checksum = eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights,
+                                                                     options)
         loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
-        ratio, metrics, checksum = found["ratio"], found["metrics"], found["checksum"]
     if check_finite and not bool(torch.isfinite(checksum)):  # the one device sync
         check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
                            weights=weights)
+    names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
-    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=None if fast else per_token_loss, ratio=ratio)
+    return PolicyLossOutput(loss=loss, metrics=metrics_dict(metrics, names), per_token_loss=per_token_loss, ratio=ratio)
 
 
-def _check_inputs(log_prob, old_log_prob, advantages, mask, weights):
-    """Validate shapes / dtypes / devices; return fp32 (or fp64) tensors, advantages as (B, T), bool mask."""
-    check_tensor("log_prob", log_prob)
+def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None):
+    """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
+    for a bool mask). Returns (old_log_prob, advantages (B, T), bool mask, weights, dtype), cast to the
+    compute dtype: fp32, or fp64 when any input (``log_prob`` included) is fp64."""
     check_tensor("old_log_prob", old_log_prob)
     check_tensor("advantages", advantages)
-    if log_prob.dim() != 2:
-        raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
-    shape, device = log_prob.shape, log_prob.device
+    if weights is not None:
+        check_tensor("weights", weights)
+    dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
+    shape = torch.Size(shape)
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("weights", weights)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
@@ -131,11 +148,8 @@ def _check_inputs(log_prob, old_log_prob, advantages, mask, weights):
             f"advantages must be (B,), (B, 1) or (B, T) with (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}"
         )
     if weights is not None:
-        check_tensor("weights", weights)
         if weights.shape != shape:
             raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
+        weights = weights.to(dtype)
     mask = check_mask(mask, shape, device)
-    dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
-    log_prob, old_log_prob, advantages = log_prob.to(dtype), old_log_prob.to(dtype), advantages.to(dtype)
-    weights = weights.to(dtype) if weights is not None else None
-    return log_prob, old_log_prob, advantages, mask, weights
+    return old_log_prob.to(dtype), advantages.to(dtype), mask, weights, dtype

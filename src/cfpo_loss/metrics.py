@@ -14,6 +14,9 @@ All are masked means over valid tokens (detached 0-dim fp32 tensors; no device s
     penalty                            CFPO only: mean |A|/(2ε)·(r − 1)²
 
 A batch with no valid token reports 0 for the means and 1 for ratio_min / ratio_max.
+
+They are computed into one buffer, so a logger reads them all with one device-to-host transfer
+(``read_metrics``); ``compute_policy_loss`` hands them out as a dict of 0-dim views of it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .surrogates import cfpo_penalty
+#: the buffer's order; "dual_clip_frac" follows when dual_clip is set, "penalty" when the objective has one
+BASE_METRICS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_dev", "tr_exit_frac", "tr_exit_low", "tr_exit_high",
+                "approx_kl_k1", "approx_kl_k3")
+
+
+def metric_names(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
+    """Names of the entries of ``trust_region_metrics``'s buffer, in order."""
+    return BASE_METRICS + (("dual_clip_frac",) if dual_clip else ()) + (("penalty",) if penalty else ())
 
 
 @torch.no_grad()
@@ -34,24 +44,24 @@ def trust_region_metrics(
     eps_low: float,
     eps_high: float,
     dual_clip: float | None = None,
-    objective: str = "cfpo",
     penalty: Tensor | None = None,
     ratio_level: str = "token",
     select=None,
-) -> dict[str, Tensor]:
-    """Metrics above. ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with masked positions
-    neutral (ratio 1, log_ratio 0, advantages 0), so every per-token term is already 0 there and the
-    masked means need no further select; ``mask``: bool (B, T). ``penalty``: the per-token CFPO penalty
-    if the caller already has it (else computed here for objective "cfpo"). At ``ratio_level`` "token",
-    ratio = exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the
-    caller's ``onepass.Select`` for ``mask``, if it has one (a faster ``where``)."""
+) -> Tensor:
+    """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
+    penalty is not None)``, so that a logger reads them all with one device-to-host transfer.
+
+    ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with masked positions neutral (ratio 1,
+    log_ratio 0, advantages 0), so every per-token term is already 0 there and the masked means need no
+    further select; ``mask``: bool (B, T). ``penalty``: the per-token penalty of the objective, if it has
+    one. At ``ratio_level`` "token", ratio = exp(log_ratio), which lets k3 come from sums the other
+    metrics need anyway. ``select``: the caller's ``onepass.Select`` for ``mask``, if it has one."""
     count = torch.count_nonzero(mask).clamp(min=1).to(ratio.dtype)
     deviation = ratio - 1.0  # 0 at masked positions
     positive, negative = advantages > 0, advantages < 0
-    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
-    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
+    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high)).to(ratio.dtype)
+    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low)).to(ratio.dtype)
     any_valid = mask.any()
-    one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     deviation_sum = deviation.sum()
     log_ratio_sum = log_ratio.sum()
@@ -59,24 +69,42 @@ def trust_region_metrics(
         k3 = ((deviation_sum - log_ratio_sum) / count).clamp(min=0.0)
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3 = (torch.expm1(log_ratio) - log_ratio).sum() / count
-    metrics = {
-        "ratio_mean": deviation_sum / count + 1.0,
-        "ratio_min": torch.where(any_valid, _fill(ratio, mask, select, torch.inf).min(), one),
-        "ratio_max": torch.where(any_valid, _fill(ratio, mask, select, -torch.inf).max(), one),
-        "ratio_dev": deviation.abs().sum() / count,
-        "tr_exit_frac": (exit_high + exit_low) / count,
-        "tr_exit_low": exit_low / count,
-        "tr_exit_high": exit_high / count,
-        "approx_kl_k1": -log_ratio_sum / count,
-        "approx_kl_k3": k3,
-    }
+    values = [
+        deviation_sum / count + 1.0,  # ratio_mean
+        torch.where(any_valid, _fill(ratio, mask, select, torch.inf).min(), 1.0),  # ratio_min
+        torch.where(any_valid, _fill(ratio, mask, select, -torch.inf).max(), 1.0),  # ratio_max
+        deviation.abs().sum() / count,  # ratio_dev
+        (exit_high + exit_low) / count,  # tr_exit_frac
+        exit_low / count,  # tr_exit_low
+        exit_high / count,  # tr_exit_high
+        -log_ratio_sum / count,  # approx_kl_k1
+        k3,  # approx_kl_k3
+    ]
     if dual_clip is not None:
-        metrics["dual_clip_frac"] = torch.count_nonzero(negative & (ratio > dual_clip)) / count
-    if objective == "cfpo":
-        if penalty is None:
-            penalty = cfpo_penalty(ratio, advantages, eps_low, eps_high)
-        metrics["penalty"] = penalty.sum() / count
-    return {k: v.float() for k, v in metrics.items()}
+        values.append(torch.count_nonzero(negative & (ratio > dual_clip)).to(ratio.dtype) / count)
+    if penalty is not None:
+        values.append(penalty.sum() / count)
+    return torch.stack(values).float()
+
+
+def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The buffer as {name: 0-dim view} (views: no copy, no kernel)."""
+    return dict(zip(names, buffer.unbind()))
+
+
+def read_metrics(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """{name: float} with ONE device-to-host transfer (one sync), however many metrics there are.
+
+    For loggers: ``read_metrics(out.metrics)`` instead of ``{k: v.item() ...}`` (one sync per metric)."""
+    if not metrics:
+        return {}
+    values = list(metrics.values())
+    base = values[0]._base
+    if base is not None and base.dim() == 1 and base.numel() == len(values) and all(v._base is base for v in values):
+        floats = base.tolist()  # the metric buffer itself, in order
+        order = [v.storage_offset() - base.storage_offset() for v in values]
+        return {k: floats[i] for k, i in zip(metrics, order)}
+    return dict(zip(metrics, torch.stack([v.detach().float().reshape(()) for v in values]).tolist()))
 
 
 def _fill(x: Tensor, mask: Tensor, select, value: float) -> Tensor:

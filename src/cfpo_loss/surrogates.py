@@ -11,14 +11,16 @@ gradient equals the clipped objective's (both are A). The clipped PPO/GRPO basel
 
 and with dual-clip c > 1, tokens with A < 0 are bounded below by c·A (verl / OpenRLHF semantics).
 
-Each objective also has its analytic derivative dJ/dr (``*_grad``, and ``objective_terms`` giving J, dJ/dr and
-the CFPO penalty in one pass), used by compute_policy_loss so that its backward is one multiply; the tests
-check both against autograd and against the equations above.
+Each objective is written once, as a ``*_terms`` function giving its value J, its analytic derivative
+dJ/dr and (CFPO) its penalty together: the public ``cfpo_surrogate`` / ``clipped_surrogate`` return the
+value of exactly that function, and every loss path (eager, compiled, fused) runs it too, through the
+``Objective`` record in ``OBJECTIVES``. Adding an objective = one ``*_terms`` function + one record.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,10 +28,86 @@ from torch import Tensor
 from ._checks import check_dual_clip, check_eps
 
 
+class Terms(NamedTuple):
+    """Per-token value, derivative and penalty of an objective (shapes of the broadcast inputs)."""
+
+    objective: Tensor  # J(r, A), to maximise
+    derivative: Tensor  # dJ/dr
+    penalty: Tensor | None  # the trust-region term J subtracts (CFPO), None where there is none
+
+
+# ---- CFPO ------------------------------------------------------------------------------------------
+
+
+def cfpo_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip=None) -> Terms:
+    """J_CFPO = r·A − |A|/(2ε)·(r−1)²  and  dJ/dr = A − |A|/ε·(r−1)  (zero at r* = 1 + sign(A)·ε)."""
+    coef = penalty_coef(advantages, eps_low, eps_high)  # |A|/(2ε)
+    deviation = ratio - 1.0
+    penalty = coef * deviation.square()
+    return Terms(ratio * advantages - penalty, advantages - 2.0 * coef * deviation, penalty)
+
+
+def penalty_coef(advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """|A|/(2ε): A/(2·eps_high) where A > 0, −A/(2·eps_low) where A < 0 (0 where A = 0)."""
+    if eps_low == eps_high:
+        return advantages.abs() * (0.5 / eps_low)
+    return torch.where(advantages > 0, advantages * (0.5 / eps_high), advantages * (-0.5 / eps_low))
+
+
+# ---- clipped PPO / GRPO ------------------------------------------------------------------------------
+
+
+def clipped_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip=None) -> Terms:
+    """J_clip = min(r·A, clip(r, 1−eps_low, 1+eps_high)·A) (with dual_clip=c: max(J_clip, c·A) where A < 0);
+    dJ/dr = A where the unclipped branch is active, 0 where clipping (or dual-clip) holds."""
+    objective = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
+    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+        clipped = clipped | ((advantages < 0) & (ratio > dual_clip))
+    return Terms(objective, torch.where(clipped, 0.0, advantages), None)
+
+
+# ---- the registry: one record per objective, consulted by every path and adapter -------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A per-token objective: ``terms(ratio, advantages, eps_low, eps_high, dual_clip) -> Terms``.
+
+    ``takes_dual_clip``: whether ``dual_clip`` means anything to it (it is dropped otherwise).
+    ``has_penalty``: whether ``terms`` returns a penalty (then reported as the ``penalty`` metric).
+    """
+
+    name: str
+    terms: Callable[..., Terms]
+    takes_dual_clip: bool
+    has_penalty: bool
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "cfpo": Objective("cfpo", cfpo_terms, takes_dual_clip=False, has_penalty=True),
+    "clip": Objective("clip", clipped_terms, takes_dual_clip=True, has_penalty=False),
+}
+
+
+def get_objective(name) -> Objective:
+    """The record for ``name`` ("cfpo" or "clip"); an unknown name raises ValueError naming the valid ones."""
+    if isinstance(name, Objective):
+        return name
+    try:
+        return OBJECTIVES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(map(repr, OBJECTIVES))}") from None
+
+
+# ---- the public per-token surrogates (autograd-differentiable; the same code the loss paths run) ------
+
+
 def cfpo_surrogate(ratio: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float | None = None) -> Tensor:
     """J_CFPO = r·A − |A|/(2ε)·(r−1)², ε = eps_high for A > 0 and eps_low for A < 0."""
     eps_low, eps_high = check_eps(eps_low, eps_high)
-    return ratio * advantages - _penalty_coef(advantages, eps_low, eps_high) * (ratio - 1.0).square()
+    return cfpo_terms(ratio, advantages, eps_low, eps_high).objective
 
 
 def clipped_surrogate(
@@ -41,72 +119,21 @@ def clipped_surrogate(
 ) -> Tensor:
     """J_clip = min(r·A, clip(r, 1−eps_low, 1+eps_high)·A); with dual_clip=c, max(J_clip, c·A) where A < 0."""
     eps_low, eps_high = check_eps(eps_low, eps_high)
-    dual_clip = check_dual_clip(dual_clip)
-    objective = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
-    if dual_clip is not None:
-        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
-    return objective
+    return clipped_terms(ratio, advantages, eps_low, eps_high, check_dual_clip(dual_clip)).objective
 
 
 def cfpo_penalty(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """The quadratic trust-region term |A|/(2ε)·(r−1)² (the part CFPO subtracts from r·A)."""
-    return _penalty_coef(advantages, eps_low, eps_high) * (ratio - 1.0).square()
-
-
-def _penalty_coef(advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    # |A|/(2ε): A/(2·eps_high) where A > 0, −A/(2·eps_low) where A < 0 (0 where A = 0).
-    if eps_low == eps_high:
-        return advantages.abs() / (2.0 * eps_low)
-    return torch.where(advantages > 0, advantages / (2.0 * eps_high), advantages / (-2.0 * eps_low))
-
-
-# ---- analytic derivatives dJ/dr (checked against autograd in the tests) ----------------------------
+    return cfpo_terms(ratio, advantages, eps_low, eps_high).penalty
 
 
 def cfpo_surrogate_grad(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """dJ_CFPO/dr = A − |A|/ε·(r − 1): zero at r* = 1 + sign(A)·ε, pointing back towards it outside."""
-    return cfpo_terms(ratio, advantages, eps_low, eps_high)[1]
+    return cfpo_terms(ratio, advantages, eps_low, eps_high).derivative
 
 
 def clipped_surrogate_grad(
     ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None
 ) -> Tensor:
     """dJ_clip/dr = A where the unclipped branch is active, 0 where clipping (or dual-clip) holds."""
-    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
-    if dual_clip is not None:
-        clipped = clipped | ((advantages < 0) & (ratio > dual_clip))
-    return torch.where(clipped, torch.zeros_like(advantages), advantages)
-
-
-# ---- one pass: value, derivative and penalty together (shared subexpressions) -----------------------
-
-
-def cfpo_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float):
-    """(J_CFPO, dJ/dr, penalty) in one pass; the same equations as cfpo_surrogate / cfpo_surrogate_grad."""
-    coef = _penalty_coef(advantages, eps_low, eps_high)  # |A|/(2ε)
-    deviation = ratio - 1.0
-    penalty = coef * deviation.square()
-    # dJ/dr = A − 2·|A|/(2ε)·(r − 1) = A − |A|/ε·(r − 1)
-    return ratio * advantages - penalty, advantages - 2.0 * coef * deviation, penalty
-
-
-def clipped_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None):
-    """(J_clip, dJ/dr, None): clip has no penalty term."""
-    return (
-        clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip),
-        clipped_surrogate_grad(ratio, advantages, eps_low, eps_high, dual_clip),
-        None,
-    )
-
-
-#: objective name -> per-token surrogate J(ratio, advantages, eps_low, eps_high[, dual_clip])
-OBJECTIVES: dict[str, Callable[..., Tensor]] = {"cfpo": cfpo_surrogate, "clip": clipped_surrogate}
-
-
-def objective_terms(
-    objective: str, ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(J, dJ/dr, CFPO penalty or None) for a named objective; dual_clip applies to "clip" only."""
-    if objective == "cfpo":
-        return cfpo_terms(ratio, advantages, eps_low, eps_high)
-    return clipped_terms(ratio, advantages, eps_low, eps_high, dual_clip)
+    return clipped_terms(ratio, advantages, eps_low, eps_high, dual_clip).derivative

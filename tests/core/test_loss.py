@@ -244,3 +244,25 @@ def test_aggregate_loss_requires_global_counts_when_sharded():
     with pytest.raises(ValueError, match="global_batch_size"):
         aggregate_loss(x, m, "seq-mean-token-mean", dp_size=2)
     assert aggregate_loss(x, m, "seq-mean-token-sum-norm", loss_scale_factor=6).item() == pytest.approx(0.5)
+
+
+# ---- metrics read in one device-to-host transfer ---------------------------------------------------
+
+@pytest.mark.parametrize("dual_clip,objective", [(None, "cfpo"), (3.0, "clip"), (None, "clip")])
+def test_metrics_share_one_buffer_and_read_as_floats(dual_clip, objective):
+    from cfpo_loss import read_metrics
+
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 6, generator=g)
+    old = lp + 0.4 * torch.randn(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    out = compute_policy_loss(lp, old, torch.randn(4, generator=g), mask, objective=objective, dual_clip=dual_clip)
+    bases = {v._base.data_ptr() for v in out.metrics.values()}
+    assert len(bases) == 1  # one buffer: one transfer reads all of them
+    floats = out.metric_floats()
+    assert floats == read_metrics(out.metrics) == {k: v.item() for k, v in out.metrics.items()}
+    assert list(floats) == list(out.metrics)
+    # a dict that is not one buffer (an adapter added its own entry) still reads right
+    mixed = {**out.metrics, "extra": torch.tensor(2.5)}
+    assert read_metrics(mixed) == {**floats, "extra": 2.5}
+    assert read_metrics({}) == {}

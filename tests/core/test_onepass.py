@@ -112,3 +112,23 @@ def test_compiled_fast_path_equals_default(objective):
     assert torch.allclose(out.ratio, default.ratio, rtol=1e-6)
     with pytest.raises(ValueError, match="old_log_prob holds"):
         compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, fast=True, **kw)
+
+
+def test_gpu_select_equals_cpu_bit_select():
+    """On CUDA (and under compile) Select is plain torch.where; on CPU integer bit operations. Both must put
+    exactly the same bits everywhere, NaN / inf at masked positions included."""
+    from cfpo_loss.onepass import Select
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(5, 7, dtype=dtype)
+        x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), -float("inf")
+        mask = torch.rand(5, 7) > 0.5
+        mask[0, 0] = mask[1, 1] = mask[2, 2] = False
+        bit = Select(mask, dtype)
+        where = Select(mask, dtype)
+        where.bitwise = False
+        assert bit.bitwise
+        for a, b in ((bit.zero(x), where.zero(x)), (bit.fill(x, 1.0), where.fill(x, 1.0)),
+                     (bit.fill(x, -torch.inf), where.fill(x, -torch.inf))):
+            assert torch.equal(a, b)
+            assert torch.equal(a[mask], x[mask])

@@ -103,3 +103,51 @@ def test_broadcasting_shapes():
     assert cfpo_surrogate(r, a).shape == (3, 5)
     assert clipped_surrogate(r, a).shape == (3, 5)
     assert math.isclose(cfpo_surrogate(r, a).sum().item(), (a.expand(3, 5)).sum().item(), rel_tol=1e-6)
+
+
+# ---- the objective registry: one record per objective, consulted everywhere --------------------------
+
+def test_unknown_objective_raises_everywhere():
+    from cfpo_loss import compute_policy_loss, fused_linear_policy_loss, get_objective
+
+    lp, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    for bad in ("spo", "CFPO", None, 3):
+        with pytest.raises(ValueError, match="unknown objective"):
+            get_objective(bad)
+        with pytest.raises(ValueError, match="unknown objective"):
+            compute_policy_loss(lp, lp, torch.ones(2), mask, objective=bad)
+        with pytest.raises(ValueError, match="unknown objective"):
+            fused_linear_policy_loss(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long), lp,
+                                     torch.ones(2), mask, objective=bad)
+
+
+def test_public_surrogates_are_the_records_terms():
+    from cfpo_loss import OBJECTIVES
+
+    r, a = torch.linspace(0.5, 1.5, 11, dtype=torch.float64), torch.linspace(-2, 2, 11, dtype=torch.float64)
+    assert torch.equal(cfpo_surrogate(r, a, 0.2, 0.3), OBJECTIVES["cfpo"].terms(r, a, 0.2, 0.3).objective)
+    assert torch.equal(clipped_surrogate(r, a, 0.2, 0.3, 3.0), OBJECTIVES["clip"].terms(r, a, 0.2, 0.3, 3.0).objective)
+    assert OBJECTIVES["clip"].takes_dual_clip and not OBJECTIVES["cfpo"].takes_dual_clip
+    assert OBJECTIVES["cfpo"].has_penalty and not OBJECTIVES["clip"].has_penalty
+
+
+def test_a_third_objective_is_one_record(monkeypatch):
+    """Registering a record is all it takes: the eager and compiled-free loss paths and the metrics use it.
+    The plain policy-gradient surrogate J = r·A (no trust region) has dJ/dr = A, so dL/dlog π = −A·r / N."""
+    from cfpo_loss import OBJECTIVES, Objective, compute_policy_loss
+    from cfpo_loss.surrogates import Terms
+
+    plain = Objective("plain", lambda r, a, lo, hi, dc=None: Terms(r * a, a, None), takes_dual_clip=False,
+                      has_penalty=False)
+    monkeypatch.setitem(OBJECTIVES, "plain", plain)
+    g = torch.Generator().manual_seed(1)
+    lp = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    old = lp.detach() + 0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    out = compute_policy_loss(lp, old, adv, mask, objective="plain", dual_clip=3.0)
+    r = (lp.detach() - old).exp()
+    assert torch.allclose(out.loss, -(r * adv[:, None]).mean())
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    assert torch.allclose(grad, -(adv[:, None] * r) / 12)
+    assert "penalty" not in out.metrics and "dual_clip_frac" not in out.metrics
