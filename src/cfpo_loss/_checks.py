@@ -38,6 +38,22 @@ def check_choice(name: str, value: str, valid) -> str:
     return value
 
 
+def check_float(name: str, value, *, above: float | None = None, at_least: float | None = None) -> float:
+    """A finite Python float (TypeError for anything else), > ``above`` / >= ``at_least`` (ValueError)."""
+    value = _as_float(name, value)
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be a finite float > {above}, got {value}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{name} must be a finite float >= {at_least}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def _as_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")

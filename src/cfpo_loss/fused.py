@@ -8,57 +8,255 @@ equals, in value and in gradient w.r.t. ``hidden``, ``lm_head_weight`` and ``lm_
     log_prob = log_softmax(logits.float()).gather(-1, target_ids)
     compute_policy_loss(log_prob, old_log_prob, advantages, mask, ...)   (+ beta · k3 KL, as TRL)
 
-How (one pass, no recompute). The aggregation is linear in the per-token loss, L = Σ c_t ℓ_t, and its
-coefficients c_t depend only on the mask (and the global counts the caller passes), so they are known
-before the pass (the core's ``aggregation.aggregation_scale``). Then, for each block
-of valid tokens (padding is skipped entirely):
+How (one pass, three GEMMs, no recompute). The aggregation is linear in the per-token loss, L = Σ c_t ℓ_t,
+and its coefficients c_t depend only on the mask (and the global counts the caller passes), so they are
+known before the pass (``aggregation.aggregation_scale``). Then, for each block of valid tokens (padding
+is skipped entirely), with no host synchronisation inside the loop:
 
-    z = h_blk @ W.T (+ b) / temperature                    one (n, V) fp32 tile
-    log-softmax statistics and the target log-probs         in place on the tile
-    g = dL/dlog_prob                                        autograd through the core's compute_policy_loss
-                                                            on these n tokens (the math lives once, in the core)
-    dL/dz = g · (onehot − softmax(z)) / temperature         in place on the tile
-    grad_h[blk] = dL/dz @ W,  grad_W += dL/dz.T @ h_blk,  grad_b += Σ dL/dz
+    z = h_blk @ W.T (+ b)                                  GEMM 1: one (n, V) tile
+    log-softmax statistics, target log-probs               the fold's forward, in fp32
+    g = dL/dlog_prob                                       the core's per-token pass (onepass.policy_grad)
+    z := g · (onehot − softmax(z / T)) / T                 the fold's backward, in place on the tile
+    grad_h[blk] = z @ W                                    GEMM 2
+    grad_W += z.T @ h_blk,  grad_b += Σ z                  GEMM 3, accumulated in fp32
 
-Three matmuls per token, like the unfused path, and at most one tile alive at a time. The gradients are
-computed in the forward and scaled by the incoming gradient in the backward (nothing is recomputed).
-The returned loss and metrics are the core's ``compute_policy_loss`` on the gathered log-probs.
+The returned loss, metrics and ratio are the core's ``compute_policy_loss`` on the gathered log-probs.
+
+Two folds, one per device, each a small class with the same two methods (``TileFold``):
+
+* ``InPlaceFold`` (CPU): an fp32 tile; exp(z − max) is written over the tile in the forward and turned
+  into dL/dz in the backward, in place. Fewest passes over memory, which is what a CPU is bound by.
+* ``CompiledFold`` (CUDA): the tile stays in the input dtype (bf16: half the bytes of every pass, and the
+  GEMMs run on bf16 tensor cores); the two folds are ``torch.compile``d functions that read it, compute
+  in fp32 and write dL/dz back over it in the input dtype. The weight gradient is accumulated in fp32
+  with ``torch.addmm(..., out_dtype=torch.float32)`` where the device has it (``accumulate_fp32``),
+  else from fp32 copies. The plain functions ``fold_forward`` / ``fold_backward_`` are the torch twins
+  the tests hold the compiled ones to (on CPU, where inductor compiles them to C++).
 
 With ``ratio_level="sequence"`` (GSPO) a token's gradient depends on its whole row, so blocks are made
 of whole rows (as many as fit in ``chunk_size`` valid tokens, at least one row).
 
-Low precision (bf16 / fp16 inputs): each logits tile comes out of the matmul in the input dtype (the
-backend accumulates in fp32, exactly as the model's own lm_head would), and everything after it —
-log-softmax, loss, the tile's gradient — is fp32. The hidden-state gradient is one matmul per block over
-the whole vocabulary with the tile's gradient cast to the input dtype (as autograd does in the unfused
-bf16 path). The weight and bias gradients sum one product per block, so they are accumulated in fp32
-(the fp32 tile times an fp32 copy of the block's hidden states) and cast once at the end: a bf16
-accumulator would round every block's contribution (TRL's chunked kernel makes the same choice). Cost
-in bf16: one fp32 (V × H) buffer, and the weight-gradient matmul runs in fp32.
+Low precision (bf16 / fp16): the tile comes out of the GEMM in the input dtype (fp32 accumulation inside
+the GEMM, as the model's own lm_head does); log-softmax, loss and the tile's gradient are computed in fp32;
+the gradient tile is stored in the input dtype for the two gradient GEMMs (as autograd does in the unfused
+bf16 path); the weight and bias gradients are accumulated in fp32 and cast once at the end (a bf16
+accumulator would round every block's contribution; TRL's chunked kernel makes the same choice).
 """
 
 from __future__ import annotations
 
-import math
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_tensor
+from ._checks import check_choice, check_float, check_positive_int, check_tensor
 from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
-from .loss import RATIO_LEVELS, PolicyLossOutput, compute_policy_loss
-from .surrogates import OBJECTIVES  # noqa: F401  (rewritten below)
+from .loss import PolicyLossOutput, check_batch, compute_policy_loss, pass_options
+from .onepass import PassOptions, compiled_policy_grad, policy_grad
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 
-#: target size of one fp32 logits tile (elements); 2**25 elements = 128 MiB. Smaller tiles make the
+#: CPU: target size of one fp32 logits tile (elements); 2**25 elements = 128 MiB. Smaller tiles make the
 #: logits matmul (tokens × H) @ (H × V) measurably less efficient on CPU (short M dimension).
-_TILE_ELEMENTS = 2**25
+_CPU_TILE_ELEMENTS = 2**25
+#: CUDA: the tile (input dtype) may take this share of the free device memory, at most _GPU_TILE_BYTES;
+#: 4096 tokens × the whole vocabulary was the fastest block in DESIGN §4c's prototype (1.2 GB at V=152k bf16)
+_GPU_TILE_SHARE, _GPU_TILE_BYTES = 1 / 16, 1536 * 2**20
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per block so that one fp32 (tokens × V) tile is about 128 MiB (clamped to [64, 4096])."""
-    return int(min(4096, max(64, _TILE_ELEMENTS // max(1, vocab_size))))
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu") -> int:
+    """Valid tokens per block. CPU: one fp32 (tokens × V) tile of about 128 MiB, clamped to [64, 4096].
+    CUDA: a tile in ``dtype`` of at most 1.5 GiB and 1/16 of the free device memory, clamped to
+    [128, 4096] and rounded down to a multiple of 128 (GEMM-friendly)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return int(min(4096, max(64, _CPU_TILE_ELEMENTS // max(1, vocab_size))))
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = min(_GPU_TILE_BYTES, free * _GPU_TILE_SHARE)
+    tokens = int(budget // (max(1, vocab_size) * torch.finfo(dtype).bits // 8))
+    return max(128, min(4096, tokens) // 128 * 128)
+
+
+# ---- the tile step: log-softmax statistics forward, dL/dz backward ----------------------------------------
+
+
+class TileStats(NamedTuple):
+    log_prob: Tensor  # (n,) log softmax(z / T)[target], compute dtype
+    entropy: Tensor | None  # (n,) entropy of softmax(z / T), if asked for
+    aux: Tensor  # what the backward needs: Σ exp(z/T − max) (in-place fold) or logsumexp(z/T) (compiled)
+
+
+def fold_forward(z: Tensor, target: Tensor, temperature: float, entropy: bool):
+    """(logsumexp(z/T), (z/T)[target], entropy or None) per row, in fp32 (fp64 for fp64 z); z unchanged."""
+    zf = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32) / temperature
+    lse = torch.logsumexp(zf, -1)
+    z_target = zf.gather(-1, target[:, None])[:, 0]
+    ent = lse - (torch.exp(zf - lse[:, None]) * zf).sum(-1) if entropy else None
+    return lse, z_target, ent
+
+
+def fold_backward_(z: Tensor, target: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor:
+    """z := g · (onehot(target) − softmax(z/T)) / T, computed in fp32, stored in z's dtype, in place."""
+    zf = z.to(lse.dtype) / temperature
+    p = torch.exp(zf - lse[:, None])
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == target[:, None]
+    return z.copy_(((onehot.to(p.dtype) - p) * (g / temperature)[:, None]).to(z.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=None)
+
+
+class CompiledFold:
+    """The tile in the input dtype; the two folds compiled (``compile=False``: their eager torch twins)."""
+
+    def __init__(self, compile: bool = True):
+        self.compile = compile
+
+    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return input_dtype
+
+    def forward(self, z, target, temperature, entropy) -> TileStats:
+        fn = _compiled(fold_forward) if self.compile else fold_forward
+        lse, z_target, ent = fn(z, target, temperature, entropy)
+        return TileStats(z_target - lse, ent, lse)
+
+    def backward_(self, z, target, stats: TileStats, g, temperature) -> Tensor:
+        fn = _compiled(fold_backward_) if self.compile else fold_backward_
+        return fn(z, target, stats.aux, g.to(stats.aux.dtype), temperature)
+
+
+class InPlaceFold:
+    """The tile in fp32 (fp64 for fp64 inputs); softmax and its gradient written over it in place."""
+
+    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+    def forward(self, z, target, temperature, entropy) -> TileStats:
+        if temperature != 1.0:
+            z.div_(temperature)
+        z_target = z.gather(1, target[:, None])[:, 0]
+        z_max = z.amax(1)
+        z.sub_(z_max[:, None]).exp_()  # z := exp(z − max)
+        sum_exp = z.sum(1)
+        log_sum = sum_exp.log()
+        ent = log_sum - torch.xlogy(z, z).sum(1) / sum_exp if entropy else None  # H = log Σe − Σ e·log e / Σe
+        return TileStats(z_target - z_max - log_sum, ent, sum_exp)
+
+    def backward_(self, z, target, stats: TileStats, g, temperature) -> Tensor:
+        g = g.to(z.dtype) / temperature
+        z.mul_((-g / stats.aux)[:, None])  # −g·softmax
+        return z.scatter_add_(1, target[:, None], g[:, None])  # + g·onehot
+
+
+def default_fold(device: torch.device):
+    """CUDA: compiled folds on an input-dtype tile; elsewhere the in-place fp32 fold (measured faster on CPU)."""
+    return CompiledFold() if device.type == "cuda" else InPlaceFold()
+
+
+# ---- fp32 accumulation of a low-precision GEMM (GPU branch + its CPU twin) ----------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def has_out_dtype_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` runs for ``dtype`` a, b here
+    (torch >= 2.8 on CUDA for bf16/fp16; not on CPU)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0] == 2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with the product accumulated in acc's dtype, never rounded to a's dtype first.
+    GPU: one low-precision GEMM writing fp32 (``out_dtype``); elsewhere: the same GEMM on fp32 copies."""
+    if a.dtype == b.dtype != acc.dtype and has_out_dtype_addmm(acc.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# ---- the plan: every check, once, before the pass ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    bsz: int
+    seq: int
+    options: PassOptions  # the per-block pass (no metrics)
+    policy_kw: dict  # objective / eps / dual_clip / ratio_level / agg / weights / global info for the final call
+    agg_kw: dict
+    old_log_prob: Tensor | None
+    advantages: Tensor  # (B, T)
+    mask: Tensor  # bool (B, T)
+    weights: Tensor | None
+    ref_log_prob: Tensor | None  # only when beta > 0
+    beta: float
+    temperature: float
+    chunk_size: int
+    check_finite: bool
+    compute_entropy: bool
+    compute_dtype: torch.dtype
+
+
+def _plan(hidden, weight, bias, target_ids, old_log_prob, advantages, mask, *, objective, eps_low, eps_high, dual_clip,
+          agg, ratio_level, weights, chunk_size, temperature, ref_log_prob, beta, check_finite, compute_entropy,
+          agg_kw) -> FusedPlan:
+    """Validate every argument (shape, dtype, device, range) without touching the vocabulary dimension."""
+    options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
+    check_choice("agg", agg, AGG_MODES)
+    check_tensor("hidden", hidden)
+    check_tensor("lm_head_weight", weight)
+    check_tensor("target_ids", target_ids, floating=False)
+    if weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be (V, H), got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if target_ids.dim() != 2:
+        raise ValueError(f"target_ids must be (B, T), got shape {tuple(target_ids.shape)}")
+    if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
+        raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
+    bsz, seq = target_ids.shape
+    want = {3: (bsz, seq, width), 2: (bsz * seq, width)}.get(hidden.dim())
+    if want is None or hidden.shape != want:
+        raise ValueError(f"hidden must be (B, T, H) = {(bsz, seq, width)} or (B*T, H) = {(bsz * seq, width)} to match "
+                         f"target_ids (B, T) and lm_head_weight (V, H), got {tuple(hidden.shape)}")
+    device = hidden.device
+    for name, t in (("lm_head_weight", weight), ("lm_head_bias", bias)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != device):
+            raise TypeError(f"{name} must match hidden's dtype/device ({hidden.dtype}, {device}), "
+                            f"got ({t.dtype}, {t.device})")
+    if target_ids.device != device:
+        raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {device}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must be (V,) = ({vocab},), got {tuple(bias.shape)}")
+    chunk_size = default_chunk_size(vocab, hidden.dtype, device) if chunk_size is None else chunk_size
+    check_positive_int("chunk_size", chunk_size)
+    temperature = check_float("temperature", temperature, above=0.0)
+    beta = check_float("beta", beta, at_least=0.0)
+    if beta > 0:
+        if ref_log_prob is None:
+            raise ValueError("ref_log_prob is required when beta > 0")
+        check_tensor("ref_log_prob", ref_log_prob)
+        if ref_log_prob.shape != (bsz, seq) or ref_log_prob.device != device:
+            raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
+                             f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}")
+    old_log_prob, advantages, mask, weights, dtype = check_batch(
+        (bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
+    aggregation_scale(mask, agg, **agg_kw)  # validates dp_size and the global counts
+    policy_kw = dict(objective=options.objective, eps_low=options.eps_low, eps_high=options.eps_high,
+                     dual_clip=options.dual_clip, ratio_level=ratio_level, agg=agg, weights=weights, **agg_kw)
+    return FusedPlan(bsz, seq, options, policy_kw, agg_kw, old_log_prob, advantages, mask, weights,
+                     ref_log_prob.to(dtype) if beta > 0 else None, beta, temperature, chunk_size,
+                     bool(check_finite), bool(compute_entropy), dtype)
 
 
 def fused_linear_policy_loss(
@@ -88,7 +286,7 @@ def fused_linear_policy_loss(
     global_batch_size: float | Tensor | None = None,
     loss_scale_factor: float | None = None,
 ) -> PolicyLossOutput:
-    """Policy loss straight from the last hidden states, chunk by chunk (see the module docstring).
+    """Policy loss straight from the last hidden states, block by block (see the module docstring).
 
     Args:
         hidden: (B, T, H) or (B·T, H) hidden states that predict ``target_ids`` (already shifted: row
@@ -100,15 +298,15 @@ def fused_linear_policy_loss(
         weights, check_finite, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor:
             exactly as in :func:`cfpo_loss.compute_policy_loss`. ``old_log_prob=None`` means on-policy
             (π_old = the current policy, detached: r = 1), as TRL does when it has no old log-probs.
-        chunk_size: valid tokens per block (default: :func:`default_chunk_size` of V, a ~128 MiB fp32
-            tile). Smaller saves memory, larger amortises better; any positive int works.
+        chunk_size: valid tokens per block (default: :func:`default_chunk_size`, per device). Smaller
+            saves memory, larger amortises better; any positive int works.
         temperature: logits are divided by it before the softmax (as TRL / verl do when scoring).
         lm_head_bias: optional (V,) bias.
         ref_log_prob, beta: with ``beta > 0``, adds ``beta · k3`` per valid token, k3 = exp(ref − logp)
             − (ref − logp) − 1 (TRL's GRPO KL term, added after ``weights``), aggregated with ``agg``;
             the masked mean of k3 is reported as ``metrics["kl"]``.
         compute_entropy: also report the masked mean entropy of the (tempered) token distribution as
-            ``metrics["entropy"]`` (detached; one extra pass over each tile). No entropy gradient.
+            ``metrics["entropy"]`` (detached). No entropy gradient.
 
     Returns:
         PolicyLossOutput whose ``loss`` (fp32 scalar) is differentiable w.r.t. ``hidden``,
@@ -116,286 +314,190 @@ def fused_linear_policy_loss(
         ``compute_policy_loss`` on the same log-probs; ``per_token_loss`` is the (B, T) per-token term
         that was aggregated (policy + beta·KL), **detached** (only ``loss`` carries a gradient).
     """
-    # ---- argument checks (all before the expensive pass) ----------------------------------------
-    check_choice("objective", objective, tuple(OBJECTIVES))
-    check_choice("agg", agg, AGG_MODES)
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    check_tensor("hidden", hidden)
-    check_tensor("lm_head_weight", lm_head_weight)
-    check_tensor("target_ids", target_ids, floating=False)
-    if lm_head_weight.dim() != 2:
-        raise ValueError(f"lm_head_weight must be (V, H), got shape {tuple(lm_head_weight.shape)}")
-    vocab, width = lm_head_weight.shape
-    if target_ids.dim() != 2:
-        raise ValueError(f"target_ids must be (B, T), got shape {tuple(target_ids.shape)}")
-    if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool or target_ids.is_complex():
-        raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
-    bsz, seq = target_ids.shape
-    if hidden.dim() == 3:
-        if hidden.shape != (bsz, seq, width):
-            raise ValueError(
-                f"hidden must be (B, T, H) = {(bsz, seq, width)} to match target_ids (B, T) and "
-                f"lm_head_weight (V, H), got {tuple(hidden.shape)}"
-            )
-    elif hidden.dim() == 2:
-        if hidden.shape != (bsz * seq, width):
-            raise ValueError(
-                f"hidden must be (B*T, H) = {(bsz * seq, width)} to match target_ids (B, T) and "
-                f"lm_head_weight (V, H), got {tuple(hidden.shape)}"
-            )
-    else:
-        raise ValueError(f"hidden must be (B, T, H) or (B*T, H), got shape {tuple(hidden.shape)}")
-    if lm_head_weight.dtype != hidden.dtype:
-        raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} differs from hidden dtype {hidden.dtype}")
-    device = hidden.device
-    for name, t in (("lm_head_weight", lm_head_weight), ("target_ids", target_ids)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
-    if lm_head_bias is not None:
-        check_tensor("lm_head_bias", lm_head_bias)
-        if lm_head_bias.shape != (vocab,):
-            raise ValueError(f"lm_head_bias must be (V,) = ({vocab},), got {tuple(lm_head_bias.shape)}")
-        if lm_head_bias.dtype != hidden.dtype or lm_head_bias.device != device:
-            raise TypeError(
-                f"lm_head_bias must match hidden's dtype/device ({hidden.dtype}, {device}), "
-                f"got ({lm_head_bias.dtype}, {lm_head_bias.device})"
-            )
-    if chunk_size is None:
-        chunk_size = default_chunk_size(vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    temperature = _positive_float("temperature", temperature)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite float >= 0, got {beta!r}")
-    beta = float(beta)
-    if beta > 0:
-        if ref_log_prob is None:
-            raise ValueError("ref_log_prob is required when beta > 0")
-        check_tensor("ref_log_prob", ref_log_prob)
-        if ref_log_prob.shape != (bsz, seq):
-            raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)}, got {tuple(ref_log_prob.shape)}")
-    policy_kw = dict(objective=objective, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-    agg_kw = dict(
-        dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size,
-        loss_scale_factor=loss_scale_factor,
-    )
-    # The core validates everything else (shapes of old_log_prob / advantages / mask / weights, eps,
-    # dual_clip, the global-batch arguments, non-finite values at valid positions): run it once on
-    # cheap (B, T) stand-in log-probs before the expensive pass.
-    stand_in = torch.zeros(bsz, seq, device=device)
-    if old_log_prob is not None:
-        check_tensor("old_log_prob", old_log_prob)
-        stand_in = stand_in.to(old_log_prob.device)
-    compute_policy_loss(
-        stand_in, stand_in if old_log_prob is None else old_log_prob, advantages, mask, agg=agg, ratio_level=ratio_level,
-        weights=weights, check_finite=check_finite, **policy_kw, **agg_kw,
-    )
-    mask = mask.bool() if mask.dtype != torch.bool else mask
-    for name, t in (("old_log_prob", old_log_prob), ("mask", mask), ("advantages", advantages),
-                    ("ref_log_prob", ref_log_prob), ("weights", weights)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
-    if beta > 0 and check_finite and not bool(torch.isfinite(torch.where(mask, ref_log_prob, 0)).all()):
-        raise ValueError("ref_log_prob holds non-finite value(s) at valid (mask=True) positions")
-    valid = mask.reshape(-1).nonzero().squeeze(1)  # one device sync: the block layout needs the count
-    n_valid = valid.numel()
+    agg_kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                  loss_scale_factor=loss_scale_factor)
+    plan = _plan(hidden, lm_head_weight, lm_head_bias, target_ids, old_log_prob, advantages, mask, objective=objective,
+                 eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, agg=agg, ratio_level=ratio_level,
+                 weights=weights, chunk_size=chunk_size, temperature=temperature, ref_log_prob=ref_log_prob, beta=beta,
+                 check_finite=check_finite, compute_entropy=compute_entropy, agg_kw=agg_kw)
+    hidden2d = hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1])
+    need = (hidden.requires_grad, lm_head_weight.requires_grad, lm_head_bias is not None and lm_head_bias.requires_grad)
+    need = need if torch.is_grad_enabled() else (False,) * 3
+    with torch.no_grad():
+        log_prob, entropy_sum, grads = _one_pass(plan, hidden2d.detach(), lm_head_weight.detach(),
+                                                 None if lm_head_bias is None else lm_head_bias.detach(), target_ids,
+                                                 default_fold(hidden.device), need)
+    out = _loss_and_metrics(plan, log_prob, entropy_sum)
+    loss = _FusedLoss.apply(out.loss.detach(), grads, hidden2d, lm_head_weight, lm_head_bias)
+    return PolicyLossOutput(loss=loss, metrics=out.metrics, per_token_loss=out.per_token_loss, ratio=out.ratio)
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------
+
+
+class Blocks(NamedTuple):
+    valid: Tensor | None  # flat positions of the valid tokens, row-major (None: every token is valid)
+    n_valid: int
+    spans: list  # (start, end) into the valid list; sequence level: (start, end, first row, last row + 1)
+
+
+def _blocks(plan: FusedPlan, target_ids: Tensor, vocab: int) -> Blocks:
+    """The block layout, from the only host synchronisations of the pass (all before the loop)."""
+    mask = plan.mask
+    n_valid = int(mask.sum())
+    valid = None if n_valid == mask.numel() else mask.reshape(-1).nonzero().squeeze(1)
     if n_valid:
-        tgt_valid = target_ids.reshape(-1)[valid]
-        if bool(((tgt_valid < 0) | (tgt_valid >= vocab)).any()):
+        targets = target_ids.reshape(-1) if valid is None else target_ids.reshape(-1)[valid]
+        checks = [((targets < 0) | (targets >= vocab)).any()]
+        if plan.ref_log_prob is not None and plan.check_finite:
+            checks.append((~torch.isfinite(plan.ref_log_prob) & mask).any())
+        bad = torch.stack(checks).tolist()
+        if bad[0]:
             raise ValueError(f"target_ids must lie in [0, {vocab}) at valid (mask=True) positions")
-
-    # ---- the pass ----------------------------------------------------------------------------------
-    fp = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if advantages.dim() == 1 or advantages.shape[-1] == 1:
-        advantages = advantages.reshape(bsz, 1).expand(bsz, seq)
-    ctx_data = dict(
-        bsz=bsz, seq=seq, vocab=vocab, fp=fp, mask=mask, valid=valid, n_valid=n_valid,
-        target_ids=target_ids, old_log_prob=old_log_prob, advantages=advantages, weights=weights,
-        ref_log_prob=ref_log_prob if beta > 0 else None, beta=beta, temperature=temperature,
-        chunk_size=chunk_size, ratio_level=ratio_level, agg=agg, agg_kw=agg_kw, policy_kw=policy_kw,
-        check_finite=check_finite, compute_entropy=bool(compute_entropy),
-    )
-    hidden2d = hidden.reshape(bsz * seq, width)
-    loss = _FusedLinearPolicyLoss.apply(hidden2d, lm_head_weight, lm_head_bias, ctx_data)
-    return PolicyLossOutput(
-        loss=loss, metrics=ctx_data["metrics"], per_token_loss=ctx_data["per_token_loss"], ratio=ctx_data["ratio"]
-    )
-
-
-def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return value
-
-
-def _blocks(d: dict) -> list[tuple[int, int]]:
-    """[start, end) ranges into the (row-major) list of valid tokens, one per block."""
-    n, size = d["n_valid"], d["chunk_size"]
-    if d["ratio_level"] == "token":
-        return [(s, min(s + size, n)) for s in range(0, n, size)]
-    # sequence ratio: whole rows per block (a row's tokens are contiguous in the valid list)
-    counts = d["mask"].sum(-1).tolist()
-    blocks, start, filled = [], 0, 0
-    for c in counts:
-        if filled and filled + c > size:
-            blocks.append((start, start + filled))
-            start, filled = start + filled, 0
-        filled += c
+        if len(bad) > 1 and bad[1]:
+            raise ValueError("ref_log_prob holds non-finite value(s) at valid (mask=True) positions")
+    size = plan.chunk_size
+    if plan.options.ratio_level == "token":
+        return Blocks(valid, n_valid, [(s, min(s + size, n_valid)) for s in range(0, n_valid, size)])
+    spans, start, filled, first = [], 0, 0, 0  # sequence ratio: whole rows per block
+    for row, count in enumerate(mask.sum(-1).tolist()):
+        if filled and filled + count > size:
+            spans.append((start, start + filled, first, row))
+            start, filled, first = start + filled, 0, row
+        filled += count
     if filled:
-        blocks.append((start, start + filled))
-    return blocks
+        spans.append((start, start + filled, first, plan.bsz))
+    return Blocks(valid, n_valid, spans)
 
 
-def _k3(ref: Tensor, log_prob: Tensor) -> Tensor:
-    """TRL's per-token KL estimate exp(ref − logp) − (ref − logp) − 1 (Schulman's k3 of KL[π_θ‖π_ref])."""
-    delta = ref - log_prob
-    return torch.exp(delta) - delta - 1.0
+def _one_pass(plan: FusedPlan, hidden2d, weight, bias, target_ids, fold, need):
+    """Log-probs of the valid tokens, the entropy sum and (if asked) the three gradients, block by block."""
+    need_h, need_w, need_b = need
+    device, low, fp = hidden2d.device, hidden2d.dtype, plan.compute_dtype
+    vocab = weight.shape[0]
+    blocks = _blocks(plan, target_ids, vocab)
+    gather = (lambda x: x.reshape(-1)) if blocks.valid is None else (lambda x: x.reshape(-1)[blocks.valid])
+    token_level = plan.options.ratio_level == "token"
+    grad_fn = compiled_policy_grad(plan.options) if isinstance(fold, CompiledFold) and fold.compile else \
+        functools.partial(policy_grad, options=plan.options)
+    coef = aggregation_scale(plan.mask, plan.policy_kw["agg"], **plan.agg_kw, dtype=fp)  # dL/dℓ per row (B, 1)
+    # per-valid-token inputs of the block step, gathered once (slices per block are free)
+    targets = gather(target_ids)
+    lp_valid = torch.zeros(blocks.n_valid, dtype=fp, device=device)
+    if token_level:
+        flat = [None if x is None else gather(x) for x in
+                (plan.old_log_prob, plan.advantages, plan.weights, coef.expand(plan.bsz, plan.seq))]
+        ones = torch.ones(1, min(plan.chunk_size, max(blocks.n_valid, 1)), dtype=torch.bool, device=device)
+    ref_valid = None if plan.ref_log_prob is None else gather(plan.ref_log_prob)
+    coef_valid = gather(coef.expand(plan.bsz, plan.seq)) if ref_valid is not None else None
+    entropy_sum = torch.zeros((), dtype=fp, device=device) if plan.compute_entropy else None
+    grad_h = torch.zeros(hidden2d.shape, dtype=low, device=device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=fp if low == torch.float64 else torch.float32, device=device) \
+        if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float64 if low == torch.float64 else torch.float32, device=device) \
+        if need_b else None
+    tile_dtype = fold.tile_dtype(low)
+    rows_max = max((span[1] - span[0] for span in blocks.spans), default=0)
+    tile_buf = torch.empty(rows_max, vocab, dtype=tile_dtype, device=device)  # one tile for the whole pass
+    low_buf = torch.empty(rows_max, vocab, dtype=low, device=device) if tile_dtype != low else None
 
-
-class _FusedLinearPolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden2d: Tensor, weight: Tensor, bias: Tensor | None, d: dict) -> Tensor:
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_any = need_h or need_w or need_b
-        fp, bsz, seq = d["fp"], d["bsz"], d["seq"]
-        mask, valid, temperature = d["mask"], d["valid"], d["temperature"]
-        device, low = hidden2d.device, hidden2d.dtype
-        flat_tgt = d["target_ids"].reshape(-1)
-        all_valid = d["n_valid"] == bsz * seq
-        valid_cpu = None if all_valid else valid.cpu()  # block -> rows lookups without a sync per block
-
-        # aggregation weights c_bt = dL/dℓ_bt (a per-row weight for every mode), known before the pass
-        coef = aggregation_scale(mask, d["agg"], **d["agg_kw"], dtype=fp).expand(bsz, seq)
-
-        log_prob = torch.zeros(bsz * seq, dtype=fp, device=device)
-        entropy_sum = torch.zeros((), dtype=fp, device=device) if d["compute_entropy"] else None
-        grad_h = torch.zeros(hidden2d.shape, dtype=low, device=device) if need_h else None
-        # the weight gradient sums one product per block: accumulate it in fp32 (a bf16 accumulator would
-        # round every block's contribution and swamp small ones), cast once at the end
-        grad_w = torch.zeros(weight.shape, dtype=fp, device=device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=fp, device=device) if need_b else None
-        old, adv, wts = d["old_log_prob"], d["advantages"], d["weights"]
-        ref, beta = d["ref_log_prob"], d["beta"]
-
-        blocks = _blocks(d)
-        # one tile buffer for the whole pass (a fresh (n, V) allocation per block costs page faults)
-        rows_max = max((e - s for s, e in blocks), default=0)
-        tile_buf = torch.empty(rows_max, weight.shape[0], dtype=fp, device=device)
-        low_buf = torch.empty(rows_max, weight.shape[0], dtype=low, device=device) if low != fp else None
-        for start, end in blocks:
-            if all_valid:
-                idx = None
-                h_blk, tgt = hidden2d[start:end], flat_tgt[start:end]
-                row0, row1 = start // seq, (end - 1) // seq + 1
-            else:
-                idx = valid[start:end]
-                h_blk, tgt = hidden2d.index_select(0, idx), flat_tgt.index_select(0, idx)
-                row0, row1 = int(valid_cpu[start]) // seq, int(valid_cpu[end - 1]) // seq + 1
-            tgt = tgt.unsqueeze(1)
-            # one logits tile; in low precision the matmul is in the input dtype (fp32 accumulation)
-            n = end - start
-            z = tile_buf[:n]
-            mm_out = z if low_buf is None else low_buf[:n]
-            if bias is not None:
-                torch.addmm(bias, h_blk, weight.t(), out=mm_out)
-            else:
-                torch.mm(h_blk, weight.t(), out=mm_out)
-            if low_buf is not None:
-                z.copy_(mm_out)
-            if temperature != 1.0:
-                z.div_(temperature)
-            z_tgt = z.gather(1, tgt).squeeze(1)
-            z_max = z.amax(1)
-            z.sub_(z_max.unsqueeze(1)).exp_()  # z := exp(z − max), in place
-            sum_exp = z.sum(1)
-            lp_blk = z_tgt - z_max - sum_exp.log()
-            if entropy_sum is not None:  # H = log Σe − Σ e·log e / Σe, with e = exp(z − max)
-                entropy_sum += (sum_exp.log() - torch.xlogy(z, z).sum(1) / sum_exp).sum()
-            flat_pos = torch.arange(start, end, device=device) if idx is None else idx
-            log_prob[flat_pos] = lp_blk
-            if not need_any:
-                continue
-
-            # dL/dlog_prob for this block, through the core's own per-token loss
-            g = _dloss_dlogprob(lp_blk, flat_pos, row0, row1, coef, old, adv, wts, ref, beta, d)
-            # dL/dz_pre = g·(onehot − softmax) / temperature, in place on the tile
-            g = g / temperature
-            z.mul_((-g / sum_exp).unsqueeze(1))
-            z.scatter_add_(1, tgt, g.unsqueeze(1))
-            if need_w:  # fp32 tile x fp32 copy of the block's hidden states, into the fp32 accumulator
-                grad_w.addmm_(z.t(), h_blk if h_blk.dtype == fp else h_blk.to(fp))
-            if need_b:
-                grad_b.add_(z.sum(0))
-            if need_h:  # in the input dtype, as autograd does in the unfused path
-                gz = z if low_buf is None else low_buf[:n].copy_(z)
-                if idx is None:
-                    torch.mm(gz, weight, out=grad_h[start:end])
-                else:
-                    grad_h.index_copy_(0, idx, gz @ weight)
-                del gz
-            del z
-        del tile_buf, low_buf
-
-        # loss and metrics: the core's compute_policy_loss on the gathered log-probs
-        log_prob = log_prob.view(bsz, seq)
-        out = compute_policy_loss(
-            log_prob, log_prob if old is None else old, adv, mask, agg=d["agg"], ratio_level=d["ratio_level"], weights=wts,
-            check_finite=d["check_finite"], **d["policy_kw"], **d["agg_kw"],
-        )
-        loss, per_token = out.loss.detach(), out.per_token_loss.detach()
-        metrics = dict(out.metrics)
-        if beta > 0:
-            kl = torch.where(mask, _k3(ref.to(fp), log_prob), torch.zeros((), dtype=fp, device=device))
-            per_token = per_token + beta * kl
-            loss = aggregate_loss(per_token, mask, d["agg"], **d["agg_kw"])
-            metrics["kl"] = (kl.sum() / mask.sum().clamp(min=1)).float()
+    for span in blocks.spans:
+        start, end = span[0], span[1]
+        n = end - start
+        idx = None if blocks.valid is None else blocks.valid[start:end]
+        h_blk = hidden2d[start:end] if idx is None else hidden2d.index_select(0, idx)
+        tgt = targets[start:end]
+        z = tile_buf[:n]
+        gemm_out = z if low_buf is None else low_buf[:n]
+        if bias is not None:  # GEMM 1, in the input dtype
+            torch.addmm(bias, h_blk, weight.t(), out=gemm_out)
+        else:
+            torch.mm(h_blk, weight.t(), out=gemm_out)
+        if low_buf is not None:
+            z.copy_(gemm_out)
+        stats = fold.forward(z, tgt, plan.temperature, entropy_sum is not None)
+        lp_valid[start:end] = stats.log_prob
         if entropy_sum is not None:
-            metrics["entropy"] = (entropy_sum / mask.sum().clamp(min=1)).float()
-        d["metrics"], d["per_token_loss"], d["ratio"], d["log_prob"] = metrics, per_token, out.ratio, log_prob
+            entropy_sum += stats.entropy.sum()
+        if not any(need):
+            continue
 
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None and grad_b.dtype != bias.dtype:
-            grad_b = grad_b.to(bias.dtype)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        return loss
+        lp = stats.log_prob.detach()
+        if token_level:
+            old, adv, wts, c = (None if x is None else x[start:end][None] for x in flat)
+            g = grad_fn(lp[None], lp[None] if old is None else old, adv, ones[:, :n], c, wts)[0]
+        else:
+            g = _row_block_grad(plan, grad_fn, lp, blocks.valid, start, end, span[2], span[3], coef)
+        if ref_valid is not None:  # TRL's KL: d/dlogp β·c·k3 = β·c·(1 − exp(ref − logp))
+            g = g + plan.beta * coef_valid[start:end] * -torch.expm1(ref_valid[start:end] - lp)
+        dz = fold.backward_(z, tgt, stats, g, plan.temperature)
+        if need_h:  # GEMM 2, in the input dtype
+            dz_low = dz if dz.dtype == low else low_buf[:n].copy_(dz)
+            if idx is None:
+                torch.mm(dz_low, weight, out=grad_h[start:end])
+            else:
+                grad_h.index_copy_(0, idx, dz_low @ weight)
+        if need_w:  # GEMM 3, accumulated in fp32
+            accumulate_fp32(grad_w, dz.t(), h_blk)
+        if need_b:
+            grad_b += dz.sum(0, dtype=grad_b.dtype)
+    del tile_buf, low_buf
+
+    log_prob = torch.zeros(plan.bsz * plan.seq, dtype=fp, device=device)
+    if blocks.valid is None:
+        log_prob.copy_(lp_valid)
+    else:
+        log_prob.index_copy_(0, blocks.valid, lp_valid)
+    grads = (grad_h,
+             None if grad_w is None else grad_w.to(weight.dtype),
+             None if grad_b is None else grad_b.to(bias.dtype))
+    return log_prob.view(plan.bsz, plan.seq), entropy_sum, grads
+
+
+def _row_block_grad(plan, grad_fn, lp, valid, start, end, row0, row1, coef) -> Tensor:
+    """dL/dlog π for a block of whole rows (sequence ratio): the block's log-probs laid out as its rows."""
+    rows = slice(row0, row1)
+    seq = plan.seq
+    local = torch.arange(start, end, device=lp.device) - row0 * seq if valid is None else valid[start:end] - row0 * seq
+    lp_rows = torch.zeros((row1 - row0) * seq, dtype=lp.dtype, device=lp.device).index_copy_(0, local, lp)
+    lp_rows = lp_rows.view(row1 - row0, seq)
+    old = lp_rows if plan.old_log_prob is None else plan.old_log_prob[rows]
+    wts = None if plan.weights is None else plan.weights[rows]
+    g_rows = grad_fn(lp_rows, old, plan.advantages[rows], plan.mask[rows], coef[rows], wts)
+    return g_rows.reshape(-1).index_select(0, local)
+
+
+def _loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | None) -> PolicyLossOutput:
+    """The core's compute_policy_loss on the gathered log-probs (+ the KL term and the entropy metric)."""
+    old = log_prob if plan.old_log_prob is None else plan.old_log_prob
+    out = compute_policy_loss(log_prob, old, plan.advantages, plan.mask, check_finite=plan.check_finite,
+                              **plan.policy_kw)
+    loss, per_token, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
+    count = plan.mask.sum().clamp(min=1)
+    if plan.ref_log_prob is not None:
+        delta = torch.where(plan.mask, plan.ref_log_prob - log_prob, 0.0)
+        kl = torch.expm1(delta) - delta  # TRL's k3 = exp(ref − logp) − (ref − logp) − 1
+        per_token = per_token + plan.beta * kl
+        loss = aggregate_loss(per_token, plan.mask, plan.policy_kw["agg"], **plan.agg_kw)
+        metrics["kl"] = (kl.sum() / count).float()
+    if entropy_sum is not None:
+        metrics["entropy"] = (entropy_sum / count).float()
+    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=per_token, ratio=out.ratio)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Attaches the gradients computed in the pass to the loss; the backward scales them by the incoming
+    gradient (nothing is recomputed) and frees them (a second backward raises)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, grads, hidden2d, weight, bias) -> Tensor:
+        ctx.grads = grads
+        return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grads, ctx.grads = ctx.grads, None  # free them once handed over
         if grads is None:
             raise RuntimeError("fused_linear_policy_loss: backward called twice (retain_graph is not supported)")
-        unit = grad_out.numel() == 1 and bool(grad_out == 1)
-        out = [None if g is None else (g if unit else g * grad_out.to(g.dtype)) for g in grads]
-        return out[0], out[1], out[2], None
-
-
-def _dloss_dlogprob(lp_blk, flat_pos, row0, row1, coef, old, adv, wts, ref, beta, d) -> Tensor:
-    """Gradient of Σ_t c_t·ℓ_t over this block's tokens w.r.t. their log-probs, by autograd through the
-    core's compute_policy_loss (laid out as the block's rows, so the GSPO sequence ratio works too)."""
-    seq = d["seq"]
-    local = flat_pos - row0 * seq
-    n_rows = row1 - row0
-    with torch.enable_grad():
-        lp = lp_blk.detach().requires_grad_(True)
-        lp_rows = torch.zeros(n_rows * seq, dtype=lp.dtype, device=lp.device).index_put((local,), lp)
-        m_rows = torch.zeros(n_rows * seq, dtype=torch.bool, device=lp.device)
-        m_rows[local] = True
-        lp_rows, m_rows = lp_rows.view(n_rows, seq), m_rows.view(n_rows, seq)
-        rows = slice(row0, row1)
-        old_rows = lp_rows.detach() if old is None else old[rows]  # None: on-policy, r = 1
-        out = compute_policy_loss(
-            lp_rows, old_rows, adv[rows], m_rows, agg="token-sum", ratio_level=d["ratio_level"],
-            weights=None if wts is None else wts[rows], check_finite=False, **d["policy_kw"],
-        )
-        total = torch.where(m_rows, out.per_token_loss * coef[rows], 0).sum()
-        if beta > 0:
-            c_blk = coef.reshape(-1)[flat_pos]
-            total = total + beta * (c_blk * _k3(ref.reshape(-1)[flat_pos].to(lp.dtype), lp)).sum()
-        (g,) = torch.autograd.grad(total, lp)
-    return g
+        scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]  # ours alone: in place
+        return None, None, *scaled

@@ -103,6 +103,7 @@ def compute_policy_loss(
     check_choice("agg", agg, AGG_MODES)
     check_choice("fast", fast, (False, True))
     check_tensor("log_prob", log_prob)
+    check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
     old_log_prob, advantages, mask, weights, dtype = check_batch(log_prob.shape, log_prob.device, old_log_prob,
@@ -130,7 +131,8 @@ def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_p
     """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
     for a bool mask). Returns (old_log_prob, advantages (B, T), bool mask, weights, dtype), cast to the
     compute dtype: fp32, or fp64 when any input (``log_prob`` included) is fp64."""
-    check_tensor("old_log_prob", old_log_prob)
+    if old_log_prob is not None:  # None: on-policy (the fused path)
+        check_tensor("old_log_prob", old_log_prob)
     check_tensor("advantages", advantages)
     if weights is not None:
         check_tensor("weights", weights)
@@ -139,7 +141,7 @@ def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_p
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("weights", weights)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
-    if old_log_prob.shape != shape:
+    if old_log_prob is not None and old_log_prob.shape != shape:
         raise ValueError(f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}")
     if advantages.shape in ((shape[0],), (shape[0], 1)):
         advantages = advantages.reshape(shape[0], 1).expand(shape)
@@ -152,4 +154,5 @@ def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_p
             raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
         weights = weights.to(dtype)
     mask = check_mask(mask, shape, device)
-    return old_log_prob.to(dtype), advantages.to(dtype), mask, weights, dtype
+    old_log_prob = None if old_log_prob is None else old_log_prob.to(dtype)
+    return old_log_prob, advantages.to(dtype), mask, weights, dtype

@@ -403,3 +403,120 @@ def _call(**over):
 def test_bad_inputs_raise_naming_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):
         _call(**over)
+
+
+# ---- the GPU design, exercised on CPU: compiled folds on an input-dtype tile, fp32 accumulation --------
+
+from cfpo_loss import fused as fused_mod  # noqa: E402
+
+
+@pytest.fixture
+def compiled_fold(monkeypatch, request):
+    """Run the fused path with the fold CUDA uses (``CompiledFold``): compiled by inductor (C++ on CPU) or
+    its eager torch twin."""
+    fold = fused_mod.CompiledFold(compile=request.param)
+    monkeypatch.setattr(fused_mod, "default_fold", lambda device: fold)
+    return fold
+
+
+@pytest.mark.parametrize("compiled_fold", [False, True], ids=["twin", "compiled"], indirect=True)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_gpu_fold_float32_matches_unfused(compiled_fold, objective):
+    inp = make_inputs(seed=21)
+    for kw in (dict(objective=objective, temperature=0.7, beta=0.05, compute_entropy=True),
+               dict(objective=objective, ratio_level="sequence", agg="seq-mean-token-mean", eps_high=0.28)):
+        u_kw = {k: v for k, v in kw.items() if k != "compute_entropy"}
+        out = assert_same(inp, dict(kw, chunk_size=5), u_kw)
+        if kw.get("compute_entropy"):
+            logits = (torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).double() / 0.7)
+            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[inp["mask"]].mean()
+            torch.testing.assert_close(out.metrics["entropy"].double(), ent, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled_fold", [False, True], ids=["twin", "compiled"], indirect=True)
+def test_gpu_fold_bf16_within_the_unfused_paths_own_error(compiled_fold):
+    """The bf16 tile (the GPU design) is held to the same bound as the fp32-tile CPU fold above."""
+    test_bf16_within_the_unfused_paths_own_error("cfpo")
+
+
+def test_fold_twins_agree_on_one_tile():
+    """CompiledFold's folds (fp32 math on an input-dtype tile, written back in place) against the in-place fp32
+    fold, both against log_softmax in float64: forward statistics and the tile's gradient."""
+    g = torch.Generator().manual_seed(5)
+    z64 = torch.randn(7, 53, generator=g, dtype=torch.float64) * 3
+    tgt = torch.randint(0, 53, (7,), generator=g)
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    zz = z64.clone().requires_grad_()
+    lp_ref = (zz / 1.3).log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
+    (dz_ref,) = torch.autograd.grad((lp_ref * upstream).sum(), zz)
+    for fold in (fused_mod.InPlaceFold(), fused_mod.CompiledFold(compile=False), fused_mod.CompiledFold(compile=True)):
+        z = z64.float()
+        stats = fold.forward(z, tgt, 1.3, False)
+        torch.testing.assert_close(stats.log_prob.double(), lp_ref.detach(), rtol=1e-6, atol=1e-6)
+        dz = fold.backward_(z, tgt, stats, upstream.float(), 1.3)
+        assert dz.data_ptr() == z.data_ptr()  # written over the tile
+        torch.testing.assert_close(dz.double(), dz_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_accumulation_of_low_precision_products():
+    """accumulate_fp32: the CPU twin of the GPU's out_dtype addmm. Summing many bf16 products must keep the
+    fp32 sum (a bf16 accumulator would round every block's contribution away)."""
+    g = torch.Generator().manual_seed(0)
+    acc = torch.zeros(8, 16)
+    exact = torch.zeros(8, 16, dtype=torch.float64)
+    acc_bf16 = torch.zeros(8, 16, dtype=torch.bfloat16)
+    for _ in range(64):
+        a = torch.randn(8, 32, generator=g).bfloat16()
+        b = torch.randn(32, 16, generator=g).bfloat16()
+        fused_mod.accumulate_fp32(acc, a, b)
+        exact += a.double() @ b.double()
+        acc_bf16 += a @ b
+    assert acc.dtype == torch.float32
+    assert not fused_mod.has_out_dtype_addmm("cpu", torch.bfloat16)  # CPU takes the fp32-copy branch
+    assert fused_mod.has_out_dtype_addmm("cpu", torch.float32) is False
+    assert _rel(acc, exact) < 1e-6 < _rel(acc_bf16.float(), exact)
+
+
+def test_default_chunk_size_on_cuda_follows_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    assert default_chunk_size(151936, torch.bfloat16, "cuda") == 4096  # capped: 4096 × V bf16 = 1.2 GB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 10**9, 80 * 2**30))
+    # 1/16 of 8 GB = 500 MB = 1645 rows of 151936 bf16 -> 1536 (a multiple of 128)
+    assert default_chunk_size(151936, torch.bfloat16, "cuda") == 1536
+    assert default_chunk_size(151936, torch.float32, "cuda") == 768
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**6, 80 * 2**30))
+    assert default_chunk_size(151936, torch.bfloat16, "cuda") == 128
+
+
+# ---- no host round-trip per block -------------------------------------------------------------------------
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts what .item() / int() / bool() / .tolist() / nonzero dispatch to: each is a device-to-host wait."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fold", ["inplace", "gpu-twin"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_host_syncs_do_not_grow_with_the_number_of_blocks(monkeypatch, fold, ratio_level):
+    chosen = fused_mod.InPlaceFold() if fold == "inplace" else fused_mod.CompiledFold(compile=False)
+    monkeypatch.setattr(fused_mod, "default_fold", lambda device: chosen)
+    counts = {}
+    for chunk in (10_000, 9, 3):  # one block, a few, many
+        inp = make_inputs(b=6, t=9, seed=30)
+        with _HostSyncs() as probe:
+            out = fused(inp, chunk_size=chunk, ratio_level=ratio_level, beta=0.1, compute_entropy=True)
+            out.loss.backward()
+        counts[chunk] = probe.count
+    assert counts[10_000] == counts[9] == counts[3], counts
+    assert counts[3] <= 6, counts  # the layout (count, nonzero), one check, the row counts, the finite check
