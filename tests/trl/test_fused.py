@@ -98,11 +98,28 @@ def test_fused_train(tiny_model_dir, tokenizer, tmp_path):
     (dict(use_adaptive_entropy=True), "entropy bonus"),
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
     (dict(off_policy_mask_threshold=0.1), "off_policy_mask_threshold"),
+    # sharded setups (plain DDP is supported: tests/trl/test_distributed.py)
+    (dict(fsdp=True, fsdp_config={"version": 2}), r"FSDP \(FSDP shards the LM head"),
+    (dict(parallelism_config="tp2"), "parallelism_config with tensor"),
 ])
 def test_fused_refuses_unsupported_options(tmp_path, kw, match):
+    if kw.get("parallelism_config") == "tp2":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        kw = dict(parallelism_config=ParallelismConfig(tp_size=2))
     with pytest.raises(ValueError, match=f"use_fused_loss=True does not support .*{match}"):
         CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
                    use_cpu=True, use_fused_loss=True, **kw)
+
+
+def test_fused_refuses_deepspeed(tmp_path):
+    """DeepSpeed is not installed here (a TrainingArguments with deepspeed= would not construct), so the config is
+    changed after construction: CFPOTrainer validates again before loading the model."""
+    args = CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
+                      use_cpu=True, use_fused_loss=True)
+    args.deepspeed = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match=r"does not support DeepSpeed \(ZeRO-3 partitions the LM head"):
+        CFPOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=args)
 
 
 def test_fused_refuses_logit_transform(tmp_path, tokenizer):

@@ -44,12 +44,15 @@ TRL's own ``GRPOTrainer._compute_loss``.
 
 ``use_fused_loss=True`` (opt-in) replaces TRL's log-prob kernel + objective + aggregation by one chunked pass of
 the core (``cfpo_loss.fused_linear_policy_loss``: LM head, log-probs, objective, KL and aggregation, gradients
-computed in the forward, never the logits): ``_compute_loss_fused`` runs the model's backbone, maps
-``loss_type`` to the core's aggregation with TRL's normalisers (lines 3153-3182), and logs the same metrics.
-It supports a subset of TRL's options (single process, no PEFT / MoE aux loss / logit softcapping or scaling /
+computed in the forward, never the logits): ``_compute_loss_fused`` maps ``loss_type`` to the core's aggregation
+with TRL's normalisers (lines 3153-3182), calls the (wrapped) model, whose forward ``_add_fused_policy_loss`` patches
+to run the backbone and the fused pass when given ``cfpo_fused_loss=...`` (TRL's own ``add_fused_lm_head`` pattern,
+so DDP's reducer synchronises the gradients), and logs the same metrics. It supports a subset of TRL's options (one
+process or plain DDP, no FSDP / DeepSpeed / tensor parallelism, no PEFT / MoE aux loss / logit softcapping or scaling /
 multimodal inputs, no entropy bonus, entropy mask, off-policy mask or vLLM IS correction, and KL only with
 ``use_bias_correction_kl=False``), and refuses the rest by name at construction. Tests: same loss and gradients as
-the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's GRPOTrainer.
+the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's GRPOTrainer; under 2-process DDP the same trajectory
+as the unfused path and identical parameters on both ranks (tests/trl/test_distributed.py).
 
 Version guard: importing this module checks that TRL's version lies in ``SUPPORTED_TRL`` *and* that the
 source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
@@ -59,10 +62,12 @@ Set ``CFPO_LOSS_ALLOW_UNSUPPORTED_TRL=1`` to turn that error into a warning, at 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -101,6 +106,16 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "s
                     "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles", "num_images")
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+# use_fused_loss=True under several processes: accelerate's distributed types that wrap the model in plain DDP
+# (tested on CPU with gloo, tests/trl/test_distributed.py); every other one is refused at construction, by name.
+_DDP_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+              "MULTI_HPU", "MULTI_NEURON")
+_FSDP_REASON = ("FSDP shards the LM head; the fused pass would have to gather it as TRL does (DTensor.full_tensor()) "
+                "and that is not tested: accelerate runs FSDP only on accelerators, and on CPU it silently falls back "
+                "to DDP")
+_DEEPSPEED_REASON = ("ZeRO-3 partitions the LM head to numel 0 outside its module's forward, so the fused pass "
+                     "would read an empty weight unless gathered (TRL's maybe_gather_lm_head_ctx); DeepSpeed is not "
+                     "installable in the test environment, so no ZeRO stage is tested with the fused pass")
 
 
 def _check_trl_version() -> None:
@@ -194,11 +209,70 @@ def _validate_fused(args) -> None:
         refused.append("off_policy_mask_threshold (needs the log-probs before the loss)")
     if args.use_vllm and args.vllm_importance_sampling_correction:
         refused.append("vLLM importance-sampling correction (not tested with the fused pass)")
-    if args.world_size > 1:
-        refused.append("more than one process (the fused pass calls the backbone directly, outside DDP/FSDP)")
+    # Multi-process: DDP (accelerate's MULTI_CPU / MULTI_GPU / ...) is supported and tested (the fused pass runs
+    # inside the wrapped model's forward, so DDP's reducer sees it). Sharded setups are refused here, by the
+    # arguments that ask for them, and again after construction by accelerate's distributed type.
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        refused.append(f"FSDP ({_FSDP_REASON})")
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        refused.append(f"DeepSpeed ({_DEEPSPEED_REASON})")
+    pc = getattr(args, "parallelism_config", None)
+    if pc is not None and any(getattr(pc, f"{k}_size", 1) > 1 for k in ("tp", "cp", "sp", "dp_shard")):
+        refused.append("parallelism_config with tensor / context / sequence parallelism or dp_shard_size > 1 "
+                       "(the LM head or the sequence is split across processes; untested with the fused pass)")
     if refused:
         raise ValueError("use_fused_loss=True does not support " + "; ".join(refused) + ". Use use_fused_loss=False "
                          "(TRL's own chunked log-prob kernel with the same objective) for these options.")
+
+
+def _add_fused_policy_loss(model) -> None:
+    """Patch ``model.forward`` (TRL's, itself patched by ``add_fused_lm_head``) to accept ``cfpo_fused_loss=spec``:
+    then the forward runs the backbone and ``fused_linear_policy_loss`` and returns a dict of tensors (``loss``,
+    ``ratio``, ``metrics``) instead of logits. Without that keyword the forward is the one it wraps (generation and
+    TRL's log-prob calls are unchanged).
+
+    Why inside the forward: the trainer calls the *wrapped* model (``DistributedDataParallel``), whose forward prepares
+    the reducer for the backward (and, with ``find_unused_parameters=True``, walks the graph from the returned tensors;
+    with ``static_graph=True`` hooks its first backward on them). Calling the backbone and reading the LM head outside
+    that forward, as a single-process fused pass may, leaves DDP's gradient hooks disarmed: each rank would step on its
+    own gradient with no error. This is TRL's own pattern (``trl.trainer.utils.add_fused_lm_head``): the fused pass
+    computes the LM head's gradient in its forward and hands it back in backward, where it accumulates into the
+    parameter's ``.grad`` like any other, so the reducer all-reduces it with the rest."""
+    inner_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # keep the signature: `generate` validates its kwargs against it
+    def _cfpo_forward(self, *args, cfpo_fused_loss=None, **kwargs):
+        if cfpo_fused_loss is None:
+            return inner_forward(*args, **kwargs)
+        spec = dict(cfpo_fused_loss)
+        logits_to_keep = spec.pop("logits_to_keep")
+        cast_lm_head_to_fp32 = spec.pop("cast_lm_head_to_fp32")
+        kwargs["use_cache"] = False
+        lm_head = self.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        device_type = weight.device.type
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        # The LM head's precision, as TRL's kernel picks it: the autocast dtype when mixed precision is on (each
+        # logits tile in that dtype, everything after it in fp32), else the weight's; fp32 with cast_lm_head_to_fp32.
+        # The fused pass itself runs outside autocast, on explicitly cast inputs.
+        autocast_on = torch.is_autocast_enabled(device_type)
+        head_dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
+        if cast_lm_head_to_fp32:
+            head_dtype = torch.float32
+        # the state at position t predicts token t + 1: the completion is scored by the states just before it
+        hidden = hidden[:, -logits_to_keep - 1 : -1].to(head_dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = fused_linear_policy_loss(
+                hidden,
+                weight.to(head_dtype),
+                lm_head_bias=None if bias is None else bias.to(head_dtype),
+                **spec,
+            )
+        # a dict of tensors, so DDP finds the loss (find_unused_parameters / static_graph) and accelerate's fp32
+        # output conversion can walk it
+        return {"loss": out.loss, "ratio": out.ratio, "metrics": dict(out.metrics)}
+
+    model.forward = types.MethodType(_cfpo_forward, model)
 
 
 @dataclass
@@ -214,8 +288,9 @@ class CFPOConfig(GRPOConfig):
             `True`: compute LM head, log-probs, objective and aggregation in one chunked pass
             (`cfpo_loss.fused_linear_policy_loss`), which never holds the logits and computes the gradients in the
             forward; `False`: TRL's own chunked log-prob kernel, then the objective. Same loss and gradients. The
-            fused pass supports a subset of TRL's loss options (single process; no entropy bonus / entropy mask /
-            off-policy mask / vLLM IS correction; KL only with use_bias_correction_kl=False), refused by name.
+            fused pass supports a subset of TRL's setups and loss options (one process or DDP, not FSDP / DeepSpeed;
+            no entropy bonus / entropy mask / off-policy mask / vLLM IS correction; KL only with
+            use_bias_correction_kl=False), refused by name.
     """
 
     policy_objective: str = field(
@@ -261,10 +336,20 @@ class CFPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         if self.use_fused_loss:
             self._check_fused_model()
+            _add_fused_policy_loss(self.accelerator.unwrap_model(self.model))
 
     # ---- use_fused_loss=True --------------------------------------------------------------------------------
 
     def _check_fused_model(self) -> None:
+        # what accelerate made of the arguments and the launcher's environment (FSDP / DeepSpeed / TP are refused
+        # from the arguments already; this catches the rest, e.g. an accelerate config file's XLA or Megatron-LM)
+        kind = self.accelerator.distributed_type
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or kind.name not in _DDP_TYPES:
+            reason = {"FSDP": _FSDP_REASON, "DEEPSPEED": _DEEPSPEED_REASON}.get(kind.name, "untested")
+            raise ValueError(
+                f"use_fused_loss=True runs under a single process or plain DDP only; accelerate's distributed type is "
+                f"{kind.name} ({reason}). Use use_fused_loss=False (TRL's own chunked log-prob kernel, same objective)."
+            )
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
             raise ValueError("use_fused_loss=True does not support PEFT models yet; use use_fused_loss=False")
@@ -296,24 +381,6 @@ class CFPOTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
-        unwrapped = self.accelerator.unwrap_model(model)
-        lm_head = unwrapped.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        device_type = weight.device.type
-        with self.accelerator.autocast():
-            hidden = unwrapped.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            # The LM head's precision, as TRL's kernel picks it: the autocast dtype when mixed precision is on (each
-            # logits tile in that dtype, everything after it in fp32), else the weight's; fp32 with
-            # cast_lm_head_to_fp32. The fused pass itself runs outside autocast, on explicitly cast inputs.
-            autocast_on = torch.is_autocast_enabled(device_type)
-            head_dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
-        if self.args.cast_lm_head_to_fp32:
-            head_dtype = torch.float32
-        # the state at position t predicts token t + 1: the completion is scored by the states just before it
-        hidden = hidden.last_hidden_state[:, -logits_to_keep - 1 : -1].to(head_dtype)
-        weight = weight.to(head_dtype)
-        bias = None if bias is None else bias.to(head_dtype)
-
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
@@ -337,35 +404,38 @@ class CFPOTrainer(GRPOTrainer):
         else:  # luspo
             agg = dict(agg="seq-mean-token-sum", global_batch_size=batch)
 
-        out = fused_linear_policy_loss(
-            hidden,
-            weight,
-            completion_ids,
-            inputs.get("old_per_token_logps"),  # None: on-policy, r = 1 (as TRL's per_token_logps.detach())
-            advantages,
-            mask,
+        spec = dict(
+            logits_to_keep=logits_to_keep,
+            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+            target_ids=completion_ids,
+            old_log_prob=inputs.get("old_per_token_logps"),  # None: on-policy, r = 1 (TRL's per_token_logps.detach())
+            advantages=advantages,
+            mask=mask,
             objective=self.policy_objective,
             eps_low=self.epsilon_low,
             eps_high=self.epsilon_high,
             dual_clip=self.args.delta if self.policy_objective == "clip" else None,
             ratio_level=self.importance_sampling_level,
             temperature=self.temperature,
-            lm_head_bias=bias,
             ref_log_prob=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             beta=self.beta,
             compute_entropy=True,
             check_finite=False,  # TRL does not check either; a NaN loss shows in the logs
             **agg,
         )
-        loss = out.loss / accumulation
+        # Through `model`, the wrapped one (DDP under several processes): its forward arms the gradient all-reduce
+        # (and, in an accumulation step, accelerate's no_sync keeps it local), see _add_fused_policy_loss.
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, cfpo_fused_loss=spec)
+        loss = out["loss"] / accumulation
 
         # Metrics, as the unfused path logs them
         _, global_masked_mean = self._metric_reducers(mask)
         n_valid = mask.sum().float()
         for key in (["kl"] if self.beta != 0.0 else []) + ["entropy"]:
-            totals = self.accelerator.reduce(torch.stack([out.metrics[key] * n_valid, n_valid]), reduction="sum")
+            totals = self.accelerator.reduce(torch.stack([out["metrics"][key] * n_valid, n_valid]), reduction="sum")
             self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        ratio = out.ratio
+        ratio = out["ratio"]
         if self.importance_sampling_level == "sequence":  # one ratio per sequence, as TRL's coef_1 (B, 1)
             valid = mask.bool()
             per_row = torch.where(valid, ratio, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)

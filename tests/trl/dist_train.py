@@ -1,0 +1,147 @@
+"""One process of a multi-process GRPOTrainer / CFPOTrainer run, launched as users launch:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/trl/dist_train.py OUT_DIR RUN [RUN ...]
+
+(or `accelerate launch --cpu --num_processes 2 ...`). CPU, gloo (``use_cpu=True``), fp32, one torch thread, a tiny
+Qwen2 built here (nothing downloaded). Each RUN trains a fresh model for a few optimizer steps and writes, per rank,
+``OUT_DIR/RUN.rank{R}.json`` (TRL's logged history, per-micro-batch local statistics gathered by nothing but this
+rank, and a flat copy of the parameters after training) for tests/trl/test_distributed.py to compare across ranks
+and across runs. Not a test module itself (pytest collects test_*.py only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}.items():
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer  # noqa: E402
+from trl_helpers import build_model, build_tokenizer, prompt_dataset, reward_digits  # noqa: E402
+
+STEPS = 4  # optimizer steps; 2 generation batches (steps_per_generation = 2 x gradient_accumulation_steps)
+
+
+class _LocalStats:
+    """Records, for every loss call, what THIS rank alone saw (before any cross-rank reduction), next to the value
+    the trainer logged, so the test can gather by hand across the ranks' files and compare with the logged one."""
+
+    def _log_trust_region_metrics(self, mode, coef_1, advantages, mask):
+        super()._log_trust_region_metrics(mode, coef_1, advantages, mask)
+        ratio = coef_1.detach().float()
+        valid = mask.bool() if ratio.shape[1] != 1 else torch.ones_like(ratio, dtype=torch.bool)
+        values = ratio[valid] if ratio.shape[1] != 1 else ratio.reshape(-1)
+        low = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
+        high = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
+        region = (low | high).float()
+        self._local_stats.append({
+            "mode": mode,
+            "valid_tokens": int(mask.sum()),
+            "ratio_max": float(values.max()) if values.numel() else float("nan"),
+            "ratio_min": float(values.min()) if values.numel() else float("nan"),
+            "region_sum": float((region * mask).sum()),
+            "region_count": float(mask.sum()),
+            "logged_ratio_max": self._metrics[mode]["cfpo/ratio_max"][-1],
+            "logged_ratio_min": self._metrics[mode]["cfpo/ratio_min"][-1],
+            "logged_region_mean": self._metrics[mode]["clip_ratio/region_mean"][-1],
+        })
+
+
+class ProbedCFPOTrainer(_LocalStats, CFPOTrainer):
+    _local_stats: list
+
+
+class BypassDDPTrainer(CFPOTrainer):
+    """Negative control, NOT a supported setup: the fused pass called on the unwrapped model, outside DDP's forward
+    (what use_fused_loss=True did single-process). DDP's reducer is then never armed and each rank steps on its own
+    gradient, silently; the test checks that its rank-identity check sees exactly that."""
+
+    def _compute_loss_fused(self, model, inputs):
+        return super()._compute_loss_fused(self.accelerator.unwrap_model(model), inputs)
+
+
+RUNS = {
+    # name: (trainer, config class, config overrides)
+    "grpo": (GRPOTrainer, GRPOConfig, {}),
+    "clip": (CFPOTrainer, CFPOConfig, {"policy_objective": "clip"}),
+    "cfpo": (ProbedCFPOTrainer, CFPOConfig, {"policy_objective": "cfpo"}),
+    "cfpo_fused": (ProbedCFPOTrainer, CFPOConfig, {"policy_objective": "cfpo", "use_fused_loss": True}),
+    # DDP without the unused-parameter graph walk (TrainingArguments' default is find_unused_parameters=True)
+    "cfpo_fused_nofind": (CFPOTrainer, CFPOConfig, {"use_fused_loss": True, "ddp_find_unused_parameters": False}),
+    # static_graph: TRL's own GRPOTrainer fails under it with gradient accumulation (reducer.cpp "expect_autograd_hooks_
+    # INTERNAL ASSERT FAILED" in the first backward), so it is compared without accumulation
+    "cfpo_ga1": (CFPOTrainer, CFPOConfig, {"gradient_accumulation_steps": 1}),
+    "cfpo_fused_ga1_static": (CFPOTrainer, CFPOConfig, {"use_fused_loss": True, "gradient_accumulation_steps": 1,
+                                                        "ddp_find_unused_parameters": False,
+                                                        "ddp_static_graph": True}),
+    "clip_fused": (CFPOTrainer, CFPOConfig, {"policy_objective": "clip", "use_fused_loss": True}),
+    "bypass_ddp": (BypassDDPTrainer, CFPOConfig, {"use_fused_loss": True}),
+}
+
+
+def make_args(config_cls, out_dir, **overrides):
+    kwargs = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,  # > gradient_accumulation_steps: the second optimizer step is off-policy (r != 1)
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=STEPS,
+        optim="sgd",  # parameter changes proportional to the gradients (Adam would amplify rounding in tiny ones)
+        learning_rate=1.0,  # large enough that the ratios of the second step leave [1 - eps, 1 + eps]
+        beta=0.0,
+        loss_type="dapo",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        ddp_timeout=120,  # a desynchronised collective fails in 2 minutes instead of hanging for 30
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def run(name, out_dir):
+    trainer_cls, config_cls, overrides = RUNS[name]
+    tokenizer = build_tokenizer()
+    trainer = trainer_cls(
+        model=build_model(tokenizer, seed=0),
+        reward_funcs=reward_digits,
+        args=make_args(config_cls, os.path.join(out_dir, name), **overrides),
+        train_dataset=prompt_dataset(32),
+        processing_class=tokenizer,
+    )
+    trainer._local_stats = []
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    torch.save(params, os.path.join(out_dir, f"{name}.rank{rank}.params.pt"))
+    record = {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "log_history": trainer.state.log_history,
+        "local_stats": trainer._local_stats,
+    }
+    with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    out, names = sys.argv[1], sys.argv[2:]
+    os.makedirs(out, exist_ok=True)
+    for n in names:
+        run(n, out)
