@@ -71,18 +71,29 @@ def check_tensor(name: str, x, *, floating: bool = True) -> Tensor:
     return x
 
 
-def check_mask(mask, shape: torch.Size, device: torch.device) -> Tensor:
-    """Return ``mask`` as bool. A non-bool mask must hold only 0 and 1 (checked: one device sync)."""
+def check_mask(mask, shape: torch.Size, device: torch.device, *, defer: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(``mask`` as bool, None); a non-bool mask must hold only 0 and 1. Checking that reads the values: one
+    device sync now, or with ``defer=True`` none: the second item is then a 0-dim bool tensor, True if a
+    value is neither 0 nor 1, for the caller to fold into the one sync it makes anyway (its finite check)."""
     check_tensor("mask", mask, floating=False)
     if mask.shape != shape:
         raise ValueError(f"mask must have the shape of log_prob {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but log_prob is on {device}")
     if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype} with other values")
-    return mask != 0
+        return mask, None
+    if mask.is_complex():
+        raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype}")
+    invalid = ((mask != 0) & (mask != 1)).any()
+    if not defer:
+        raise_if_mask_invalid(invalid, mask.dtype)
+        invalid = None
+    return mask != 0, invalid
+
+
+def raise_if_mask_invalid(invalid: Tensor | None, dtype) -> None:
+    if invalid is not None and bool(invalid):
+        raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {dtype} with other values")
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

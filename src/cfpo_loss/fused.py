@@ -249,7 +249,7 @@ def _plan(hidden, weight, bias, target_ids, old_log_prob, advantages, mask, *, o
         if ref_log_prob.shape != (bsz, seq) or ref_log_prob.device != device:
             raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
                              f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}")
-    old_log_prob, advantages, mask, weights, dtype = check_batch(
+    old_log_prob, advantages, mask, weights, dtype, _ = check_batch(
         (bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
     aggregation_scale(mask, agg, **agg_kw)  # validates dp_size and the global counts
     policy_kw = dict(objective=options.objective, eps_low=options.eps_low, eps_high=options.eps_high,

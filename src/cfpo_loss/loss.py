@@ -8,6 +8,7 @@ evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the redu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from ._checks import (
     check_mask,
     check_tensor,
     compute_dtype,
+    raise_if_mask_invalid,
 )
 from .aggregation import AGG_MODES, aggregation_scale, weighted_row_sum
 from .metrics import metric_names, metrics_dict, read_metrics
@@ -106,8 +108,9 @@ def compute_policy_loss(
     check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
-    old_log_prob, advantages, mask, weights, dtype = check_batch(log_prob.shape, log_prob.device, old_log_prob,
-                                                                 advantages, mask, weights, log_prob=log_prob)
+    old_log_prob, advantages, mask, weights, dtype, mask_invalid = check_batch(
+        log_prob.shape, log_prob.device, old_log_prob, advantages, mask, weights, log_prob=log_prob,
+        defer_mask_check=check_finite)
     log_prob = log_prob.to(dtype)
     scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
                               global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, dtype=dtype)
@@ -119,7 +122,10 @@ def compute_policy_loss(
         per_token_loss, ratio, metrics, checksum = eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights,
                                                                      options)
         loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
+    if mask_invalid is not None:  # a 0/1 mask's values join the finite check's sync: NaN if one is neither
+        checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
     if check_finite and not bool(torch.isfinite(checksum)):  # the one device sync
+        raise_if_mask_invalid(mask_invalid, "non-bool")
         check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
                            weights=weights)
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
@@ -127,10 +133,19 @@ def compute_policy_loss(
     return PolicyLossOutput(loss=loss, metrics=metrics_dict(metrics, names), per_token_loss=per_token_loss, ratio=ratio)
 
 
-def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None):
+class Batch(NamedTuple):
+    old_log_prob: Tensor | None
+    advantages: Tensor  # (B, T)
+    mask: Tensor  # bool
+    weights: Tensor | None
+    dtype: torch.dtype  # the compute dtype: fp32, or fp64 when any input is fp64
+    mask_invalid: Tensor | None  # deferred check of a 0/1 mask's values (see _checks.check_mask)
+
+
+def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None,
+                defer_mask_check=False) -> Batch:
     """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
-    for a bool mask). Returns (old_log_prob, advantages (B, T), bool mask, weights, dtype), cast to the
-    compute dtype: fp32, or fp64 when any input (``log_prob`` included) is fp64."""
+    for a bool mask, nor with ``defer_mask_check``) and cast them to the compute dtype."""
     if old_log_prob is not None:  # None: on-policy (the fused path)
         check_tensor("old_log_prob", old_log_prob)
     check_tensor("advantages", advantages)
@@ -153,6 +168,6 @@ def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_p
         if weights.shape != shape:
             raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
         weights = weights.to(dtype)
-    mask = check_mask(mask, shape, device)
+    mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
     old_log_prob = None if old_log_prob is None else old_log_prob.to(dtype)
-    return old_log_prob, advantages.to(dtype), mask, weights, dtype
+    return Batch(old_log_prob, advantages.to(dtype), mask, weights, dtype, mask_invalid)

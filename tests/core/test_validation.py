@@ -79,3 +79,36 @@ def test_aggregate_loss_checks_shapes_and_mode():
         aggregate_loss(torch.ones(2, 3), torch.ones(2, 4, dtype=torch.bool), "token-mean")
     with pytest.raises(ValueError, match="unknown agg"):
         aggregate_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), "sum")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_bad_01_mask_raises_with_and_without_the_finite_check(fast):
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
+            call(mask=torch.tensor([[1, 0, 2], [1, 1, 1]]), check_finite=check_finite, fast=fast)
+    # a valid 0/1 mask of another dtype is the bool mask
+    a = call(mask=torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]), log_prob=torch.randn(2, 3))
+    assert torch.isfinite(a.loss)
+
+
+class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_one_device_sync_per_call_whatever_the_mask_dtype(mask_dtype):
+    """The finite check is the loss's one sync; a 0/1 mask's value check rides on it; off, there is none."""
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(4, 5, generator=g, requires_grad=True)
+    mask = (torch.rand(4, 5, generator=g) > 0.3).to(mask_dtype)
+    for check_finite, syncs in ((True, 1), (False, 0 if mask_dtype == torch.bool else 1)):
+        with _Syncs() as probe:
+            out = compute_policy_loss(lp, lp.detach() + 0.1, torch.randn(4, generator=g), mask, check_finite=check_finite)
+            out.loss.backward()
+        assert probe.count == syncs, (check_finite, probe.count)
