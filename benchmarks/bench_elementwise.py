@@ -1,29 +1,56 @@
 """Forward+backward time of the policy loss alone (no model), side by side in one process.
 
     python benchmarks/bench_elementwise.py [--batch 64] [--seq 4096] [--repeats 30]
+    python benchmarks/bench_elementwise.py --device cuda          # shapes 64x4096 and 256x8192
 
 Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back calls, after warm-up):
   verl-style clip     an eager copy of verl 0.9.1's compute_policy_loss_vanilla (ratio clamp, exp,
                       dual-clip, masked clipfrac / ppo_kl metrics, token-mean agg_loss): the baseline
   ours clip / cfpo    compute_policy_loss, the default eager path (one pass computing the objective, its
                       analytic derivative and the metrics; backward is one multiply), with its input
-                      checks and all ten metrics, read with .item() as a logger would
+                      checks and all ten metrics, read as a logger reads them: with
+                      cfpo_loss.read_metrics (one device-to-host transfer) where the installed cfpo_loss
+                      has it, else one float() per metric; the output says which
   fast (compiled)     compute_policy_loss(fast=True): the same pass plus aggregation, torch.compile'd
   copy floor          copying the same input and gradient bytes once into preallocated buffers:
-                      memory bandwidth's floor (cache-resident at this size, steady state)
+                      memory bandwidth's floor (cache-resident at this size, steady state); on CUDA
+                      also "copy floor (device)": the same copies captured in a CUDA graph and replayed,
+                      timed with CUDA events: the device's time alone, no launch overhead
   copy into fresh     the same copies into newly allocated tensors (allocation and first-touch
                       page faults included), as any op that returns a new gradient tensor pays
-It prints milliseconds, the ratio to the verl-style baseline and the ratio to the copy floor.
+The verl-style baseline reads its three metrics with one .item() each, as verl 0.9.1's
+compute_policy_loss_vanilla itself does (pg_metrics = {"actor/pg_clipfrac": pg_clipfrac.detach().item(), ...}).
+
+Timing: each call is bracketed by torch.cuda.synchronize() on CUDA (a no-op on CPU) and timed with the wall
+clock, so a row's time is what the training loop waits for: host work (Python, launches, syncs) and device
+work together. Warm-up calls come first (torch.compile compiles on the first call; that first call's time
+is printed separately as "first ms").
+It prints milliseconds, the ratio to the verl-style baseline and the ratio to the copy floor (on CUDA: to
+the device-time copy floor).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
+import cfpo_loss
 from cfpo_loss import compute_policy_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import add_device_arg, machine_header, require_device, sync  # noqa: E402
+
+if hasattr(cfpo_loss, "read_metrics"):
+    read_metrics, METRICS_READER = cfpo_loss.read_metrics, "cfpo_loss.read_metrics (one transfer)"
+else:
+    def read_metrics(metrics):
+        return {k: float(v) for k, v in metrics.items()}
+
+    METRICS_READER = "float() per metric"
 
 
 def verl_masked_sum(values, mask, axis=None):
@@ -57,86 +84,142 @@ def verl_style_clip(old_log_prob, log_prob, advantages, response_mask, clip_rati
     return loss, metrics
 
 
-def timed(rows: dict, repeats: int, back_to_back: int = 3) -> dict[str, float]:
-    """Best-of-N milliseconds per row, steady state. Each round runs every row ``back_to_back`` times in a
-    row (its buffers and caches warm, as when a training loop calls the loss step after step) and keeps
-    the fastest; rounds interleave the rows, so load from other processes on a shared machine hits every
-    row alike. The minimum is the least-disturbed run."""
-    for fn in rows.values():
-        for _ in range(3):
+def _call_s(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def timed(rows: dict, repeats: int, device: str = "cpu", back_to_back: int = 3):
+    """Best-of-N milliseconds per row, steady state, and each row's first-call milliseconds (compilation
+    included). Each round runs every row ``back_to_back`` times in a row (its buffers and caches warm, as
+    when a training loop calls the loss step after step) and keeps the fastest; rounds interleave the rows,
+    so load from other processes on a shared machine hits every row alike. The minimum is the
+    least-disturbed run."""
+    first = {}
+    for name, fn in rows.items():
+        first[name] = _call_s(fn, device) * 1e3
+        for _ in range(2):
             fn()
     best = {name: float("inf") for name in rows}
     for _ in range(repeats):
         for name, fn in rows.items():
             for _ in range(back_to_back):
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: t * 1e3 for name, t in best.items()}
+                best[name] = min(best[name], _call_s(fn, device))
+    return {name: t * 1e3 for name, t in best.items()}, first
+
+
+def graph_device_ms(fn, repeats: int, inner: int = 20) -> float:
+    """CUDA only: ``fn`` captured in a CUDA graph, replayed ``inner`` times between two CUDA events; the best
+    of ``repeats`` such runs, per replay: the device's own time for ``fn``'s kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graph asks
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / inner)
+    return best
+
+
+def _shape(text: str) -> tuple[int, int]:
+    b, t = text.split("x")
+    return int(b), int(t)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_arg(parser)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--shapes", nargs="+", type=_shape,
+                        help="BxT ... (default: cpu --batch x --seq; cuda 64x4096 256x8192)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch} T={args.seq}")
+    require_device(args.device)
+    dev = args.device
+    shapes = args.shapes or ([(args.batch, args.seq)] if dev == "cpu" else [(64, 4096), (256, 8192)])
+    print(machine_header(dev))
+    print(f"device {dev}, shapes {', '.join(f'{b}x{t}' for b, t in shapes)}, metrics read by ours: {METRICS_READER}; "
+          f"verl-style: .item() per metric (as verl 0.9.1)")
+    for (batch, seq), dtype in [(s, getattr(torch, d)) for s in shapes for d in args.dtypes.split(",")]:
+        _run_shape(args, dev, batch, seq, dtype)
 
-    for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
-        g = torch.Generator().manual_seed(0)
-        shape = (args.batch, args.seq)
-        log_prob = (-torch.rand(shape, generator=g) * 3).to(dtype).requires_grad_()
-        old_log_prob = (log_prob.detach().float() + 0.2 * torch.randn(shape, generator=g)).to(dtype)
-        advantages = torch.randn(args.batch, 1, generator=g).expand(shape).contiguous().to(dtype)
-        mask = torch.rand(shape, generator=g) > 0.2
-        verl_mask = mask.float()  # verl's response_mask is numeric (it multiplies by it)
 
-        def ours(objective, fast=False):
-            def run():
-                out = compute_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective,
-                                          dual_clip=3.0 if objective == "clip" else None, fast=fast)
-                torch.autograd.grad(out.loss, log_prob)
-                {k: v.item() for k, v in out.metrics.items()}  # metrics reach the logger, like verl's .item()
-                return out
-            return run
+def _run_shape(args, dev, batch, seq, dtype) -> None:
+    g = torch.Generator().manual_seed(0)  # drawn on the CPU, then moved: the same values on every device
+    shape = (batch, seq)
+    log_prob = (-torch.rand(shape, generator=g) * 3).to(dtype=dtype, device=dev).requires_grad_()
+    old_log_prob = (log_prob.detach().float().cpu() + 0.2 * torch.randn(shape, generator=g)).to(dtype=dtype, device=dev)
+    advantages = torch.randn(batch, 1, generator=g).expand(shape).contiguous().to(dtype=dtype, device=dev)
+    mask = (torch.rand(shape, generator=g) > 0.2).to(dev)
+    verl_mask = mask.float()  # verl's response_mask is numeric (it multiplies by it)
 
-        def verl_ref():
-            loss, _ = verl_style_clip(old_log_prob, log_prob, advantages, verl_mask)
-            torch.autograd.grad(loss, log_prob)
+    def ours(objective, fast=False):
+        def run():
+            out = compute_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective,
+                                      dual_clip=3.0 if objective == "clip" else None, fast=fast)
+            torch.autograd.grad(out.loss, log_prob)
+            read_metrics(out.metrics)  # metrics reach the logger (see METRICS_READER)
+            return out
+        return run
 
-        sources = [log_prob.detach(), old_log_prob, advantages, mask]
-        buffers = [torch.empty_like(s) for s in sources]
-        grad_buf = torch.empty_like(log_prob)
+    def verl_ref():
+        loss, _ = verl_style_clip(old_log_prob, log_prob, advantages, verl_mask)
+        torch.autograd.grad(loss, log_prob)
 
-        def copy_floor():
-            for b, s in zip(buffers, sources):
-                b.copy_(s)
-            grad_buf.copy_(sources[0])
+    sources = [log_prob.detach(), old_log_prob, advantages, mask]
+    buffers = [torch.empty_like(s) for s in sources]
+    grad_buf = torch.empty_like(log_prob)
 
-        rows = {"verl-style clip (baseline)": verl_ref}
+    def copy_floor():
+        for b, s in zip(buffers, sources):
+            b.copy_(s)
+        grad_buf.copy_(sources[0])
+
+    rows = {"verl-style clip (baseline)": verl_ref}
+    for objective in ("clip", "cfpo"):
+        rows[f"ours {objective}"] = ours(objective)
+        if not args.no_compile:
+            rows[f"ours {objective} fast (compiled)"] = ours(objective, True)
+    rows["copy floor"] = copy_floor
+    # the same bytes into freshly allocated tensors, as an op that returns a new gradient must do
+    rows["copy into fresh tensors"] = lambda: ([x.clone() for x in sources], log_prob.detach().clone())
+
+    times, first = timed(rows, args.repeats, dev)  # compiled rows compile in their first call
+    floor_name = "copy floor"
+    if dev == "cuda":
+        floor_name = "copy floor (device: CUDA graph replay)"
+        times[floor_name] = first[floor_name] = graph_device_ms(copy_floor, args.repeats)
+    base, floor = times["verl-style clip (baseline)"], times[floor_name]
+    print(f"\n{batch}x{seq} {dtype} on {dev}  (best of {args.repeats}; x copy floor: vs '{floor_name}')")
+    print(f"{'':40s} {'ms':>8s} {'x baseline':>11s} {'x copy floor':>13s} {'first ms':>9s}")
+    for name, ms in times.items():
+        print(f"{name:40s} {ms:8.3f} {ms / base:11.2f} {ms / floor:13.2f} {first[name]:9.1f}")
+
+    if not args.no_compile:  # the compiled path's loss equals the eager one (checked after timing: the first
+        # timed call is the one that compiles)
         for objective in ("clip", "cfpo"):
-            rows[f"ours {objective}"] = ours(objective)
-            if not args.no_compile:
-                rows[f"ours {objective} fast (compiled)"] = ours(objective, True)
-        rows["copy floor"] = copy_floor
-        # the same bytes into freshly allocated tensors, as an op that returns a new gradient must do
-        rows["copy into fresh tensors"] = lambda: ([x.clone() for x in sources], log_prob.detach().clone())
-
-        if not args.no_compile:  # same loss and gradient as the reference path, checked here too
-            for objective in ("clip", "cfpo"):
-                ref = ours(objective)()
-                out = ours(objective, True)()
-                assert torch.allclose(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
-
-        times = timed(rows, args.repeats)
-        base, floor = times["verl-style clip (baseline)"], times["copy floor"]
-        print(f"\n{dtype}  (best of {args.repeats})")
-        print(f"{'':34s} {'ms':>8s} {'x baseline':>11s} {'x copy floor':>13s}")
-        for name, ms in times.items():
-            print(f"{name:34s} {ms:8.3f} {ms / base:11.2f} {ms / floor:13.2f}")
+            ref = ours(objective)()
+            out = ours(objective, True)()
+            # CUDA: compiled (Triton) reductions may sum in another order than the eager kernels
+            tol = 1e-6 if dev == "cpu" else 1e-5
+            assert torch.allclose(out.loss, ref.loss, rtol=tol, atol=tol), (objective, out.loss, ref.loss)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run HERE (the machine with PyPI), from the repo root, before the first device call: downloads the pure-Python
+# wheels the GPU benchmarks need and the device image lacks (trl, liger-kernel, datasets and datasets' two
+# missing dependencies) into .whl/, which git ignores and `carry` takes to the device machine (about 2 MiB).
+# The image already has torch, triton, transformers, accelerate, pyarrow, pandas, xxhash, huggingface-hub.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+ls -l .whl
