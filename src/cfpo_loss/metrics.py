@@ -59,8 +59,8 @@ def trust_region_metrics(
     count = torch.count_nonzero(mask).clamp(min=1).to(ratio.dtype)
     deviation = ratio - 1.0  # 0 at masked positions
     positive, negative = advantages > 0, advantages < 0
-    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high)).to(ratio.dtype)
-    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low)).to(ratio.dtype)
+    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))  # int64 / float below: true division
+    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
     any_valid = mask.any()
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     deviation_sum = deviation.sum()
@@ -81,7 +81,7 @@ def trust_region_metrics(
         k3,  # approx_kl_k3
     ]
     if dual_clip is not None:
-        values.append(torch.count_nonzero(negative & (ratio > dual_clip)).to(ratio.dtype) / count)
+        values.append(torch.count_nonzero(negative & (ratio > dual_clip)) / count)
     if penalty is not None:
         values.append(penalty.sum() / count)
     return torch.stack(values).float()
