@@ -140,8 +140,46 @@ def run(name, out_dir):
         json.dump(record, f)
 
 
+def run_empty_rank(out_dir):
+    """One rank with NO valid token in its micro-batch (rank 1), the other with some: the fused and the unfused loss,
+    each through its own DDP wrapper (find_unused_parameters=False, the strictest: every parameter must get a
+    gradient on every rank, or the next forward raises), two forward/backward rounds on the same inputs. Writes each
+    rank's gradients after the all-reduce, per path and round, to ``OUT_DIR/empty_rank.rank{R}.grads.pt``."""
+    import torch.distributed as dist
+
+    from trl_helpers import make_inputs
+
+    tokenizer = build_tokenizer()
+    grads = {}
+    for path in ("unfused", "fused"):
+        trainer = CFPOTrainer(
+            model=build_model(tokenizer, seed=0),
+            reward_funcs=reward_digits,
+            args=make_args(CFPOConfig, os.path.join(out_dir, "empty_rank", path), per_device_train_batch_size=8,
+                           use_fused_loss=path == "fused", ddp_find_unused_parameters=False),
+            train_dataset=prompt_dataset(32),
+            processing_class=tokenizer,
+        )
+        trainer.current_gradient_accumulation_steps = 1
+        rank = trainer.accelerator.process_index
+        inputs = make_inputs(trainer, seed=rank)
+        if rank == 1:
+            inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+        counts = inputs["completion_mask"].sum().reshape(1)
+        dist.all_reduce(counts)
+        inputs["num_items_in_batch"] = counts  # dapo: the token count of the generation batch over all ranks
+        model = trainer.accelerator.prepare(trainer.model)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
+        model.train()
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            trainer._compute_loss(model, inputs).backward()
+            grads[f"{path}.{step}"] = {n: p.grad.detach().clone() for n, p in model.module.named_parameters()}
+    torch.save(grads, os.path.join(out_dir, f"empty_rank.rank{rank}.grads.pt"))
+
+
 if __name__ == "__main__":
     out, names = sys.argv[1], sys.argv[2:]
     os.makedirs(out, exist_ok=True)
     for n in names:
-        run(n, out)
+        run_empty_rank(out) if n == "empty_rank" else run(n, out)

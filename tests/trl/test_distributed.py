@@ -31,7 +31,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "dist_train.py")
-TORCHRUN_RUNS = ["grpo", "clip", "cfpo", "cfpo_fused", "clip_fused", "bypass_ddp"]
+TRAINED = ["grpo", "clip", "cfpo", "cfpo_fused", "clip_fused"]  # train() runs of dist_train.RUNS, synchronised
+TORCHRUN_RUNS = TRAINED + ["bypass_ddp", "empty_rank"]
 ACCELERATE_RUNS = ["cfpo_fused_nofind", "cfpo_ga1", "cfpo_fused_ga1_static"]
 # keys that measure time, not training
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
@@ -62,9 +63,11 @@ def runs(tmp_path_factory):
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
              "--main_process_port", str(_free_port())], out, tmp, ACCELERATE_RUNS)
     os.rename(out, tmp / "accelerate")
-    results = {}
+    results = {"empty_rank": [torch.load(tmp / "torchrun" / f"empty_rank.rank{r}.grads.pt") for r in (0, 1)]}
     for launcher, names in (("torchrun", TORCHRUN_RUNS), ("accelerate", ACCELERATE_RUNS)):
         for name in names:
+            if name == "empty_rank":
+                continue
             ranks = []
             for rank in (0, 1):
                 with open(tmp / launcher / f"{name}.rank{rank}.json") as f:
@@ -91,12 +94,14 @@ def _assert_same_history(got, ref, *, rel, abs_, keys=None):
 
 def test_two_processes_ran(runs):
     for name, ranks in runs.items():
+        if name == "empty_rank":
+            continue
         for record in ranks:
             assert record["world_size"] == 2, name
             assert record["distributed_type"] == "DistributedType.MULTI_CPU", name
 
 
-@pytest.mark.parametrize("name", TORCHRUN_RUNS[:-1] + ACCELERATE_RUNS)
+@pytest.mark.parametrize("name", TRAINED + ACCELERATE_RUNS)
 def test_ranks_hold_identical_parameters(runs, name):
     """DDP all-reduces the gradients: after the last step both ranks hold bitwise the same parameters (and log the
     same gradient norm, which each rank computes from its own .grad)."""
@@ -169,3 +174,17 @@ def test_fused_equals_unfused_under_ddp(runs, fused, ref):
     if fused == "cfpo_fused":
         counts = [[s["valid_tokens"] for s in runs[fused][rank]["local_stats"]] for rank in (0, 1)]
         assert counts[0] != counts[1], counts
+
+
+def test_fused_with_an_empty_rank(runs):
+    """One rank's micro-batch holds no valid token (find_unused_parameters=False: every parameter must still get a
+    gradient there, or DDP errors or waits): after the all-reduce both ranks hold the same gradients, equal to the
+    unfused path's (fp32, 1e-5), in two successive rounds."""
+    g0, g1 = runs["empty_rank"]
+    for key in ("unfused.0", "unfused.1", "fused.0", "fused.1"):
+        assert g0[key].keys() == g0["unfused.0"].keys() and len(g0[key]) > 0
+        for name in g0[key]:
+            assert torch.equal(g0[key][name], g1[key][name]), (key, name)
+    for step in (0, 1):
+        for name, want in g0[f"unfused.{step}"].items():
+            torch.testing.assert_close(g0[f"fused.{step}"][name], want, rtol=1e-5, atol=1e-5, msg=name)
