@@ -7,6 +7,7 @@ evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the redu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -47,8 +48,13 @@ class PolicyLossOutput:
     per_token_loss: Tensor | None = None
     ratio: Tensor | None = None
 
+    _host_metrics: dict[str, float] | None = field(default=None, repr=False, compare=False)
+
     def metric_floats(self) -> dict[str, float]:
-        """``metrics`` as Python floats, read with one device-to-host transfer (``read_metrics``)."""
+        """``metrics`` as Python floats. With ``check_finite`` (the default) ``compute_policy_loss`` already
+        read them in its one device sync, so this costs none; otherwise one transfer (``read_metrics``)."""
+        if self._host_metrics is not None and self._host_metrics.keys() == self.metrics.keys():
+            return dict(self._host_metrics)
         return read_metrics(self.metrics)
 
 
@@ -95,7 +101,8 @@ def compute_policy_loss(
         ratio_level: "token", or "sequence" for the GSPO ratio exp(mean_t log r) per sequence.
         weights: optional (B, T) per-token importance weights multiplied onto the per-token loss
             (rollout / train mismatch corrections); no gradient flows into them.
-        check_finite: raise on NaN/inf at valid positions (one device sync; off to avoid it).
+        check_finite: raise on NaN/inf at valid positions. Costs the call's one device sync, which also
+            brings every metric to the host (``metric_floats()`` then costs none); off: no sync at all.
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: see ``aggregate_loss``.
         fast: True compiles the per-token pass and the aggregation with ``torch.compile`` (the first
             call per shape family compiles: tens of seconds on a CPU; afterwards several times faster than
@@ -122,15 +129,20 @@ def compute_policy_loss(
         per_token_loss, ratio, metrics, checksum = eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights,
                                                                      options)
         loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
-    if mask_invalid is not None:  # a 0/1 mask's values join the finite check's sync: NaN if one is neither
-        checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
-    if check_finite and not bool(torch.isfinite(checksum)):  # the one device sync
-        raise_if_mask_invalid(mask_invalid, "non-bool")
-        check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
-                           weights=weights)
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
+    host = None
+    if check_finite:  # THE one device sync: the checksum and every metric in one transfer
+        if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
+            checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
+        *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
+        if not math.isfinite(total):
+            raise_if_mask_invalid(mask_invalid, "non-bool")
+            check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
+                               weights=weights)
+        host = dict(zip(names, values))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
-    return PolicyLossOutput(loss=loss, metrics=metrics_dict(metrics, names), per_token_loss=per_token_loss, ratio=ratio)
+    return PolicyLossOutput(loss=loss, metrics=metrics_dict(metrics, names), per_token_loss=per_token_loss, ratio=ratio,
+                            _host_metrics=host)
 
 
 class Batch(NamedTuple):

@@ -92,23 +92,43 @@ def test_a_bad_01_mask_raises_with_and_without_the_finite_check(fast):
 
 
 class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
+    """Device-to-host waits: what .item() / bool() / nonzero dispatch to, plus every Tensor.tolist() call (on
+    CPU tolist does not go through the dispatcher; on a GPU it is one transfer)."""
+
+    def __init__(self, monkeypatch):
         super().__init__()
         self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.count += 1
+            return tolist(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
-def test_one_device_sync_per_call_whatever_the_mask_dtype(mask_dtype):
-    """The finite check is the loss's one sync; a 0/1 mask's value check rides on it; off, there is none."""
+def test_one_device_sync_per_call_metrics_included(monkeypatch, mask_dtype, fast):
+    """The finite check is the loss's one sync and brings the metrics with it; a 0/1 mask's value check rides
+    on it too. Without the finite check: no sync, and reading the metrics is one."""
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(4, 5, generator=g, requires_grad=True)
+    old, adv = lp.detach() + 0.3 * torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
     mask = (torch.rand(4, 5, generator=g) > 0.3).to(mask_dtype)
-    for check_finite, syncs in ((True, 1), (False, 0 if mask_dtype == torch.bool else 1)):
-        with _Syncs() as probe:
-            out = compute_policy_loss(lp, lp.detach() + 0.1, torch.randn(4, generator=g), mask, check_finite=check_finite)
+    reference = compute_policy_loss(lp, old, adv, mask, check_finite=False)
+    expected = {k: v.item() for k, v in reference.metrics.items()}
+    compute_policy_loss(lp, old, adv, mask, fast=fast)  # warm-up (compilation)
+    for check_finite, in_call, in_read in ((True, 1, 0), (False, 0 if mask_dtype == torch.bool else 1, 1)):
+        with _Syncs(monkeypatch) as probe:
+            out = compute_policy_loss(lp, old, adv, mask, check_finite=check_finite, fast=fast)
             out.loss.backward()
-        assert probe.count == syncs, (check_finite, probe.count)
+            assert probe.count == in_call, (check_finite, probe.count)
+            floats = out.metric_floats()
+            assert probe.count == in_call + in_read, (check_finite, probe.count)
+        assert floats.keys() == expected.keys()
+        for k in expected:
+            assert floats[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), k
