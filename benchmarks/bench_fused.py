@@ -265,6 +265,8 @@ def check(methods, configs, device, dtype_name, liger_compiled) -> int:
     ‖Δ‖ / ‖reference‖. Tolerance 1e-4 in fp32, 3e-2 in bf16/fp16 (a wrong sign, normaliser or mask is O(1))."""
     import torch
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32 (TF32 is off by default;
+    torch.backends.cudnn.allow_tf32 = False  # nothing imported here may have turned it on)
     dtype = getattr(torch, dtype_name)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     failures = 0
