@@ -178,8 +178,100 @@ def run_empty_rank(out_dir):
     torch.save(grads, os.path.join(out_dir, f"empty_rank.rank{rank}.grads.pt"))
 
 
+def _fsdp2_shard(model, layout):
+    """torch's FSDP2 `fully_shard`, applied by hand in the unit layout accelerate 1.15's fsdp2_prepare_model builds
+    (decoder layers by TRANSFORMER_BASED_WRAP, the input embedding, the tail [final norm, LM head] with
+    reshard_after_forward=False, the root), since accelerate runs FSDP only on accelerators; or ("head_alone") with the
+    LM head in a unit of its own, a layout the fused pass refuses."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if layout == "accelerate":
+        fully_shard(model.model.embed_tokens)
+        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False)
+    else:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+
+
+def run_fsdp2(out_dir, layout):
+    """Gradients of the unfused and the fused loss under FSDP2 (layout as in _fsdp2_shard), each rank on its own
+    micro-batches, against a reference: the same loss on an unsharded copy, gradients averaged over the ranks by hand
+    (what data parallelism must give). Rounds: two synchronised steps on micro-batch a, then gradient accumulation over
+    micro-batches a (set_requires_gradient_sync(False), accelerate's no_sync for FSDP2) and b. Writes
+    ``OUT_DIR/fsdp2_{layout}.rank{R}.pt``: {path: {round: {name: full gradient}} or the error text}."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from trl_helpers import make_inputs
+
+    def full_grads(model):
+        return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                for n, p in model.named_parameters()}
+
+    tokenizer = build_tokenizer()
+    result = {}
+    for path in ("unfused", "fused"):
+        trainer = CFPOTrainer(
+            model=build_model(tokenizer, seed=0),
+            reward_funcs=reward_digits,
+            args=make_args(CFPOConfig, os.path.join(out_dir, f"fsdp2_{layout}", path), per_device_train_batch_size=8,
+                           use_fused_loss=path == "fused"),
+            train_dataset=prompt_dataset(32),
+            processing_class=tokenizer,
+        )
+        trainer.current_gradient_accumulation_steps = 1
+        rank = trainer.accelerator.process_index
+        batches = []
+        for seed in (rank, 10 + rank):
+            inputs = make_inputs(trainer, seed=seed)
+            counts = inputs["completion_mask"].sum().reshape(1)
+            dist.all_reduce(counts)
+            inputs["num_items_in_batch"] = counts
+            batches.append(inputs)
+        model = trainer.model
+        model.train()
+        if path == "unfused":  # the reference, on an unsharded copy
+            ref = copy.deepcopy(model)
+            local = []
+            for inputs in batches:
+                ref.zero_grad(set_to_none=True)
+                trainer._compute_loss(ref, inputs).backward()
+                local.append(full_grads(ref))
+            for i, g in enumerate(local):
+                for t in g.values():
+                    dist.all_reduce(t)
+                    t /= dist.get_world_size()
+            result["reference"] = {"a": local[0], "a+b": {n: local[0][n] + local[1][n] for n in local[0]}}
+        _fsdp2_shard(model, layout)
+        rounds = {}
+        try:
+            for name in ("a0", "a1"):
+                model.zero_grad(set_to_none=True)
+                trainer._compute_loss(model, batches[0]).backward()
+                rounds[name] = full_grads(model)
+            model.zero_grad(set_to_none=True)
+            model.set_requires_gradient_sync(False)
+            trainer._compute_loss(model, batches[0]).backward()
+            model.set_requires_gradient_sync(True)
+            trainer._compute_loss(model, batches[1]).backward()
+            rounds["a+b"] = full_grads(model)
+            result[path] = rounds
+        except RuntimeError as exc:
+            result[path] = str(exc)
+    torch.save(result, os.path.join(out_dir, f"fsdp2_{layout}.rank{rank}.pt"))
+
+
 if __name__ == "__main__":
     out, names = sys.argv[1], sys.argv[2:]
     os.makedirs(out, exist_ok=True)
     for n in names:
-        run_empty_rank(out) if n == "empty_rank" else run(n, out)
+        if n == "empty_rank":
+            run_empty_rank(out)
+        elif n.startswith("fsdp2_"):
+            run_fsdp2(out, n[len("fsdp2_"):])
+        else:
+            run(n, out)

@@ -10,11 +10,15 @@ parameters compared here.
   TRL's own GRPOTrainer fails under static_graph with accumulation); ranks hold different numbers of valid tokens;
   after training the parameters are bitwise identical on both ranks;
 * the same rank-identity check fails for a fused pass called outside DDP's forward (a negative control), so it would
-  catch an unsynchronised gradient.
+  catch an unsynchronised gradient;
+* one rank with no valid token at all: fused = unfused gradients, identical on both ranks;
+* FSDP2 (torch's fully_shard in accelerate's unit layout, applied by hand: accelerate runs FSDP only on accelerators):
+  both paths' gradients equal an unsharded copy's averaged over the ranks by hand, also with gradient accumulation;
+  an LM head in an FSDP unit of its own is refused by the fused pass, by name.
 
 One `python -m torch.distributed.run --standalone --nproc_per_node 2` launch and one `accelerate launch --multi_gpu
 --num_processes 2` launch (on a machine without GPUs that launcher starts CPU processes too; `use_cpu=True` in the
-script selects gloo. `accelerate launch --cpu --num_processes 2` would start ONE process). About 30-60 s here.
+script selects gloo. `accelerate launch --cpu --num_processes 2` would start ONE process). About 50 s here.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "dist_train.py")
 TRAINED = ["grpo", "clip", "cfpo", "cfpo_fused", "clip_fused"]  # train() runs of dist_train.RUNS, synchronised
-TORCHRUN_RUNS = TRAINED + ["bypass_ddp", "empty_rank"]
+TORCHRUN_RUNS = TRAINED + ["bypass_ddp", "empty_rank", "fsdp2_accelerate", "fsdp2_head_alone"]
 ACCELERATE_RUNS = ["cfpo_fused_nofind", "cfpo_ga1", "cfpo_fused_ga1_static"]
 # keys that measure time, not training
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
@@ -64,9 +68,11 @@ def runs(tmp_path_factory):
              "--main_process_port", str(_free_port())], out, tmp, ACCELERATE_RUNS)
     os.rename(out, tmp / "accelerate")
     results = {"empty_rank": [torch.load(tmp / "torchrun" / f"empty_rank.rank{r}.grads.pt") for r in (0, 1)]}
+    for name in ("fsdp2_accelerate", "fsdp2_head_alone"):
+        results[name] = [torch.load(tmp / "torchrun" / f"{name}.rank{r}.pt") for r in (0, 1)]
     for launcher, names in (("torchrun", TORCHRUN_RUNS), ("accelerate", ACCELERATE_RUNS)):
         for name in names:
-            if name == "empty_rank":
+            if name not in TRAINED + ACCELERATE_RUNS + ["bypass_ddp"]:
                 continue
             ranks = []
             for rank in (0, 1):
@@ -94,7 +100,7 @@ def _assert_same_history(got, ref, *, rel, abs_, keys=None):
 
 def test_two_processes_ran(runs):
     for name, ranks in runs.items():
-        if name == "empty_rank":
+        if name not in TRAINED + ACCELERATE_RUNS + ["bypass_ddp"]:
             continue
         for record in ranks:
             assert record["world_size"] == 2, name
@@ -188,3 +194,28 @@ def test_fused_with_an_empty_rank(runs):
     for step in (0, 1):
         for name, want in g0[f"unfused.{step}"].items():
             torch.testing.assert_close(g0[f"fused.{step}"][name], want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("path", ["unfused", "fused"])
+def test_fsdp2(runs, path):
+    """FSDP2 (torch's fully_shard in accelerate 1.15's unit layout, applied by hand: accelerate runs FSDP only on
+    accelerators): the gradients, gathered from the shards, equal an unsharded copy's gradients averaged over the
+    ranks by hand, for two synchronised steps and for gradient accumulation with set_requires_gradient_sync(False) on
+    the first micro-batch; the fused pass to fp32 rounding (1e-5), the default path to 1e-6."""
+    tol = dict(rtol=1e-5, atol=1e-5) if path == "fused" else dict(rtol=1e-6, atol=1e-6)
+    for rank in (0, 1):
+        result = runs["fsdp2_accelerate"][rank]
+        assert not isinstance(result[path], str), result[path]
+        for round_, grads in result[path].items():
+            want = result["reference"]["a+b" if round_ == "a+b" else "a"]
+            assert grads.keys() == want.keys() and len(want) > 0
+            for name in want:
+                torch.testing.assert_close(grads[name], want[name], **tol, msg=f"{round_} {name}")
+
+
+def test_fsdp2_head_in_a_unit_of_its_own_is_refused(runs):
+    """With the LM head sharded in a unit whose forward never runs, the fused pass would read a DTensor shard: it
+    refuses, by name, on the first step (both ranks), instead of training on a wrong or unreduced head gradient."""
+    for rank in (0, 1):
+        message = runs["fsdp2_head_alone"][rank]["fused"]
+        assert isinstance(message, str) and "LM head weight is still sharded (a DTensor)" in message

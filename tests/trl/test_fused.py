@@ -98,8 +98,8 @@ def test_fused_train(tiny_model_dir, tokenizer, tmp_path):
     (dict(use_adaptive_entropy=True), "entropy bonus"),
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
     (dict(off_policy_mask_threshold=0.1), "off_policy_mask_threshold"),
-    # sharded setups (plain DDP is supported: tests/trl/test_distributed.py)
-    (dict(fsdp=True, fsdp_config={"version": 2}), r"FSDP \(FSDP shards the LM head"),
+    # FSDP1 (DDP and FSDP2 are supported: tests/trl/test_distributed.py); FSDP2 is accepted below
+    (dict(fsdp=True, fsdp_config={"version": 1}), r"FSDP version 1 \(FSDP1 flattens"),
     (dict(parallelism_config="tp2"), "parallelism_config with tensor"),
 ])
 def test_fused_refuses_unsupported_options(tmp_path, kw, match):
@@ -110,6 +110,12 @@ def test_fused_refuses_unsupported_options(tmp_path, kw, match):
     with pytest.raises(ValueError, match=f"use_fused_loss=True does not support .*{match}"):
         CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
                    use_cpu=True, use_fused_loss=True, **kw)
+
+
+def test_fused_accepts_fsdp2(tmp_path):
+    args = CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
+                      use_cpu=True, use_fused_loss=True, fsdp=True, fsdp_config={"version": 2})
+    assert args.use_fused_loss and args.fsdp
 
 
 def test_fused_refuses_deepspeed(tmp_path):

@@ -47,12 +47,14 @@ the core (``cfpo_loss.fused_linear_policy_loss``: LM head, log-probs, objective,
 computed in the forward, never the logits): ``_compute_loss_fused`` maps ``loss_type`` to the core's aggregation
 with TRL's normalisers (lines 3153-3182), calls the (wrapped) model, whose forward ``_add_fused_policy_loss`` patches
 to run the backbone and the fused pass when given ``cfpo_fused_loss=...`` (TRL's own ``add_fused_lm_head`` pattern,
-so DDP's reducer synchronises the gradients), and logs the same metrics. It supports a subset of TRL's options (one
-process or plain DDP, no FSDP / DeepSpeed / tensor parallelism, no PEFT / MoE aux loss / logit softcapping or scaling /
-multimodal inputs, no entropy bonus, entropy mask, off-policy mask or vLLM IS correction, and KL only with
-``use_bias_correction_kl=False``), and refuses the rest by name at construction. Tests: same loss and gradients as
+so DDP's reducer and FSDP2's reduce-scatter synchronise the gradients), and logs the same metrics. It supports a subset
+of TRL's options (one process, DDP or FSDP2; no FSDP1 / DeepSpeed / tensor parallelism, no PEFT / MoE aux loss /
+logit softcapping or scaling / multimodal inputs, no entropy bonus, entropy mask, off-policy mask or vLLM IS
+correction, and KL only with ``use_bias_correction_kl=False``), and refuses the rest by name at construction (an
+FSDP2 layout with the LM head in a unit of its own, on the first step). Tests: same loss and gradients as
 the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's GRPOTrainer; under 2-process DDP the same trajectory
-as the unfused path and identical parameters on both ranks (tests/trl/test_distributed.py).
+as the unfused path and identical parameters on both ranks; under 2-process FSDP2 (accelerate's unit layout, applied
+by hand) the same gradients as an unsharded copy reduced by hand (tests/trl/test_distributed.py).
 
 Version guard: importing this module checks that TRL's version lies in ``SUPPORTED_TRL`` *and* that the
 source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
@@ -72,6 +74,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+try:  # FSDP2's sharded parameters (torch builds without torch.distributed have none)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
 
 try:
     import trl
@@ -107,12 +114,11 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "s
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 # use_fused_loss=True under several processes: accelerate's distributed types that wrap the model in plain DDP
-# (tested on CPU with gloo, tests/trl/test_distributed.py); every other one is refused at construction, by name.
+# (tested on CPU with gloo, tests/trl/test_distributed.py), and FSDP2; every other one is refused at construction.
 _DDP_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
               "MULTI_HPU", "MULTI_NEURON")
-_FSDP_REASON = ("FSDP shards the LM head; the fused pass would have to gather it as TRL does (DTensor.full_tensor()) "
-                "and that is not tested: accelerate runs FSDP only on accelerators, and on CPU it silently falls back "
-                "to DDP")
+_FSDP1_REASON = ("FSDP1 flattens parameters into FlatParameters and is not tested with the fused pass; FSDP2, "
+                 "fsdp_config={'version': 2} (TrainingArguments' default), is")
 _DEEPSPEED_REASON = ("ZeRO-3 partitions the LM head to numel 0 outside its module's forward, so the fused pass "
                      "would read an empty weight unless gathered (TRL's maybe_gather_lm_head_ctx); DeepSpeed is not "
                      "installable in the test environment, so no ZeRO stage is tested with the fused pass")
@@ -212,8 +218,9 @@ def _validate_fused(args) -> None:
     # Multi-process: DDP (accelerate's MULTI_CPU / MULTI_GPU / ...) is supported and tested (the fused pass runs
     # inside the wrapped model's forward, so DDP's reducer sees it). Sharded setups are refused here, by the
     # arguments that ask for them, and again after construction by accelerate's distributed type.
-    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        refused.append(f"FSDP ({_FSDP_REASON})")
+    fsdp_version = _requested_fsdp_version(args)
+    if fsdp_version is not None and fsdp_version != 2:
+        refused.append(f"FSDP version {fsdp_version} ({_FSDP1_REASON})")
     if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         refused.append(f"DeepSpeed ({_DEEPSPEED_REASON})")
     pc = getattr(args, "parallelism_config", None)
@@ -223,6 +230,15 @@ def _validate_fused(args) -> None:
     if refused:
         raise ValueError("use_fused_loss=True does not support " + "; ".join(refused) + ". Use use_fused_loss=False "
                          "(TRL's own chunked log-prob kernel with the same objective) for these options.")
+
+
+def _requested_fsdp_version(args) -> int | None:
+    """The FSDP version the arguments (or `accelerate launch`'s environment) ask for; None without FSDP."""
+    if args.fsdp:  # TrainingArguments: fsdp_config's "version", default 2 (transformers' _process_fsdp_args)
+        return int((args.fsdp_config or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's FullyShardedDataParallelPlugin default
+    return None
 
 
 def _add_fused_policy_loss(model) -> None:
@@ -248,10 +264,20 @@ def _add_fused_policy_loss(model) -> None:
         logits_to_keep = spec.pop("logits_to_keep")
         cast_lm_head_to_fp32 = spec.pop("cast_lm_head_to_fp32")
         kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        # Read the head only now: under FSDP2 as accelerate lays it out, the LM head shares a unit with the final
+        # norm (reshard_after_forward=False), so the backbone's forward has just unsharded it into a plain tensor,
+        # whose gradient FSDP2 reduce-scatters in backward. Still a DTensor means a unit of its own that never ran.
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
+        if isinstance(weight, DTensor):
+            raise RuntimeError(
+                "use_fused_loss=True under FSDP2: the LM head weight is still sharded (a DTensor) after the "
+                "backbone's forward, so FSDP2 wrapped the LM head in a unit of its own whose forward never runs. Shard "
+                "it together with the final norm, as accelerate does (fully_shard([norm, lm_head], "
+                "reshard_after_forward=False)), or leave it in the root unit."
+            )
         device_type = weight.device.type
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
         # The LM head's precision, as TRL's kernel picks it: the autocast dtype when mixed precision is on (each
         # logits tile in that dtype, everything after it in fp32), else the weight's; fp32 with cast_lm_head_to_fp32.
         # The fused pass itself runs outside autocast, on explicitly cast inputs.
@@ -288,8 +314,8 @@ class CFPOConfig(GRPOConfig):
             `True`: compute LM head, log-probs, objective and aggregation in one chunked pass
             (`cfpo_loss.fused_linear_policy_loss`), which never holds the logits and computes the gradients in the
             forward; `False`: TRL's own chunked log-prob kernel, then the objective. Same loss and gradients. The
-            fused pass supports a subset of TRL's setups and loss options (one process or DDP, not FSDP / DeepSpeed;
-            no entropy bonus / entropy mask / off-policy mask / vLLM IS correction; KL only with
+            fused pass supports a subset of TRL's setups and loss options (one process, DDP or FSDP2; not FSDP1 /
+            DeepSpeed; no entropy bonus / entropy mask / off-policy mask / vLLM IS correction; KL only with
             use_bias_correction_kl=False), refused by name.
     """
 
@@ -344,10 +370,13 @@ class CFPOTrainer(GRPOTrainer):
         # what accelerate made of the arguments and the launcher's environment (FSDP / DeepSpeed / TP are refused
         # from the arguments already; this catches the rest, e.g. an accelerate config file's XLA or Megatron-LM)
         kind = self.accelerator.distributed_type
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or kind.name not in _DDP_TYPES:
-            reason = {"FSDP": _FSDP_REASON, "DEEPSPEED": _DEEPSPEED_REASON}.get(kind.name, "untested")
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
+        if kind.name == "FSDP" and fsdp_version == 2:
+            pass
+        elif self.is_deepspeed_enabled or kind.name not in _DDP_TYPES:
+            reason = {"FSDP": _FSDP1_REASON, "DEEPSPEED": _DEEPSPEED_REASON}.get(kind.name, "untested")
             raise ValueError(
-                f"use_fused_loss=True runs under a single process or plain DDP only; accelerate's distributed type is "
+                f"use_fused_loss=True runs under one process, DDP or FSDP2 only; accelerate's distributed type is "
                 f"{kind.name} ({reason}). Use use_fused_loss=False (TRL's own chunked log-prob kernel, same objective)."
             )
         model = self.accelerator.unwrap_model(self.model)
