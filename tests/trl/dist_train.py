@@ -140,34 +140,46 @@ def run(name, out_dir):
         json.dump(record, f)
 
 
-def run_empty_rank(out_dir):
-    """One rank with NO valid token in its micro-batch (rank 1), the other with some: the fused and the unfused loss,
-    each through its own DDP wrapper (find_unused_parameters=False, the strictest: every parameter must get a
-    gradient on every rank, or the next forward raises), two forward/backward rounds on the same inputs. Writes each
-    rank's gradients after the all-reduce, per path and round, to ``OUT_DIR/empty_rank.rank{R}.grads.pt``."""
+def _loss_step_trainer(out_dir, path, seeds, empty=False, **overrides):
+    """A CFPOTrainer (fused or not) for calling `_compute_loss` by hand, no accumulation normaliser, and this rank's
+    micro-batches (trl_helpers.make_inputs, one per seed; `empty`: no valid token) with dapo's token count summed over
+    the ranks, as TRL's generation batch carries it."""
     import torch.distributed as dist
 
     from trl_helpers import make_inputs
 
     tokenizer = build_tokenizer()
-    grads = {}
-    for path in ("unfused", "fused"):
-        trainer = CFPOTrainer(
-            model=build_model(tokenizer, seed=0),
-            reward_funcs=reward_digits,
-            args=make_args(CFPOConfig, os.path.join(out_dir, "empty_rank", path), per_device_train_batch_size=8,
-                           use_fused_loss=path == "fused", ddp_find_unused_parameters=False),
-            train_dataset=prompt_dataset(32),
-            processing_class=tokenizer,
-        )
-        trainer.current_gradient_accumulation_steps = 1
-        rank = trainer.accelerator.process_index
-        inputs = make_inputs(trainer, seed=rank)
-        if rank == 1:
+    trainer = CFPOTrainer(
+        model=build_model(tokenizer, seed=0),
+        reward_funcs=reward_digits,
+        args=make_args(CFPOConfig, os.path.join(out_dir, path), per_device_train_batch_size=8,
+                       use_fused_loss=path.endswith("/fused"), **overrides),
+        train_dataset=prompt_dataset(32),
+        processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    batches = []
+    for seed in seeds:
+        inputs = make_inputs(trainer, seed=seed)
+        if empty:
             inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
         counts = inputs["completion_mask"].sum().reshape(1)
         dist.all_reduce(counts)
-        inputs["num_items_in_batch"] = counts  # dapo: the token count of the generation batch over all ranks
+        inputs["num_items_in_batch"] = counts
+        batches.append(inputs)
+    return trainer, batches
+
+
+def run_empty_rank(out_dir):
+    """One rank with NO valid token in its micro-batch (rank 1), the other with some: the fused and the unfused loss,
+    each through its own DDP wrapper (find_unused_parameters=False, the strictest: every parameter must get a
+    gradient on every rank, or the next forward raises), two forward/backward rounds on the same inputs. Writes each
+    rank's gradients after the all-reduce, per path and round, to ``OUT_DIR/empty_rank.rank{R}.grads.pt``."""
+    rank = int(os.environ["RANK"])  # set by the launcher; the process group starts with the first trainer
+    grads = {}
+    for path in ("unfused", "fused"):
+        trainer, (inputs,) = _loss_step_trainer(out_dir, f"empty_rank/{path}", [rank], empty=rank == 1,
+                                                ddp_find_unused_parameters=False)
         model = trainer.accelerator.prepare(trainer.model)
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
         model.train()
@@ -206,32 +218,14 @@ def run_fsdp2(out_dir, layout):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from trl_helpers import make_inputs
-
     def full_grads(model):
         return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
                 for n, p in model.named_parameters()}
 
-    tokenizer = build_tokenizer()
+    rank = int(os.environ["RANK"])  # set by the launcher; the process group starts with the first trainer
     result = {}
     for path in ("unfused", "fused"):
-        trainer = CFPOTrainer(
-            model=build_model(tokenizer, seed=0),
-            reward_funcs=reward_digits,
-            args=make_args(CFPOConfig, os.path.join(out_dir, f"fsdp2_{layout}", path), per_device_train_batch_size=8,
-                           use_fused_loss=path == "fused"),
-            train_dataset=prompt_dataset(32),
-            processing_class=tokenizer,
-        )
-        trainer.current_gradient_accumulation_steps = 1
-        rank = trainer.accelerator.process_index
-        batches = []
-        for seed in (rank, 10 + rank):
-            inputs = make_inputs(trainer, seed=seed)
-            counts = inputs["completion_mask"].sum().reshape(1)
-            dist.all_reduce(counts)
-            inputs["num_items_in_batch"] = counts
-            batches.append(inputs)
+        trainer, batches = _loss_step_trainer(out_dir, f"fsdp2_{layout}/{path}", [rank, 10 + rank])
         model = trainer.model
         model.train()
         if path == "unfused":  # the reference, on an unsharded copy
@@ -241,7 +235,7 @@ def run_fsdp2(out_dir, layout):
                 ref.zero_grad(set_to_none=True)
                 trainer._compute_loss(ref, inputs).backward()
                 local.append(full_grads(ref))
-            for i, g in enumerate(local):
+            for g in local:
                 for t in g.values():
                     dist.all_reduce(t)
                     t /= dist.get_world_size()
