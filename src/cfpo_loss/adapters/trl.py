@@ -215,9 +215,10 @@ def _validate_fused(args) -> None:
         refused.append("off_policy_mask_threshold (needs the log-probs before the loss)")
     if args.use_vllm and args.vllm_importance_sampling_correction:
         refused.append("vLLM importance-sampling correction (not tested with the fused pass)")
-    # Multi-process: DDP (accelerate's MULTI_CPU / MULTI_GPU / ...) is supported and tested (the fused pass runs
-    # inside the wrapped model's forward, so DDP's reducer sees it). Sharded setups are refused here, by the
-    # arguments that ask for them, and again after construction by accelerate's distributed type.
+    # Multi-process: DDP (accelerate's MULTI_CPU / MULTI_GPU / ...) and FSDP2 are supported and tested (the fused pass
+    # runs inside the wrapped model's forward, so DDP's reducer / FSDP2's reduce-scatter see it). FSDP1, DeepSpeed and
+    # tensor parallelism are refused here, by the arguments that ask for them, and again after construction by
+    # accelerate's distributed type.
     fsdp_version = _requested_fsdp_version(args)
     if fsdp_version is not None and fsdp_version != 2:
         refused.append(f"FSDP version {fsdp_version} ({_FSDP1_REASON})")
@@ -253,7 +254,9 @@ def _add_fused_policy_loss(model) -> None:
     that forward, as a single-process fused pass may, leaves DDP's gradient hooks disarmed: each rank would step on its
     own gradient with no error. This is TRL's own pattern (``trl.trainer.utils.add_fused_lm_head``): the fused pass
     computes the LM head's gradient in its forward and hands it back in backward, where it accumulates into the
-    parameter's ``.grad`` like any other, so the reducer all-reduces it with the rest."""
+    parameter's ``.grad`` like any other, so the reducer all-reduces it with the rest. Under FSDP2 the same call runs
+    inside the root unit's forward, after the backbone has unsharded the [final norm, LM head] unit (accelerate's
+    layout), so the head is a plain tensor whose gradient that unit reduce-scatters in backward."""
     inner_forward = model.forward
 
     @functools.wraps(type(model).forward)  # keep the signature: `generate` validates its kwargs against it
@@ -367,7 +370,7 @@ class CFPOTrainer(GRPOTrainer):
     # ---- use_fused_loss=True --------------------------------------------------------------------------------
 
     def _check_fused_model(self) -> None:
-        # what accelerate made of the arguments and the launcher's environment (FSDP / DeepSpeed / TP are refused
+        # what accelerate made of the arguments and the launcher's environment (FSDP1 / DeepSpeed / TP are refused
         # from the arguments already; this catches the rest, e.g. an accelerate config file's XLA or Megatron-LM)
         kind = self.accelerator.distributed_type
         fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
