@@ -520,23 +520,28 @@ class CFPOTrainer(GRPOTrainer):
             self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high_clip).item())
 
         # trust-region diagnostics logged for both objectives (penalty only for cfpo), so runs compare side by
-        # side: mean |r - 1| and max r over valid tokens (per sequence at sequence level), and CFPO's mean quadratic
-        # penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
+        # side: mean |r - 1|, max and min r over valid tokens (per sequence at sequence level), and CFPO's mean
+        # quadratic penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
+        # All of them in ONE collective and ONE device sync (TRL's own block above costs five of each; this one
+        # is what CFPOTrainer adds to GRPOTrainer's step).
         ratio = coef_1.detach()
-        self._metrics[mode]["cfpo/ratio_dev"].append(global_masked_mean((ratio - 1.0).abs()))
-        self._metrics[mode]["cfpo/ratio_max"].append(self._cfpo_global_masked_max(ratio, mask))
-        # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
-        self._metrics[mode]["cfpo/ratio_min"].append(-self._cfpo_global_masked_max(-ratio, mask))
+        # (B, 1) when importance_sampling_level == "sequence": one value per sequence, as TRL's metrics count them
+        valid = torch.ones_like(ratio, dtype=torch.bool) if ratio.shape[1] == 1 else mask.bool()
+        local = [torch.where(valid, (ratio - 1.0).abs(), 0.0).sum(), valid.sum(),
+                 torch.where(valid, ratio, -torch.inf).amax(), torch.where(valid, -ratio, -torch.inf).amax()]
         if self.policy_objective == "cfpo":
             penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
-            self._metrics[mode]["cfpo/penalty"].append(global_masked_mean(penalty))
-
-    def _cfpo_global_masked_max(self, x: torch.Tensor, mask: torch.Tensor) -> float:
-        """Max of x over valid tokens (one value per sequence when x is (B, 1)), across processes; NaN if none."""
-        # (B, 1) when importance_sampling_level == "sequence": one value per sequence, as TRL's metrics count them
-        values = x.reshape(-1) if x.shape[1] == 1 else x[mask.bool()]
-        local = values.max() if values.numel() else x.new_tensor(float("nan"))
-        return nanmax(self.accelerator.gather(local.float().reshape(1))).item()
+            local.append(torch.where(valid, penalty, 0.0).sum())
+        per_rank = self.accelerator.gather(torch.stack(local).float()[None]).reshape(-1, len(local)).tolist()
+        sums = [sum(col) for col in zip(*per_rank)]
+        count = max(sums[1], 1.0)
+        top, neg_bottom = (max(col) for col in list(zip(*per_rank))[2:4])  # -inf where no rank had a valid token
+        self._metrics[mode]["cfpo/ratio_dev"].append(sums[0] / count)
+        self._metrics[mode]["cfpo/ratio_max"].append(top if top > -math.inf else math.nan)
+        # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
+        self._metrics[mode]["cfpo/ratio_min"].append(-neg_bottom if neg_bottom > -math.inf else math.nan)
+        if self.policy_objective == "cfpo":
+            self._metrics[mode]["cfpo/penalty"].append(sums[4] / count)
 
     def _compute_loss(self, model, inputs):
         """trl==1.16.0 GRPOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
