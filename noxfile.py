@@ -7,11 +7,27 @@ arguments runs them all; `nox -s core` runs only the framework-free core.
 torch is pinned to 2.13.0 everywhere: that CPU wheel lies on the build machines' disk, and an
 unpinned torch pulls a multi-GB CUDA build. Every later install keeps it (`_install` passes it as
 a constraint), so no framework can swap it for a CUDA build.
+
+Every framework version the adapters claim is tested: the `verl` and `openrlhf` sessions are parametrised
+over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
+`nox -l` lists them). The first version of each is the extra's default and also runs the framework's own
+test suite with our adapter loaded; the others run our adapter tests against that version.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import nox
+
+# the one table of supported / tested versions, read without importing cfpo_loss (which needs torch)
+_spec = importlib.util.spec_from_file_location(
+    "_cfpo_support", os.path.join(os.path.dirname(os.path.abspath(__file__)), "src/cfpo_loss/adapters/_support.py")
+)
+_support = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_support)
+TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
@@ -19,9 +35,22 @@ nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
 
 TORCH = "torch==2.13.0"
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy"]
-TRL = "trl==1.16.0"
-VERL = "verl==0.9.1"
-OPENRLHF = "openrlhf==0.11.2"
+TRL = f"trl=={TESTED['trl'][0]}"
+VERL_VERSIONS = list(TESTED["verl"])
+OPENRLHF_VERSIONS = list(TESTED["openrlhf"])
+#: what each verl needs beyond its declared dependencies to run the tests on CPU
+VERL_EXTRA = {
+    # verl 0.8.0 requires numpy<2; pip then picks pyarrow 26, which refuses numpy 1.x (23.0.1 accepts it)
+    "0.8.0": ["pyarrow<24"],
+}
+#: verl.trainer.main_ppo (run_ppo, used by tests/verl/test_verl_ray.py) imports these; verl does not declare them
+VERL_MAIN_PPO_DEPS = ["cachetools", "uvicorn", "fastapi"]
+#: OpenRLHF's own pins of the packages its loss / actor / CLI modules import (from each wheel's metadata)
+OPENRLHF_PINS = {
+    "0.11.2": ["deepspeed==0.19.6", "transformers==5.15.0", "ray[default]==2.55.0"],
+    "0.10.4": ["deepspeed==0.19.1", "transformers==5.7.0", "ray[default]==2.55.0"],
+}
+assert set(OPENRLHF_PINS) == set(OPENRLHF_VERSIONS), "every tested OpenRLHF needs its pins here"
 
 ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -69,6 +98,7 @@ def core(session: nox.Session) -> None:
 def trl(session: nox.Session) -> None:
     """TRL adapter against the real trl==1.16.0 GRPOTrainer; then the example, briefly, so it cannot rot."""
     _base(session, TRL, "matplotlib", "tqdm")
+    session.run("python", "-m", "cfpo_loss.adapters.trl_check", env=ENV)  # MATCH, or the diff to review
     _pytest(session, "tests/trl")
     if not session.posargs:
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", env=ENV)
@@ -76,23 +106,34 @@ def trl(session: nox.Session) -> None:
 
 
 @nox.session
-def verl(session: nox.Session) -> None:
-    """verl plugin against the real verl==0.9.1 registry, loss path and a local Ray worker.
+@nox.parametrize("version", VERL_VERSIONS, ids=VERL_VERSIONS)
+def verl(session: nox.Session, version: str) -> None:
+    """verl plugin against a real verl (each of TESTED["verl"]): registry, loss path, verl's own Ray workers.
 
-    Then verl's own CPU tests of its core algorithms, run against the installed verl with our plugin
-    loaded (verl's wheel ships no tests; its PyPI sdist does: fetched with pip, only tests/ unpacked,
-    so the installed verl - not a source tree - is what they import).
+    verl 0.8.0 has no `verl.plugins` entry-point group: there the plugin is loaded through
+    VERL_USE_EXTERNAL_MODULES (the adapter's documented switch), which `python -m cfpo_loss` must report.
+    For the first (default) version also verl's own CPU tests of its core algorithms, run against the
+    installed verl with our plugin loaded (verl's wheel ships no tests; its PyPI sdist does: fetched with
+    pip, only tests/ unpacked, so the installed verl - not a source tree - is what they import).
     """
     import glob
-    import os
     import tarfile
 
-    _base(session, VERL)  # `pip install -e .` in _base writes the `verl.plugins` entry point metadata
-    session.run("python", "-m", "cfpo_loss", env=ENV)  # must say "verl plugin: REGISTERED"
+    spec = f"verl=={version}"
+    _base(session, spec, *VERL_EXTRA.get(version, []), *VERL_MAIN_PPO_DEPS)  # `pip install -e .` writes the entry point
+    entry_points = _support.version_key(version) >= (0, 9, 0)
+    env = dict(ENV) if entry_points else {**ENV, "VERL_USE_EXTERNAL_MODULES": "cfpo_loss.adapters.verl"}
+    status = session.run("python", "-m", "cfpo_loss", env=env, silent=True)
+    print(status)
+    mechanism = "entry point" if entry_points else "VERL_USE_EXTERNAL_MODULES"
+    if "verl plugin: REGISTERED" not in status or f"mechanism: {mechanism}\n" not in status:
+        session.error(f"`python -m cfpo_loss` does not report the plugin registered through {mechanism}")
     _pytest(session, "tests/verl")
+    if version != VERL_VERSIONS[0] or session.posargs:
+        return
 
     tmp = session.create_tmp()
-    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", VERL, "-d", tmp)
+    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", spec, "-d", tmp)
     (sdist,) = glob.glob(os.path.join(tmp, "verl-*.tar.gz"))
     upstream = os.path.join(tmp, "verl_upstream")
     with tarfile.open(sdist) as tar:
@@ -117,30 +158,32 @@ def verl(session: nox.Session) -> None:
 
 
 @nox.session
-def openrlhf(session: nox.Session) -> None:
-    """OpenRLHF adapter against the real openrlhf==0.11.2 PolicyLoss and CLI.
+@nox.parametrize("version", OPENRLHF_VERSIONS, ids=OPENRLHF_VERSIONS)
+def openrlhf(session: nox.Session, version: str) -> None:
+    """OpenRLHF adapter against a real OpenRLHF (each of TESTED["openrlhf"]): its PolicyLoss, its CLI, Ray actors
+    and its own wheel tests. 0.11.2 has the is_correction_* PolicyLoss API, 0.10.4 (like 0.11.0 / 0.11.1) the
+    older vllm_is_* one.
 
     OpenRLHF's declared pins cannot install on a CPU machine (flash-attn has no CPU build), so it is
-    installed with --no-deps plus what its loss / actor / CLI modules really import. See
+    installed with --no-deps plus what its loss / actor / CLI modules really import, at its own pins. See
     tests/openrlhf/README.md for what is left out and why.
     """
-    import os
-
     _base(session)
-    _install(session, "--no-deps", OPENRLHF)
+    _install(session, "--no-deps", f"openrlhf=={version}")
+    deepspeed, *pins = OPENRLHF_PINS[version]
     # deepspeed ships only an sdist; build isolation would pull a second (CUDA) torch into the build env
     _install(session, "setuptools", "wheel", "packaging")
-    _install(session, "--no-build-isolation", "deepspeed==0.19.6")
+    _install(session, "--no-build-isolation", deepspeed)
     # what openrlhf.models / openrlhf.trainer.ray.ppo_actor / openrlhf.cli.train_ppo_ray import at module
     # level, at OpenRLHF's own pins (flash-attn and vllm excepted: import-only test stand-ins; the rest of
     # OpenRLHF's declared dependencies is imported only by training / data code: tests/openrlhf/README.md)
-    _install(session, "transformers==5.15.0", "ray[default]==2.55.0", "peft", "torchdata", "tqdm",
-             "sympy", "pylatexenc", "pillow")
+    _install(session, *pins, "peft", "torchdata", "tqdm", "sympy", "pylatexenc", "pillow")
     # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
     site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
     standins = os.path.abspath("tests/openrlhf/standins")
     with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
         f.write(standins + "\n")
+    session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/openrlhf")
 
 
@@ -151,8 +194,10 @@ def demo(session: nox.Session) -> None:
     Not a test (not in nox.options.sessions). `nox -s demo` runs the default configuration (clip vs cfpo x
     num_iterations 1/4/16 with the real TRL GRPOTrainer, <= 15 min on 2 CPU cores) and writes
     stability_demo_out/; `nox -s demo -- --quick` is the < 2 minute smoke run; arguments after `--` go to the
-    script (`nox -s demo -- --out my_dir --rounds 100`).
+    script (`nox -s demo -- --out my_dir --rounds 100`). `nox -s demo -- --grid` runs the paper's second axis:
+    clip/cfpo x num_iterations 1/2/4/8 x batch ratio 1/2/4/8 (32 runs, about 25 min of CPU time on one core),
+    heat maps per metric (README, "batch ratio x iterations").
     """
     _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
-    _install(session, "-e", ".[trl,demo]")  # trl==1.16.0, matplotlib, tqdm: what a user installs
+    _install(session, "-e", ".[trl,demo]")  # trl 1.16.x, matplotlib, tqdm: what a user installs
     session.run("python", "examples/stability_demo.py", *session.posargs, env=ENV)

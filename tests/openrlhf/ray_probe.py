@@ -41,12 +41,12 @@ class OpenRLHFLikeActor:
         had_cfpo = "cfpo_loss" in sys.modules
         log_probs = torch.tensor(batch["log_probs"], requires_grad=True)
         loss_fn = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type=loss_type)
-        loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = loss_fn(
+        loss, clip_ratio, ppo_kl, vllm_kl = loss_fn(  # 5 values on OpenRLHF 0.11.2, 4 before
             log_probs,
             torch.tensor(batch["old_log_probs"]),
             torch.tensor(batch["advantages"]),
             action_mask=torch.tensor(batch["action_mask"], dtype=torch.bool),
-        )
+        )[:4]
         loss.backward()
         return {
             "pid": os.getpid(),

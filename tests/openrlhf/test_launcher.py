@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cfpo_loss.adapters.openrlhf import train_ppo_ray as launcher
+from orl_compat import IS_CLI, LOSS_AGG_CLI
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -37,10 +38,10 @@ RLOO = [
     "--data.max_len", "2048", "--rollout.max_new_tokens", "1024", "--data.max_samples", "100000",
     "--ds.zero_stage", "3", "--ds.param_dtype", "bf16", "--actor.adam.lr", "5e-7",
     "--actor.eps_clip_low_high", "0.2", "0.28", "--algo.kl.init_coef", "0.01",
-    "--algo.advantage.is_correction_level", "token", "--algo.advantage.is_correction_threshold", "0.5", "5.0",
+    *IS_CLI, "--algo.advantage.is_correction_threshold", "0.5", "5.0",
     "--data.prompt_dataset", "OpenRLHF/prompt-collection-v0.1", "--data.input_key", "context_messages",
     "--data.apply_chat_template", "--reward.normalize_enable", "--actor.gradient_checkpointing_enable",
-    "--actor.loss_agg_mode", "seq-mean-token-mean",
+    *LOSS_AGG_CLI,
     # its default is "ppo_" + the current minute, which differs between two processes across a minute
     "--logger.wandb.run_name", "rloo-cfpo",
 ]

@@ -1,11 +1,12 @@
-"""PolicyLoss(policy_loss_type="cfpo" / "cfpo_seq") against OpenRLHF 0.11.2's own PolicyLoss.
+"""PolicyLoss(policy_loss_type="cfpo" / "cfpo_seq") against the installed OpenRLHF's own PolicyLoss (either API:
+0.11.2's is_correction_* and 5 outputs, or 0.10.4 - 0.11.1's vllm_is_* and 4 outputs; see orl_compat.py).
 
 Reference values come from an untouched copy of OpenRLHF's ``models/loss.py`` (``native_loss_module``)
 or from the core (for the CFPO objective itself); never from the adapter.
 
 Conformance: the adapter's translation run with the *clip* objective (``cfpo_policy_loss_forward(...,
 objective="clip")``) must reproduce native "ppo" (token ratio) / "gspo" (sequence ratio) - loss,
-gradient, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio - so everything around the objective
+gradient, clip_ratio, ppo_kl, vllm_kl (and is_filter_ratio where it exists) - so everything around the objective
 (ratio, aggregation, data-parallel normalisers, IS correction, metrics) is OpenRLHF's.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 import cfpo_loss
 from cfpo_loss.adapters.openrlhf import cfpo_policy_loss_forward, install
+from orl_compat import API, IS_CORRECTION, N_OUTPUTS, is_kwargs
 
 B, T = 6, 7
 
@@ -58,8 +60,9 @@ def run(call, batch, **batch_info):
         rollout_log_probs=batch["rollout_log_probs"],
         **batch_info,
     )
-    assert isinstance(out, tuple) and len(out) == 5
-    loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = out
+    assert isinstance(out, tuple) and len(out) == N_OUTPUTS
+    loss, clip_ratio, ppo_kl, vllm_kl = out[:4]
+    is_filter_ratio = out[4] if N_OUTPUTS == 5 else None
     (grad,) = torch.autograd.grad(loss, log_probs)
     return dict(loss=loss.detach(), grad=grad, clip_ratio=clip_ratio, ppo_kl=ppo_kl, vllm_kl=vllm_kl,
                 is_filter_ratio=is_filter_ratio)
@@ -112,17 +115,6 @@ def test_clip_objective_reproduces_native_ppo(native_loss_module, patched_policy
         assert not torch.equal(plain["grad"], native["grad"])
 
 
-IS_CORRECTION = [
-    dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.8, 1.25]),  # ICEPOP
-    dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=[0.8, 1.25]),  # TIS
-    dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=[0.9, 1.1]),  # seq-mask-tis
-    dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=[0.0, 0.02]),
-    dict(is_correction_level="seq", is_correction_gating="binary_kl", is_correction_threshold=[0.0, 0.02]),
-    dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=[0.0, 0.05]),
-    dict(is_correction_level="seq", is_correction_gating="tv", is_correction_threshold=[0.0, 0.08]),
-]
-
-
 @pytest.mark.parametrize("is_kwargs", IS_CORRECTION, ids=lambda d: "-".join(str(v) for v in d.values()))
 @pytest.mark.parametrize("agg", ["token-global", "seq-local"])
 def test_clip_objective_reproduces_native_ppo_with_is_correction(native_loss_module, patched_policy_loss, is_kwargs,
@@ -133,7 +125,9 @@ def test_clip_objective_reproduces_native_ppo_with_is_correction(native_loss_mod
     native = run(native_loss_module.PolicyLoss(policy_loss_type="ppo", **kwargs), batch, **cfg["info"])
     loss_fn = patched_policy_loss(policy_loss_type="cfpo", **kwargs)
     result = run(lambda *a, **k: cfpo_policy_loss_forward(loss_fn, *a, objective="clip", **k), batch, **cfg["info"])
-    assert native["vllm_kl"] is not None and 0.0 < native["is_filter_ratio"] < 1.0  # some units really filtered
+    assert native["vllm_kl"] is not None
+    if API == "is_correction":
+        assert 0.0 < native["is_filter_ratio"] < 1.0  # some units really filtered
     assert_same(result, native)
 
 
@@ -144,7 +138,7 @@ def test_clip_objective_with_sequence_ratio_reproduces_native_gspo(native_loss_m
     cfg = BATCH_INFO[agg]
     kwargs = dict(clip_eps_low=3e-4, clip_eps_high=4e-4, token_level_loss=cfg["token_level_loss"])
     if correction:
-        kwargs.update(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.5, 2.0])
+        kwargs.update(is_kwargs("token", "mask", "ratio", (0.5, 2.0)))
     batch = make_batch(3, token_adv=False, spread=0.01)
     native = run(native_loss_module.PolicyLoss(policy_loss_type="gspo", **kwargs), batch, **cfg["info"])
     loss_fn = patched_policy_loss(policy_loss_type="cfpo_seq", **kwargs)
@@ -202,15 +196,15 @@ def test_cfpo_with_is_correction_weights_the_core_loss_by_openrlhfs_coefficient(
                                                                                 patched_policy_loss):
     """CFPO + ICEPOP: the per-token IS coefficient is OpenRLHF's. Native ppo at r = 1 with A = 1 has
     d loss / d log_prob = -coef / N (token mean), which reads the coefficient off OpenRLHF's own code."""
-    is_kwargs = dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.8, 1.25])
+    icepop = is_kwargs("token", "mask", "ratio", (0.8, 1.25))
     batch = make_batch(6)
     mask = batch["action_mask"]
     on_policy = dict(batch, log_probs=batch["old_log_probs"], advantages=torch.ones(B, T))
-    probe = run(native_loss_module.PolicyLoss(policy_loss_type="ppo", **is_kwargs), on_policy)
+    probe = run(native_loss_module.PolicyLoss(policy_loss_type="ppo", **icepop), on_policy)
     coef = -probe["grad"] * mask.sum()
     assert ((coef == 0) & mask).any() and ((coef > 0) & mask).any()
 
-    ours = run(patched_policy_loss(policy_loss_type="cfpo", **is_kwargs), batch)
+    ours = run(patched_policy_loss(policy_loss_type="cfpo", **icepop), batch)
     log_probs = batch["log_probs"].clone().requires_grad_(True)
     core = cfpo_loss.compute_policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask,
                                          objective="cfpo", weights=coef)
@@ -218,7 +212,8 @@ def test_cfpo_with_is_correction_weights_the_core_loss_by_openrlhfs_coefficient(
     torch.testing.assert_close(ours["loss"], core.loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours["grad"], core_grad, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours["vllm_kl"], probe["vllm_kl"])
-    torch.testing.assert_close(ours["is_filter_ratio"], probe["is_filter_ratio"])
+    if API == "is_correction":
+        torch.testing.assert_close(ours["is_filter_ratio"], probe["is_filter_ratio"])
 
 
 def test_cfpo_gradient_equals_native_ppo_at_ratio_one(native_loss_module, patched_policy_loss):
@@ -238,7 +233,7 @@ CONFIGS = [
     dict(policy_loss_type="ppo", token_level_loss=False),
     dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
     *[dict(policy_loss_type="ppo", **kw) for kw in IS_CORRECTION],
-    dict(policy_loss_type="gspo", is_correction_level="token", is_correction_threshold=[0.5, 2.0]),
+    dict(policy_loss_type="gspo", **is_kwargs("token", "mask", "ratio", (0.5, 2.0))),
 ]
 
 
@@ -257,8 +252,9 @@ def test_native_errors_are_untouched(native_loss_module, patched_policy_loss):
     for cls in (native_loss_module.PolicyLoss, patched_policy_loss):
         with pytest.raises(ValueError, match="Invalid policy loss type"):
             run(cls(policy_loss_type="spo"), batch)
-        with pytest.raises(ValueError, match="is_correction_level"):
-            cls(policy_loss_type="cfpo" if cls is patched_policy_loss else "ppo", is_correction_level="geo")
+        bad_is = dict(is_correction_level="geo") if API == "is_correction" else dict(vllm_is_correction_type="geo")
+        with pytest.raises(ValueError, match=next(iter(bad_is))):
+            cls(policy_loss_type="cfpo" if cls is patched_policy_loss else "ppo", **bad_is)
         with pytest.raises(AssertionError, match="dual_clip"):
             cls(dual_clip=0.5, policy_loss_type="cfpo" if cls is patched_policy_loss else "ppo")
 
@@ -270,7 +266,7 @@ def test_bad_configuration_is_reported(patched_policy_loss):
         patched_policy_loss(clip_eps_high=-0.1, policy_loss_type="cfpo_seq")
     with pytest.warns(RuntimeWarning, match="dual_clip"):
         patched_policy_loss(dual_clip=3.0, policy_loss_type="cfpo")
-    loss_fn = patched_policy_loss(policy_loss_type="cfpo", is_correction_level="token")
+    loss_fn = patched_policy_loss(policy_loss_type="cfpo", **is_kwargs("token"))
     batch = make_batch(10)
     with pytest.raises(ValueError, match="rollout_log_probs"):
         loss_fn(batch["log_probs"], batch["old_log_probs"], batch["advantages"], batch["action_mask"])
@@ -283,8 +279,7 @@ def test_bad_configuration_is_reported(patched_policy_loss):
 @pytest.mark.parametrize("loss_type", ["cfpo", "cfpo_seq"])
 def test_garbage_at_masked_positions_is_ignored(patched_policy_loss, loss_type):
     batch = make_batch(11)
-    loss_fn = patched_policy_loss(policy_loss_type=loss_type, is_correction_level="token",
-                                  is_correction_threshold=[0.5, 2.0])
+    loss_fn = patched_policy_loss(policy_loss_type=loss_type, **is_kwargs("token", "mask", "ratio", (0.5, 2.0)))
     clean = run(loss_fn, batch, dp_size=2, batch_num_tokens=torch.tensor(61.0))
     dirty = {k: v.clone() for k, v in batch.items()}
     pad = ~batch["action_mask"]
@@ -357,7 +352,7 @@ install()
 install()
 assert is_installed()
 for cls in (PolicyLoss, ppo_actor.PolicyLoss):
-    loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = cls(policy_loss_type="cfpo")(*args)
+    loss, clip_ratio, ppo_kl, vllm_kl = cls(policy_loss_type="cfpo")(*args)[:4]
     assert loss.item() == -1.0 and clip_ratio.item() == 0.0 and vllm_kl is None, loss  # r = 1: J = A
 print("OK")
 """

@@ -1,6 +1,6 @@
 """verl's own actor loss entry point with a real ActorConfig(policy_loss.loss_mode="cfpo"), on CPU.
 
-verl 0.9.1 trains the actor through ``verl.workers.utils.losses.ppo_loss`` (bound by
+verl 0.8.0 - 0.9.1 train the actor through ``verl.workers.utils.losses.ppo_loss`` (bound by
 ``engine_workers.py`` as ``partial(ppo_loss, config=actor_config)`` and called by the engine's
 ``forward_step`` once per micro-batch). The engine itself cannot run on a CPU: on a CPU-only torch, verl
 falls back to its CUDA platform (``get_device_name()`` is "cuda"); ``FSDPEngine.forward_backward_batch``
@@ -29,7 +29,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine.utils import prepare_micro_batches
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
-from verl_helpers import AGG_MODES, actor_config
+from verl_helpers import AGG_MODES, HAS_ENTRY_POINTS, VERL_VERSION, actor_config, torch_attention_fallback
 
 B, P, R, V = 8, 4, 6, 13
 
@@ -59,7 +59,8 @@ def _token_log_probs(table, input_ids, attention_mask):
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("loss_mode", ["cfpo", "cfpo_seq"])
-def test_verl_ppo_loss_with_loss_mode_cfpo_over_micro_batches(mode, loss_mode):
+def test_verl_ppo_loss_with_loss_mode_cfpo_over_micro_batches(mode, loss_mode, monkeypatch):
+    torch_attention_fallback(monkeypatch)  # verl < 0.9.1 unpads through flash_attn only (no CPU build)
     prompts, responses, attention_mask, response_mask, position_ids, adv, weights, g = _batch()
     input_ids = torch.cat([prompts, responses], dim=1)
     table0 = torch.randn(V, V, generator=g)
@@ -138,8 +139,9 @@ def test_verl_ppo_loss_with_loss_mode_cfpo_over_micro_batches(mode, loss_mode):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents the CPU-only limitation")
+@pytest.mark.skipif(not HAS_ENTRY_POINTS, reason=f"verl {VERL_VERSION} reports device 'cpu'; documents verl 0.9.x")
 def test_why_the_fsdp_engine_itself_cannot_run_on_cpu():
-    """verl 0.9.1 on a CPU-only torch falls back to its CUDA platform; the FSDP engine's
+    """verl 0.9.x on a CPU-only torch falls back to its CUDA platform; the FSDP engine's
     forward_backward_batch moves data with .to(get_device_id()) and builds its device mesh for
     "cuda" - both fail here, so the test above stops at the engine boundary."""
     from verl.utils.device import get_device_id, get_device_name

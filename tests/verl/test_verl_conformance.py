@@ -3,7 +3,8 @@
 * clip objective through the adapter path (make_policy_loss("clip"), dual_clip = clip_ratio_c)
   == verl's registered ``vanilla`` loss: value, gradient, metrics, every loss_agg_mode, with and
   without rollout_is_weights and global_batch_info, bool and float masks.
-* clip objective at sequence level == verl's ``gspo`` loss.
+* clip objective at sequence level == verl's ``gspo`` loss (which on verl < 0.9.1 ignores
+  loss_agg_mode and aggregates "seq-mean-token-mean": compared in that mode there).
 * the registered ``cfpo`` / ``cfpo_seq`` == the paper's per-token objective
   J = r·A − |A|/(2ε)·(r−1)², aggregated by verl's own ``agg_loss``.
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
-from verl_helpers import AGG_MODES, actor_config, global_info, make_batch
+from verl_helpers import AGG_MODES, GSPO_HONOURS_AGG_MODE, HAS_TOKEN_SUM, VERL_VERSION, actor_config, global_info, make_batch
 
 from cfpo_loss.adapters.verl import make_policy_loss
 
@@ -90,7 +91,9 @@ def test_clip_sequence_level_equals_verl_gspo(mode, weights_kind):
     weights = None if weights_kind == "none" else w[:, :1].expand_as(w).contiguous()
     cfg = actor_config("gspo", mode, global_info(mask, "global"), clip_ratio_c=10.0)  # gspo has no dual clip
     ref_loss, ref_grad, ref_m = _run(get_policy_loss_fn("gspo"), old, new, adv, mask, mode, cfg, weights)
-    loss, grad, m = _run(make_policy_loss("clip", "sequence"), old, new, adv, mask, mode, cfg, weights)
+    # verl < 0.9.1's gspo always aggregates seq-mean-token-mean, whatever loss_agg_mode says
+    ours_mode = mode if GSPO_HONOURS_AGG_MODE else "seq-mean-token-mean"
+    loss, grad, m = _run(make_policy_loss("clip", "sequence"), old, new, adv, mask, ours_mode, cfg, weights)
     torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=ATOL)
     for key in VERL_KEYS:
@@ -144,6 +147,18 @@ def test_registered_cfpo_seq_equals_paper_equation_with_sequence_ratio(mode):
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(grad, leaf.grad, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(HAS_TOKEN_SUM, reason=f"verl {VERL_VERSION} has agg_loss 'token-sum'")
+@pytest.mark.parametrize("loss_mode", ["cfpo", "cfpo_seq"])
+def test_token_sum_is_refused_by_name_where_verl_has_no_token_sum(loss_mode):
+    """verl 0.8.0's agg_loss (and so its vanilla loss) has no "token-sum"; ours refuses it too, naming why."""
+    old, new, adv, mask, _ = make_batch()
+    cfg = actor_config("vanilla")
+    with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
+        get_policy_loss_fn("vanilla")(old, new, adv, mask, "token-sum", cfg, None)
+    with pytest.raises(ValueError, match=r"token-sum.*verl 0\.8\.0.*0\.9\.0"):
+        get_policy_loss_fn(loss_mode)(old, new, adv, mask, "token-sum", actor_config(loss_mode), None)
 
 
 def test_cfpo_ignores_nan_padding_where_verl_agg_would_not():

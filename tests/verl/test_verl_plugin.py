@@ -1,5 +1,6 @@
-"""The plugin reaches verl through the ``verl.plugins`` entry point, with no import of cfpo_loss by
-the user; registration is idempotent, and a failure is loud (verl only logs it at DEBUG)."""
+"""The plugin reaches verl with no import of cfpo_loss by the user - through the ``verl.plugins`` entry
+point on verl >= 0.9.0, through ``VERL_USE_EXTERNAL_MODULES`` on verl 0.8.0 (which has no entry-point
+group); registration is idempotent, and a failure is loud (verl only logs it at DEBUG)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ import warnings
 import pytest
 
 import cfpo_loss.adapters.verl as plugin
+from verl_helpers import EXTERNAL_MODULES, HAS_ENTRY_POINTS, VERL_VERSION
+
+#: what a user of this verl sets so that a bare `import verl` loads the plugin (nothing on verl >= 0.9.0)
+SWITCH = {} if HAS_ENTRY_POINTS else EXTERNAL_MODULES
+needs_entry_points = pytest.mark.skipif(not HAS_ENTRY_POINTS, reason=f"verl {VERL_VERSION} has no verl.plugins group")
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env}
+    full_env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    full_env.update(env)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300
     )
@@ -55,7 +62,7 @@ def _result(proc):
 
 
 def test_bare_import_verl_registers_cfpo_in_a_fresh_process():
-    out = _result(_python(BARE_USER))
+    out = _result(_python(BARE_USER, **SWITCH))
     assert out["loaded_by_verl"]
     assert out["modules"] == {"cfpo": "cfpo_loss.adapters.verl", "cfpo_seq": "cfpo_loss.adapters.verl"}
     assert out["grad_finite"]
@@ -64,6 +71,24 @@ def test_bare_import_verl_registers_cfpo_in_a_fresh_process():
     )
 
 
+@pytest.mark.skipif(HAS_ENTRY_POINTS, reason=f"verl {VERL_VERSION} loads the entry point")
+def test_without_the_switch_verl_0_8_does_not_load_the_plugin():
+    """Negative control for verl 0.8.0: the entry point alone is not enough, VERL_USE_EXTERNAL_MODULES is."""
+    out = _result(_python(BARE_USER))
+    assert not out["loaded_by_verl"]
+    assert "Unsupported loss mode: cfpo" in out["error"]
+
+
+@pytest.mark.parametrize("others", ["", "json,"])
+def test_verl_use_external_modules_loads_the_plugin(others):
+    """verl's own import hook (every version): also as one of several comma-separated modules."""
+    out = _result(_python(BARE_USER, VERL_USE_EXTERNAL_MODULES=others + plugin.__name__,
+                          VERL_USE_EXTERNAL_PLUGINS="none"))
+    assert out["loaded_by_verl"]
+    assert out["modules"] == {"cfpo": "cfpo_loss.adapters.verl", "cfpo_seq": "cfpo_loss.adapters.verl"}
+
+
+@needs_entry_points
 @pytest.mark.parametrize(
     "policy, registered",
     [("cfpo_loss", True), ("none", False), ("some_other_plugin", False)],
@@ -131,7 +156,7 @@ BROKEN_VERL = """
 
 
 def test_registration_failure_is_loud_and_diagnosed():
-    proc = _python(BROKEN_VERL)
+    proc = _python(BROKEN_VERL, **SWITCH)
     out = _result(proc)
     assert out["loaded"]
     assert any("could not register" in w and "simulated: core_algos is broken" in w for w in out["warnings"])
@@ -142,14 +167,62 @@ def test_registration_failure_is_loud_and_diagnosed():
     assert "could not register" in proc.stderr
 
 
+@needs_entry_points
 def test_plugin_status_reports_a_disabled_plugin(monkeypatch):
     monkeypatch.setenv("VERL_USE_EXTERNAL_PLUGINS", "none")
+    monkeypatch.delenv("VERL_USE_EXTERNAL_MODULES", raising=False)
     status = plugin.plugin_status()
     assert status.startswith("NOT REGISTERED") and "VERL_USE_EXTERNAL_PLUGINS=none" in status
+    assert "mechanism: none" in status
 
 
-def test_python_m_cfpo_loss_reports_the_plugin():
+@pytest.mark.skipif(HAS_ENTRY_POINTS, reason=f"verl {VERL_VERSION} loads the entry point")
+def test_plugin_status_tells_a_verl_0_8_user_the_switch(monkeypatch):
+    monkeypatch.delenv("VERL_USE_EXTERNAL_MODULES", raising=False)
+    status = plugin.plugin_status()
+    assert status.startswith("NOT REGISTERED") and "mechanism: none" in status
+    assert f"verl {VERL_VERSION} has no [verl.plugins] entry-point group" in status
+    assert plugin.HYDRA_OVERRIDE in status and "export VERL_USE_EXTERNAL_MODULES=cfpo_loss.adapters.verl" in status
+
+
+def test_python_m_cfpo_loss_reports_the_plugin_and_its_mechanism():
     """`python -m cfpo_loss` calls plugin_status(), which checks a fresh bare `import verl`."""
-    proc = subprocess.run([sys.executable, "-m", "cfpo_loss"], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env.update(SWITCH)
+    proc = subprocess.run([sys.executable, "-m", "cfpo_loss"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "verl plugin: REGISTERED (loss_mode=cfpo / cfpo_seq) in a fresh process" in proc.stdout
+    mechanism = "entry point" if HAS_ENTRY_POINTS else "VERL_USE_EXTERNAL_MODULES"
+    assert f"  mechanism: {mechanism}\n" in proc.stdout
+    if not HAS_ENTRY_POINTS:
+        assert plugin.HYDRA_OVERRIDE in proc.stdout  # how to reach the Ray workers
+
+
+def test_loading_mechanism_follows_the_environment():
+    on = {"VERL_USE_EXTERNAL_MODULES": "cfpo_loss.adapters.verl"}
+    if HAS_ENTRY_POINTS:
+        assert plugin.loading_mechanism({}) == "entry point"
+        assert plugin.loading_mechanism({"VERL_USE_EXTERNAL_PLUGINS": "none"}) == "none"
+        assert plugin.loading_mechanism({"VERL_USE_EXTERNAL_PLUGINS": "none", **on}) == "VERL_USE_EXTERNAL_MODULES"
+    else:
+        assert plugin.verl_loads_entry_points() is False
+        assert plugin.loading_mechanism({}) == "none"
+        assert plugin.loading_mechanism(on) == "VERL_USE_EXTERNAL_MODULES"
+        assert plugin.loading_mechanism({"VERL_USE_EXTERNAL_MODULES": "a.b, cfpo_loss.adapters.verl"}) != "none"
+
+
+UNSUPPORTED_VERL = """
+    import importlib.metadata, json, warnings
+    real = importlib.metadata.version
+    importlib.metadata.version = lambda d: "0.7.1" if d == "verl" else real(d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import cfpo_loss.adapters.verl as plugin
+    print("RESULT " + json.dumps({"warnings": [str(w.message) for w in caught], "error": plugin.registration_error()}))
+"""
+
+
+def test_an_unsupported_verl_is_warned_about_naming_the_range():
+    out = _result(_python(UNSUPPORTED_VERL))
+    assert any("verl 0.7.1 is outside" in w and ">=0.8.0,<0.10" in w for w in out["warnings"]), out
+    assert out["error"] is None  # registered anyway: the warning, not a refusal, is the contract

@@ -1,4 +1,5 @@
-"""Shared helpers for the verl adapter tests (real verl==0.9.1, CPU tensors).
+"""Shared helpers for the verl adapter tests (the real verl of the nox session - 0.8.0, 0.9.0 or 0.9.1 -
+on CPU tensors).
 
 Expected values always come from verl's own code (vanilla / gspo losses, agg_loss, advantage
 estimators) or from the paper's equation written out here, never from cfpo_loss itself.
@@ -11,9 +12,65 @@ import torch
 
 pytest.importorskip("verl")
 
+from importlib.metadata import version as _dist_version  # noqa: E402
+
 from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E402
 
+from cfpo_loss.adapters._support import version_key  # noqa: E402
+
+VERL_VERSION = _dist_version("verl")
+_V = version_key(VERL_VERSION)
+#: verl 0.9.0 added the `verl.plugins` entry-point group; 0.8.0 loads plugins through VERL_USE_EXTERNAL_MODULES
+HAS_ENTRY_POINTS = _V >= (0, 9, 0)
+#: verl 0.9.0 added agg_loss "token-sum"
+HAS_TOKEN_SUM = _V >= (0, 9, 0)
+#: verl 0.9.1's gspo honours loss_agg_mode; 0.8.0 / 0.9.0's always aggregates "seq-mean-token-mean"
+GSPO_HONOURS_AGG_MODE = _V >= (0, 9, 1)
+
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+if not HAS_TOKEN_SUM:
+    AGG_MODES.remove("token-sum")
+
+#: what a verl 0.8.0 user passes so that every Ray worker imports the plugin (the adapter's HYDRA_OVERRIDE)
+EXTERNAL_MODULES = {"VERL_USE_EXTERNAL_MODULES": "cfpo_loss.adapters.verl"}
+
+
+def torch_attention_fallback(monkeypatch) -> None:
+    """verl < 0.9.1 unpads with ``flash_attn.bert_padding`` only (no CPU build); 0.9.1 falls back to these
+    pure-torch equivalents (copied from verl 0.9.1's ``verl/utils/attention_utils.py``, Apache-2.0). Only the
+    padding-format conversion is replaced; the loss path under test is verl's own."""
+    import torch.nn.functional as F
+    from verl.utils import attention_utils
+
+    if hasattr(attention_utils, "_fallback_unpad_input"):  # verl >= 0.9.1: its own fallback applies
+        return
+
+    def index_first_axis(tensor, indices):
+        assert tensor.ndim >= 2
+        return tensor[indices]
+
+    def pad_input(hidden_states, indices, batch, seqlen):
+        other_shape = hidden_states.shape[1:]
+        output = hidden_states.new_zeros(batch * seqlen, *other_shape)
+        output[indices] = hidden_states
+        return output.view(batch, seqlen, *other_shape)
+
+    def unpad_input(hidden_states, attention_mask, unused_mask=None):
+        all_masks = (attention_mask + unused_mask) if unused_mask is not None else attention_mask
+        seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
+        used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
+        indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
+        cu_seqlens = F.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
+        flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+        return index_first_axis(flat, indices), indices, cu_seqlens, seqlens_in_batch.max().item(), used_seqlens_in_batch
+
+    def rearrange(*args, **kwargs):
+        from einops import rearrange as einops_rearrange
+
+        return einops_rearrange(*args, **kwargs)
+
+    fns = (index_first_axis, pad_input, rearrange, unpad_input)
+    monkeypatch.setattr(attention_utils, "_get_attention_functions", lambda: fns)
 
 
 def actor_config(loss_mode="cfpo", loss_agg_mode="token-mean", global_batch_info=None, **kw) -> ActorConfig:

@@ -1,7 +1,9 @@
-"""Which framework versions each adapter is written and tested against.
+"""Which framework versions each adapter is written and tested against (one table for all adapters).
 
 The adapters hook into framework internals (TRL's `_compute_loss`, verl's loss registry, OpenRLHF's
 `PolicyLoss`), so a version outside these ranges is refused or warned about, never silently trusted.
+`TESTED` lists the releases CI runs the adapter tests against (noxfile.py reads it): every supported
+minor line has at least its latest patch there.
 """
 
 from __future__ import annotations
@@ -9,15 +11,25 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-#: distribution name -> (lowest supported version, first unsupported version), the pinned test versions
+#: distribution name -> (lowest supported version, first unsupported version)
 SUPPORTED: dict[str, tuple[str, str]] = {
     "trl": ("1.16.0", "1.17"),
-    "verl": ("0.9.1", "0.10"),
-    "openrlhf": ("0.11.2", "0.12"),
+    # 0.8.0 has no `verl.plugins` entry-point group: VERL_USE_EXTERNAL_MODULES there (adapters/verl.py)
+    "verl": ("0.8.0", "0.10"),
+    # 0.10.4-0.11.1 have the older PolicyLoss IS-correction API (enable_vllm_is_correction, 4-tuple return)
+    "openrlhf": ("0.10.4", "0.12"),
+}
+
+#: distribution name -> the releases CI tests (one nox session each; the first is the extra's pin)
+TESTED: dict[str, tuple[str, ...]] = {
+    "trl": ("1.16.0",),
+    "verl": ("0.9.1", "0.9.0", "0.8.0"),
+    "openrlhf": ("0.11.2", "0.10.4"),
 }
 
 
-def _key(version: str) -> tuple[int, ...]:
+def version_key(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string; ".postN" / "+local" / "rcN" suffixes are ignored."""
     return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
@@ -33,9 +45,13 @@ def is_supported(dist: str, version: str | None = None) -> bool:
     if version is None:
         return False
     low, high = SUPPORTED[dist]
-    return _key(low) <= _key(version) < _key(high)
+    return version_key(low) <= version_key(version) < version_key(high)
 
 
 def supported_range(dist: str) -> str:
     low, high = SUPPORTED[dist]
     return f">={low},<{high}"
+
+
+def tested_versions(dist: str) -> str:
+    return ", ".join(TESTED[dist])

@@ -60,6 +60,28 @@ Version guard: importing this module checks that TRL's version lies in ``SUPPORT
 source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
 raises ``ImportError`` otherwise: a silently changed TRL loss would otherwise be replaced by a stale copy.
 Set ``CFPO_LOSS_ALLOW_UNSUPPORTED_TRL=1`` to turn that error into a warning, at your own risk.
+Only versions whose ``GRPOTrainer`` can be tested here are supported: TRL 1.15.0's ``_compute_loss`` is the
+same text, but its trainer cannot run on a CPU (its chunked log-prob kernel is ``None`` without Triton), so
+no test could hold it to TRL's own loss.
+
+Bumping TRL (a reviewed diff, not a re-copy)
+--------------------------------------------
+The exact TRL text mirrored here is stored in ``trl_mirror/GRPOTrainer._compute_loss.txt`` (its sha256 is
+``_MIRRORED_SHA256``; a test holds the two together). For a new TRL release:
+
+1. ``python -m cfpo_loss.adapters.trl_check --source path/to/new/trl/trainer/grpo_trainer.py`` (or, with the
+   new trl installed, no argument) says MATCH or DIFFERS and prints the unified diff from the mirrored text to
+   the new one. MATCH: only the version range (step 4) and the tests (step 5) are left.
+2. Apply that diff, hunk by hunk, to ``CFPOTrainer._compute_loss`` below, keeping every ``# CFPO:`` departure;
+   a hunk inside the replaced ``loss_type`` switch or the metrics block goes to ``_policy_objective`` /
+   ``_log_trust_region_metrics`` / ``_metric_reducers``; a hunk touching what the fused path mirrors
+   (normalisers, metrics) goes to ``_compute_loss_fused`` too. Update the TRL line numbers quoted above.
+3. With the new trl installed: ``python -m cfpo_loss.adapters.trl_check --update`` stores its text and prints
+   the new sha256: set ``_MIRRORED_SHA256`` to it and ``MIRRORED_TRL_VERSION`` in ``trl_check.py``.
+4. ``adapters/_support.py``: the ``trl`` rows of ``SUPPORTED`` and ``TESTED``; the ``trl`` extra in
+   ``pyproject.toml`` and ``TRL`` in ``noxfile.py``.
+5. ``nox -s trl``: the conformance tests (clip mode == TRL's own ``GRPOTrainer._compute_loss``, loss and
+   gradients, every loss_type) decide; ``tests/trl/test_trl_check.py`` runs the check itself.
 """
 
 from __future__ import annotations
@@ -151,8 +173,9 @@ def _check_trl_version() -> None:
         return
     msg = (
         "cfpo_loss.adapters.trl: " + "; ".join(problems) + ". CFPOTrainer copies TRL's loss method with only the "
-        "objective swapped, so on another TRL it could silently compute a wrong loss. Install trl==1.16.0 "
-        f"(pip install 'cfpo-loss[trl]'), or set {_ALLOW_ENV}=1 to proceed anyway at your own risk."
+        "objective swapped, so on another TRL it could silently compute a wrong loss. Install trl"
+        f"{','.join(SUPPORTED_TRL)} (pip install 'cfpo-loss[trl]'), or set {_ALLOW_ENV}=1 to proceed anyway at "
+        "your own risk. `python -m cfpo_loss.adapters.trl_check` shows how the installed TRL's method differs."
     )
     if os.environ.get(_ALLOW_ENV, "") not in ("", "0"):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -1,21 +1,40 @@
 """verl plugin: registers the ``cfpo`` and ``cfpo_seq`` policy losses in verl's POLICY_LOSS_REGISTRY.
 
-Nothing to import by hand. ``pip install cfpo-loss[verl]`` declares this module under the entry-point
-group ``verl.plugins``; ``import verl`` loads every entry point of that group (``verl/__init__.py``,
-governed by ``VERL_USE_EXTERNAL_PLUGINS``: "auto" by default, "none" disables, or a comma list of
-entry-point names such as "cfpo_loss"), in the driver and in every Ray worker. Select the loss with::
+Select the loss with::
 
     actor_rollout_ref.actor.policy_loss.loss_mode=cfpo        # token-level ratio
     actor_rollout_ref.actor.policy_loss.loss_mode=cfpo_seq    # GSPO sequence-level ratio
+
+How verl finds this module (``python -m cfpo_loss`` says which mechanism is active):
+
+* **verl 0.9.x**: nothing to do. ``pip install cfpo-loss`` declares this module under the entry-point
+  group ``verl.plugins``; ``import verl`` loads every entry point of that group (``verl/__init__.py``,
+  governed by ``VERL_USE_EXTERNAL_PLUGINS``: "auto" by default, "none" disables, or a comma list of
+  entry-point names such as "cfpo_loss"), in the driver and in every Ray worker.
+* **verl 0.8.0** has no entry-point group; its ``import verl`` imports the modules listed in
+  ``VERL_USE_EXTERNAL_MODULES``. The one switch is that variable, set for every Ray worker through Ray's
+  job-level ``runtime_env`` (which verl's ``main_ppo`` builds from ``ray_kwargs.ray_init``; Ray merges it
+  into the per-worker ``env_vars`` verl's worker groups add)::
+
+      +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=cfpo_loss.adapters.verl
+
+  (``HYDRA_OVERRIDE`` below). Exporting ``VERL_USE_EXTERNAL_MODULES=cfpo_loss.adapters.verl`` in the
+  launching shell as well registers the losses in the driver too (what ``python -m cfpo_loss`` checks);
+  on its own it reaches only the workers of a Ray cluster that the driver starts itself.
 
 The loss functions only translate between verl and the core (``cfpo_loss.compute_policy_loss``):
 
     verl                                    core
     clip_ratio_low / clip_ratio_high        eps_low / eps_high (each falls back to clip_ratio when None,
                                             exactly as verl's ``vanilla`` loss reads them)
-    loss_agg_mode                           agg (verl ``agg_loss`` semantics)
+    loss_agg_mode                           agg (verl ``agg_loss`` semantics; "token-sum" only on verl
+                                            >= 0.9.0, where verl's agg_loss has it: on 0.8.0 it is refused
+                                            by name, as verl's own losses refuse it)
     config.global_batch_info                dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     rollout_is_weights                      weights (multiplied onto the per-token loss, as vanilla does)
+
+``cfpo_seq`` honours ``loss_agg_mode`` on every verl version, as verl 0.9.1's ``gspo`` does (verl 0.8.0 /
+0.9.0's ``gspo`` ignores it and always aggregates "seq-mean-token-mean": set that mode to match them).
 
 Metrics, with verl's meaning:
     actor/pg_clipfrac        fraction of valid tokens outside the trust region in the direction the
@@ -30,13 +49,15 @@ Metrics, with verl's meaning:
 
 If registration fails (e.g. an incompatible verl), a RuntimeWarning naming the cause is emitted and
 logged at WARNING level - verl itself only logs plugin import errors at DEBUG, which would leave a
-user with a bare "Unsupported loss mode: cfpo". ``plugin_status()`` (used by ``python -m cfpo_loss``)
-reports whether a bare ``import verl`` registers the losses.
+user with a bare "Unsupported loss mode: cfpo". A verl outside the supported range gets a
+RuntimeWarning naming the range. ``plugin_status()`` (used by ``python -m cfpo_loss``) reports whether
+a bare ``import verl`` registers the losses, and through which mechanism.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import subprocess
@@ -54,6 +75,9 @@ __all__ = [
     "register",
     "registration_error",
     "plugin_status",
+    "loading_mechanism",
+    "EXTERNAL_MODULES_ENV",
+    "HYDRA_OVERRIDE",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -63,6 +87,10 @@ LOSS_NAMES = ("cfpo", "cfpo_seq")
 #: name of our entry point in the ``verl.plugins`` group (what VERL_USE_EXTERNAL_PLUGINS filters on)
 ENTRY_POINT_NAME = "cfpo_loss"
 ENTRY_POINT_GROUP = "verl.plugins"
+#: verl's own import hook (every verl version): ``import verl`` imports the comma-separated modules listed here
+EXTERNAL_MODULES_ENV = "VERL_USE_EXTERNAL_MODULES"
+#: the verl 0.8.0 switch: this module in every Ray worker's VERL_USE_EXTERNAL_MODULES, via verl's ray_init
+HYDRA_OVERRIDE = f"+ray_kwargs.ray_init.runtime_env.env_vars.{EXTERNAL_MODULES_ENV}={__name__}"
 
 #: attribute set on our loss functions, so re-registration can tell ours from someone else's
 _MARK = "__cfpo_loss_plugin__"
@@ -125,6 +153,12 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
     ):
         if config is None:
             raise ValueError(f"policy loss {policy_loss.__name__!r}: config (verl ActorConfig) is required")
+        if loss_agg_mode == "token-sum" and not _verl_has_token_sum():
+            raise ValueError(
+                f"loss_agg_mode='token-sum' is not an aggregation of verl {_verl_version()} (its agg_loss raises "
+                "'Invalid loss_agg_mode'; verl added it in 0.9.0). Use token-mean, seq-mean-token-sum, "
+                "seq-mean-token-mean or seq-mean-token-sum-norm."
+            )
         eps_low, eps_high = _eps(config)
         dual_clip = None
         if objective == "clip":
@@ -163,6 +197,21 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
     )
     setattr(policy_loss, _MARK, (objective, ratio_level))
     return policy_loss
+
+
+def _verl_version() -> str | None:
+    try:
+        return importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _verl_has_token_sum() -> bool:
+    """verl's agg_loss knows "token-sum" from 0.9.0 on (0.8.0's raises 'Invalid loss_agg_mode')."""
+    from ._support import version_key
+
+    version = _verl_version()
+    return version is None or version_key(version) >= (0, 9, 0)
 
 
 def _stack_tolist(tensors) -> list[float]:
@@ -218,6 +267,17 @@ def registration_error() -> str | None:
 
 
 def _register_at_import() -> None:
+    from ._support import is_supported, supported_range, tested_versions
+
+    version = _verl_version()
+    if version is not None and not is_supported("verl", version):
+        msg = (
+            f"cfpo_loss: verl {version} is outside the range the verl adapter supports "
+            f"(verl{supported_range('verl')}; tested: {tested_versions('verl')}); registering {LOSS_NAMES} anyway, "
+            "but its loss signature and agg_loss are not known to match."
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        _LOG.warning(msg)
     try:
         register()
         _state["error"] = None
@@ -226,7 +286,7 @@ def _register_at_import() -> None:
         msg = (
             f"cfpo_loss: could not register the verl policy losses {LOSS_NAMES} "
             f"(loss_mode=cfpo will fail with 'Unsupported loss mode'): {_state['error']}. "
-            "the adapter is tested with verl 0.9.1; "
+            f"The adapter supports verl{supported_range('verl')} (tested: {tested_versions('verl')}); "
             "run `python -m cfpo_loss` for a diagnosis."
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -258,39 +318,103 @@ def _entry_points() -> list:
     return [ep for ep in eps if ep.value.split(":")[0] == __name__]
 
 
+def verl_loads_entry_points() -> bool | None:
+    """Does the installed verl's ``import verl`` load the ``verl.plugins`` entry-point group (verl >= 0.9.0)?
+
+    Read from ``verl/__init__.py`` without importing verl; None when verl is not installed.
+    """
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            return f'"{ENTRY_POINT_GROUP}"' in f.read()
+    except OSError:  # no source: fall back to the release that added it
+        from ._support import version_key
+
+        version = _verl_version()
+        return version is not None and version_key(version) >= (0, 9, 0)
+
+
+def _external_modules_lists_us(environ=None) -> bool:
+    value = (environ if environ is not None else os.environ).get(EXTERNAL_MODULES_ENV, "")
+    return __name__ in {m.strip() for m in value.split(",")}
+
+
+def loading_mechanism(environ=None) -> str:
+    """How a bare ``import verl`` reaches this module here: "entry point", "VERL_USE_EXTERNAL_MODULES", or
+    "none" (the mechanism that applies, given the installed verl and ``environ``, default ``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    policy = environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    by_entry_point = (
+        verl_loads_entry_points()
+        and bool(_entry_points())
+        and policy != "none"
+        and (policy == "auto" or ENTRY_POINT_NAME in {p.strip() for p in policy.split(",")})
+    )
+    if by_entry_point:
+        return "entry point"
+    if _external_modules_lists_us(environ):
+        return EXTERNAL_MODULES_ENV
+    return "none"
+
+
 def plugin_status(fresh_process: bool = True, timeout: float = 300.0) -> str:
-    """One human-readable paragraph: is the verl plugin installed and does it register?
+    """One human-readable paragraph: is the verl plugin installed, does it register, through what?
 
     With ``fresh_process`` (default) the decisive check runs what a user's Ray worker runs: a new
-    Python process that does a bare ``import verl`` (never importing cfpo_loss itself) and looks up
-    ``cfpo`` / ``cfpo_seq`` in POLICY_LOSS_REGISTRY (about 15 s: importing verl is slow). Otherwise the
-    check runs in this process (where importing this module has already registered the losses).
+    Python process (this environment) that does a bare ``import verl`` (never importing cfpo_loss
+    itself) and looks up ``cfpo`` / ``cfpo_seq`` in POLICY_LOSS_REGISTRY (about 15 s: importing verl is
+    slow). Otherwise the check runs in this process (where importing this module has already registered
+    the losses).
     """
-    from ._support import is_supported, supported_range
+    from ._support import is_supported, supported_range, tested_versions
 
-    try:
-        verl_version = importlib.metadata.version("verl")
-    except importlib.metadata.PackageNotFoundError:
+    verl_version = _verl_version()
+    if verl_version is None:
         return "verl is not installed (pip install 'cfpo-loss[verl]' to use loss_mode=cfpo)"
     details = []
     if not is_supported("verl", verl_version):
-        details.append(f"WARNING: verl {verl_version} is untested (adapter supports verl{supported_range('verl')})")
-    eps = _entry_points()
-    if eps:
-        details.append(f"entry point: [{ENTRY_POINT_GROUP}] {eps[0].name} = {eps[0].value}")
+        details.append(
+            f"WARNING: verl {verl_version} is outside the supported range verl{supported_range('verl')} "
+            f"(tested: {tested_versions('verl')})"
+        )
+    mechanism = loading_mechanism()
+    has_group = verl_loads_entry_points()
+    if has_group:
+        eps = _entry_points()
+        if eps:
+            details.append(f"entry point: [{ENTRY_POINT_GROUP}] {eps[0].name} = {eps[0].value}")
+        else:
+            details.append(
+                f"PROBLEM: no [{ENTRY_POINT_GROUP}] entry point for {__name__} in the installed metadata "
+                "(install cfpo-loss with pip rather than putting src/ on PYTHONPATH, or set "
+                f"{EXTERNAL_MODULES_ENV}={__name__})"
+            )
+        policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+        if policy == "none":
+            details.append("PROBLEM: VERL_USE_EXTERNAL_PLUGINS=none disables all verl plugins")
+        elif policy != "auto" and ENTRY_POINT_NAME not in {p.strip() for p in policy.split(",")}:
+            details.append(f"PROBLEM: VERL_USE_EXTERNAL_PLUGINS={policy!r} does not list {ENTRY_POINT_NAME!r}")
+        else:
+            details.append(f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load it")
     else:
         details.append(
-            f"PROBLEM: no [{ENTRY_POINT_GROUP}] entry point for {__name__} in the installed metadata "
-            "(install cfpo-loss with pip rather than putting src/ on PYTHONPATH, or set "
-            f"VERL_USE_EXTERNAL_MODULES={__name__})"
+            f"verl {verl_version} has no [{ENTRY_POINT_GROUP}] entry-point group: it loads this plugin only through "
+            f"{EXTERNAL_MODULES_ENV}={__name__}"
         )
-    policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
-    if policy == "none":
-        details.append("PROBLEM: VERL_USE_EXTERNAL_PLUGINS=none disables all verl plugins")
-    elif policy != "auto" and ENTRY_POINT_NAME not in {p.strip() for p in policy.split(",")}:
-        details.append(f"PROBLEM: VERL_USE_EXTERNAL_PLUGINS={policy!r} does not list {ENTRY_POINT_NAME!r}")
-    else:
-        details.append(f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load it")
+        if mechanism == "none":
+            details.append(
+                f"PROBLEM: {EXTERNAL_MODULES_ENV} does not list {__name__} in this shell. For training, pass "
+                f"{HYDRA_OVERRIDE} to verl (reaches every Ray worker); export "
+                f"{EXTERNAL_MODULES_ENV}={__name__} to register it in this process too"
+            )
+        else:
+            details.append(
+                f"Ray workers: pass {HYDRA_OVERRIDE} to verl's main_ppo (an exported variable reaches only a Ray "
+                "cluster the driver starts itself)"
+            )
+    details.insert(0, f"mechanism: {mechanism}")
 
     probe = _probe_fresh_process(timeout) if fresh_process else _probe_here()
     if "exception" in probe:

@@ -1,4 +1,4 @@
-"""OpenRLHF adapter: ``PolicyLoss(policy_loss_type="cfpo")`` and ``"cfpo_seq"`` in OpenRLHF 0.11.
+"""OpenRLHF adapter: ``PolicyLoss(policy_loss_type="cfpo")`` and ``"cfpo_seq"`` in OpenRLHF 0.10.4 - 0.11.x.
 
 ``install()`` patches the class ``openrlhf.models.loss.PolicyLoss`` itself (its ``__init__`` and
 ``forward``), so every reference to it sees the new types, also ``PolicyLoss`` names imported before
@@ -26,7 +26,20 @@ What the new types do (the per-token math is the core's, ``cfpo_loss.compute_pol
     threshold                             binary_kl / tv trust regions), the same coefficients multiplied
                                           onto the per-token loss (core ``weights``)
 
-The 5-tuple return contract is kept: ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` where
+Two PolicyLoss APIs, told apart by ``PolicyLoss.__init__``'s parameters (not by version number):
+
+    OpenRLHF 0.11.2                       is_correction_level / _mode / _gating / _threshold; forward
+                                          returns 5 values (the last: is_filter_ratio)
+    OpenRLHF 0.10.4, 0.11.0, 0.11.1       enable_vllm_is_correction, vllm_is_truncated_threshold,
+                                          vllm_is_correction_type in {tis, icepop, seq-mask-tis}; forward
+                                          returns 4 values. The three types are the newer API's
+                                          (token, clip, ratio), (token, mask, ratio), (seq, mask, ratio):
+                                          the same coefficients, so one implementation serves both
+
+A PolicyLoss with neither API is refused by name (``RuntimeError`` listing the missing parameters).
+
+The return contract is kept: ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` (0.11.2) or its
+first four (older), where
 ``clip_ratio`` is the trust-region exit fraction (A>0 & r>1+eps_high, or A<0 & r<1-eps_low), which is
 exactly what OpenRLHF's ``clip_ratio`` counts for "ppo" - CFPO clips nothing but reports the same
 statistic so runs compare side by side; ``ppo_kl`` is OpenRLHF's masked mean of (old - new) log-prob;
@@ -52,7 +65,7 @@ import torch
 
 from ... import compute_policy_loss
 from ..._checks import check_eps
-from .._support import installed_version, is_supported, supported_range
+from .._support import installed_version, is_supported, supported_range, tested_versions
 
 __all__ = [
     "CFPO_LOSS_TYPES",
@@ -68,17 +81,15 @@ CFPO_LOSS_TYPES = {"cfpo": "token", "cfpo_seq": "sequence"}
 
 _MARK = "__cfpo_loss_patch__"
 # PolicyLoss's parameters this adapter reads; a PolicyLoss without them is a different OpenRLHF API
-_INIT_PARAMS = (
-    "clip_eps_low",
-    "clip_eps_high",
-    "dual_clip",
-    "token_level_loss",
-    "policy_loss_type",
-    "is_correction_level",
-    "is_correction_mode",
-    "is_correction_gating",
-    "is_correction_threshold",
-)
+_INIT_PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip", "token_level_loss", "policy_loss_type")
+#: the IS-correction parameters of each PolicyLoss API (see the module docstring)
+_API_PARAMS = {
+    "is_correction": ("is_correction_level", "is_correction_mode", "is_correction_gating", "is_correction_threshold"),
+    "vllm_is": ("enable_vllm_is_correction", "vllm_is_truncated_threshold", "vllm_is_correction_type"),
+}
+#: OpenRLHF < 0.11.2's vllm_is_correction_type -> (level, mode, gating) of the newer API
+_LEGACY_IS_TYPES = {"tis": ("token", "clip", "ratio"), "icepop": ("token", "mask", "ratio"),
+                    "seq-mask-tis": ("seq", "mask", "ratio")}
 _FORWARD_PARAMS = (
     "log_probs",
     "old_log_probs",
@@ -99,8 +110,8 @@ def install() -> None:
     version = installed_version("openrlhf")
     if version is not None and not is_supported("openrlhf", version):
         warnings.warn(
-            f"cfpo_loss's OpenRLHF adapter is tested with openrlhf{supported_range('openrlhf')}, found {version}; "
-            "PolicyLoss's signature is checked, its semantics are not",
+            f"cfpo_loss's OpenRLHF adapter supports openrlhf{supported_range('openrlhf')} (tested: "
+            f"{tested_versions('openrlhf')}), found {version}; PolicyLoss's signature is checked, its semantics are not",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -170,7 +181,7 @@ def patch_policy_loss_class(cls: type) -> type:
     """
     if _MARK in vars(cls):
         return cls
-    _check_api(cls)
+    api = _check_api(cls)
     native_init = cls.__init__
     native_forward = cls.forward
     init_sig = inspect.signature(native_init)
@@ -209,7 +220,7 @@ def patch_policy_loss_class(cls: type) -> type:
 
     cls.__init__ = __init__
     cls.forward = forward
-    setattr(cls, _MARK, {"native_init": native_init, "native_forward": native_forward, "module": module})
+    setattr(cls, _MARK, {"native_init": native_init, "native_forward": native_forward, "module": module, "api": api})
     return cls
 
 
@@ -234,22 +245,22 @@ def cfpo_policy_loss_forward(
     loss_type = loss_fn.policy_loss_type
     if loss_type not in CFPO_LOSS_TYPES:
         raise ValueError(f"policy_loss_type must be one of {sorted(CFPO_LOSS_TYPES)}, got {loss_type!r}")
-    module = _patch_info(type(loss_fn))["module"]
+    info = _patch_info(type(loss_fn))
+    module = info["module"]
     ratio_level = CFPO_LOSS_TYPES[loss_type]
     if action_mask is None:
         action_mask = torch.ones_like(log_probs, dtype=torch.bool)
     mask = action_mask.bool()
-    correction = loss_fn.is_correction_level != "off"
+    is_settings = _is_settings(loss_fn, info["api"])
+    correction = is_settings is not None
     if correction and rollout_log_probs is None:
-        raise ValueError(
-            f"rollout_log_probs is required when is_correction_level={loss_fn.is_correction_level!r}"
-        )
+        raise ValueError(f"rollout_log_probs is required with the IS correction on ({_describe_is(loss_fn, info['api'])})")
 
     # The ratio's denominator: OpenRLHF's gspo takes it against the rollout log-probs when correcting.
     denominator = rollout_log_probs if (ratio_level == "sequence" and correction) else old_log_probs
     weights = vllm_kl = is_filter_ratio = None
     if correction and ratio_level == "token":
-        weights, is_filter_ratio = _is_correction(loss_fn, old_log_probs, rollout_log_probs, mask)
+        weights, is_filter_ratio = _is_correction(*is_settings, old_log_probs, rollout_log_probs, mask)
         vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
 
     out = compute_policy_loss(
@@ -278,29 +289,53 @@ def cfpo_policy_loss_forward(
     clip_ratio = out.metrics["tr_exit_frac"]
     ppo_kl = _masked_mean((old_log_probs - log_probs).detach().float(), mask)
     loss_fn.cfpo_metrics = dict(out.metrics)
+    if info["api"] == "vllm_is":  # OpenRLHF < 0.11.2 returns four values
+        return loss, clip_ratio, ppo_kl, vllm_kl
     return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
 
 
-def _is_correction(loss_fn, old_log_probs, rollout_log_probs, mask):
-    """OpenRLHF 0.11's train/rollout IS correction (PolicyLoss.forward): the per-token coefficient that
-    multiplies the per-token loss, and the filtered fraction at the unit's own granularity."""
-    low, high = loss_fn.is_correction_threshold
-    seq_level = loss_fn.is_correction_level == "seq"
+def _is_settings(loss_fn, api: str):
+    """(level, mode, gating, (low, high)) of the IS correction, or None when it is off, for either API."""
+    if api == "is_correction":
+        if loss_fn.is_correction_level == "off":
+            return None
+        return (loss_fn.is_correction_level, loss_fn.is_correction_mode, loss_fn.is_correction_gating,
+                loss_fn.is_correction_threshold)  # fmt: skip
+    if not loss_fn.enable_vllm_is_correction:
+        return None
+    # may be None: only the token-level correction reads it (gspo-style cfpo_seq does not, as in OpenRLHF)
+    return (*_LEGACY_IS_TYPES[loss_fn.vllm_is_correction_type], loss_fn.vllm_is_truncated_threshold)
+
+
+def _describe_is(loss_fn, api: str) -> str:
+    if api == "is_correction":
+        return f"is_correction_level={loss_fn.is_correction_level!r}"
+    return f"enable_vllm_is_correction=True, vllm_is_correction_type={loss_fn.vllm_is_correction_type!r}"
+
+
+def _is_correction(level, mode, gating, threshold, old_log_probs, rollout_log_probs, mask):
+    """OpenRLHF's train/rollout IS correction (PolicyLoss.forward, 0.11.2's form; the older API's three types
+    are special cases): the per-token coefficient that multiplies the per-token loss, and the filtered
+    fraction at the unit's own granularity."""
+    if threshold is None or len(threshold) != 2:
+        raise ValueError(f"the IS correction needs a [low, high] threshold (vllm_is_truncated_threshold), got {threshold!r}")
+    low, high = threshold
+    seq_level = level == "seq"
     is_log_ratio = (old_log_probs - rollout_log_probs).detach()  # log(pi_train / pi_rollout)
     token_is = is_log_ratio.exp()
-    if loss_fn.is_correction_gating == "ratio":
+    if gating == "ratio":
         stat = _masked_mean(is_log_ratio, mask, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
         stat = stat.exp()
     else:
         p = rollout_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
         q = old_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
-        if loss_fn.is_correction_gating == "binary_kl":
+        if gating == "binary_kl":
             stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
         else:  # tv
             stat = (p - q).abs()
         if seq_level:
             stat = _masked_mean(stat, mask, dim=-1).unsqueeze(-1)
-    if loss_fn.is_correction_mode == "clip":
+    if mode == "clip":
         coef = stat.clamp(min=low, max=high)
         filtered = (stat < low) | (stat > high)
     else:  # mask: drop out-of-band units, survivors keep their per-token IS weight
@@ -329,15 +364,20 @@ def _patch_info(cls: type) -> dict:
     raise RuntimeError(f"{cls.__qualname__} is not patched; call cfpo_loss.adapters.openrlhf.install() first")
 
 
-def _check_api(cls: type) -> None:
+def _check_api(cls: type) -> str:
+    """Which PolicyLoss API ``cls`` has ("is_correction": 0.11.2; "vllm_is": 0.10.4 - 0.11.1); raise otherwise."""
     init_params = inspect.signature(cls.__init__).parameters
     forward_params = inspect.signature(cls.forward).parameters
+    apis = [api for api, names in _API_PARAMS.items() if all(p in init_params for p in names)]
     missing = [p for p in _INIT_PARAMS if p not in init_params] + [
         p for p in _FORWARD_PARAMS if p not in forward_params
     ]
+    if not apis:
+        missing.append(" or ".join("(" + ", ".join(names) + ")" for names in _API_PARAMS.values()))
     if missing or not hasattr(sys.modules[cls.__module__], "aggregate_loss"):
         raise RuntimeError(
-            f"{cls.__module__}.{cls.__qualname__} is not the OpenRLHF {supported_range('openrlhf')} PolicyLoss this "
-            f"adapter patches (missing: {', '.join(missing) or 'aggregate_loss'}); installed openrlhf "
-            f"{installed_version('openrlhf')}"
+            f"{cls.__module__}.{cls.__qualname__} is not an OpenRLHF {supported_range('openrlhf')} PolicyLoss this "
+            f"adapter patches (missing: {'; '.join(missing) or 'aggregate_loss'}); installed openrlhf "
+            f"{installed_version('openrlhf')} (tested: {tested_versions('openrlhf')})"
         )
+    return apis[0]
