@@ -194,7 +194,9 @@ def demo(session: nox.Session) -> None:
     Not a test (not in nox.options.sessions). `nox -s demo` runs the default configuration (clip vs cfpo x
     num_iterations 1/4/16 with the real TRL GRPOTrainer, <= 15 min on 2 CPU cores) and writes
     stability_demo_out/; `nox -s demo -- --quick` is the < 2 minute smoke run; arguments after `--` go to the
-    script (`nox -s demo -- --out my_dir --rounds 100`).
+    script (`nox -s demo -- --out my_dir --rounds 100`). `nox -s demo -- --grid` runs the paper's second axis:
+    clip/cfpo x num_iterations 1/2/4/8 x batch ratio 1/2/4/8 (32 runs of 100 rounds; 15 min of CPU time, 23 min
+    wall measured on the shared 2-core machine), heat maps per metric (README, "batch ratio x iterations").
     """
     _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
     _install(session, "-e", ".[trl,demo]")  # trl 1.16.x, matplotlib, tqdm: what a user installs

@@ -1,5 +1,6 @@
-"""examples/stability_demo.py --quick: the outputs exist and are well-formed (not their values), and a run is
-exactly reproducible from its seed. Runs the script as a user does, in a subprocess, with the real TRL."""
+"""examples/stability_demo.py --quick and --grid --quick: the outputs exist and are well-formed (not their
+values), the batch-ratio axis really lags the old policy, and a run is exactly reproducible from its seed.
+Runs the script as a user does, in a subprocess, with the real TRL. No test looks at a training outcome."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytest.importorskip("tqdm")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "stability_demo.py"
 COLUMNS = [
-    "objective", "num_iterations", "step", "round", "reward", "ratio_dev", "max_abs_ratio_dev",
+    "objective", "num_iterations", "batch_ratio", "step", "round", "reward", "ratio_dev", "max_abs_ratio_dev",
     "exit_frac", "entropy", "kl_old", "kl_consecutive", "loss",
 ]  # fmt: skip
 QUICK_ROUNDS, ITERATIONS, OBJECTIVES = 3, (1, 4, 16), ("clip", "cfpo")
@@ -63,6 +64,7 @@ def test_metrics_csv_is_well_formed(quick_run):
     for row in rows:
         runs.setdefault((row["objective"], int(row["num_iterations"])), []).append(row)
     assert set(runs) == {(o, k) for o in OBJECTIVES for k in ITERATIONS}
+    assert {r["batch_ratio"] for r in rows} == {"1"}  # the iterations demo: one optimizer step per mini-batch = batch
     for (objective, k), run in runs.items():
         assert [int(r["step"]) for r in run] == list(range(1, QUICK_ROUNDS * k + 1)), (objective, k)
         assert [int(r["round"]) for r in run] == [(s - 1) // k + 1 for s in range(1, QUICK_ROUNDS * k + 1)]
@@ -116,8 +118,138 @@ def test_same_seed_same_trajectory(tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
 
 
-def test_bad_arguments_are_rejected(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--rounds", "0"], capture_output=True, text=True
-    )
-    assert proc.returncode != 0 and "--rounds" in proc.stderr
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--rounds", "0"), "--rounds"),
+        (("--grid", "--batch-ratios", "3"), "--batch-ratios"),  # must divide the generation batch (64)
+        (("--batch-ratios", "1", "2"), "--grid"),  # several batch ratios only in the grid
+    ],
+)
+def test_bad_arguments_are_rejected(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and needle in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ --grid --quick
+GRID_ROUNDS, GRID_ITERATIONS, GRID_RATIOS = 2, (1, 2), (1, 2)  # what --grid --quick runs
+GRID_HEATMAPS = (
+    "grid_final_reward.png", "grid_reward_drop.png", "grid_max_exit.png", "grid_mean_exit.png",
+    "grid_entropy_collapse.png", "grid_kl_consecutive.png",
+)  # fmt: skip
+GRID_CELLS = {(o, k, b) for o in OBJECTIVES for k in GRID_ITERATIONS for b in GRID_RATIOS}
+
+
+def _cells(rows: list[dict]) -> dict:
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["objective"], int(row["num_iterations"]), int(row["batch_ratio"])), []).append(row)
+    return cells
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stability_grid_quick")
+    proc = _run(out, "--grid", "--quick")
+    return out, proc
+
+
+def test_grid_writes_every_output(grid_run):
+    out, _ = grid_run
+    for name in ("metrics.csv", "grid_summary.md", "grid_heatmaps.png", "grid_curves.png", *GRID_HEATMAPS):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize("name", [*GRID_HEATMAPS, "grid_heatmaps.png", "grid_curves.png"])
+def test_grid_figures_are_pngs(grid_run, name):
+    import matplotlib.image
+
+    out, _ = grid_run
+    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    height, width = matplotlib.image.imread(out / name).shape[:2]
+    assert width >= 600 and height >= 400
+
+
+def test_grid_csv_is_well_formed(grid_run):
+    out, _ = grid_run
+    header, rows = _read_csv(out / "metrics.csv")
+    assert header == COLUMNS
+    cells = _cells(rows)
+    assert set(cells) == GRID_CELLS
+    for (objective, k, b), run in cells.items():
+        n = GRID_ROUNDS * k * b  # k passes over b mini-batches per generation round: k * b optimizer steps
+        assert [int(r["step"]) for r in run] == list(range(1, n + 1)), (objective, k, b)
+        assert [int(r["round"]) for r in run] == [(s - 1) // (k * b) + 1 for s in range(1, n + 1)]
+        for r in run:
+            for key in ("reward", "ratio_dev", "max_abs_ratio_dev", "exit_frac", "entropy", "kl_old", "loss"):
+                assert math.isfinite(float(r[key])), (objective, k, b, r["step"], key, r[key])
+            assert 0.0 <= float(r["reward"]) <= 1.0 and 0.0 <= float(r["exit_frac"]) <= 1.0
+        # the consecutive-policy KL: once per generation round, at its last optimizer step
+        assert all((r["kl_consecutive"] != "") == (int(r["step"]) % (k * b) == 0) for r in run), (objective, k, b)
+        assert all(float(r["kl_consecutive"]) >= -1e-6 for r in run if r["kl_consecutive"] != "")
+
+
+def test_grid_batch_ratio_lags_the_old_policy(grid_run):
+    """The mapping to TRL is what the paper means: in every round the first mini-batch is trained on-policy
+    (r == 1 exactly), every later step against the rollout policy that has since moved (r != 1), and with
+    k = b = 1 nothing lags, so clip and cfpo are the same algorithm (identical rows)."""
+    out, _ = grid_run
+    cells = _cells(_read_csv(out / "metrics.csv")[1])
+    for (objective, k, b), run in cells.items():
+        for r in run:
+            first_of_round = (int(r["step"]) - 1) % (k * b) == 0
+            assert (float(r["ratio_dev"]) == 0.0) == first_of_round, (objective, k, b, r["step"], r["ratio_dev"])
+    strip = lambda run: [{**r, "objective": ""} for r in run]  # noqa: E731
+    assert strip(cells[("clip", 1, 1)]) == strip(cells[("cfpo", 1, 1)])
+    assert strip(cells[("clip", 1, 2)]) != strip(cells[("cfpo", 1, 2)])  # the lag alone makes them differ
+
+
+def test_grid_summary_table_is_well_formed(grid_run):
+    out, proc = grid_run
+    lines = [ln for ln in (out / "grid_summary.md").read_text().splitlines() if ln.startswith("|")]
+    header, sep, body = lines[0], lines[1], lines[2:]
+    ncol = header.count("|") - 1 - header.count("\\|")
+    names = [c.strip() for c in header.replace("\\|", "/").strip().strip("|").split("|")]
+    for needle in ("objective", "num_iterations", "batch ratio", "final reward", "reward drop", "max exit fraction",
+                   "mean exit fraction", "entropy < 0.1", "KL(pi_n"):  # fmt: skip
+        assert sum(needle in name for name in names) == 1, needle
+    collapse_col = next(i for i, name in enumerate(names) if "entropy < 0.1" in name)
+    assert set(sep.replace("|", "").replace(":", "").replace("-", "")) == set()
+    assert len(body) == len(GRID_CELLS)
+    seen = []
+    for line in body:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == ncol, line
+        seen.append((cells[0], int(cells[1]), int(cells[2])))
+        assert int(cells[3]) == GRID_ROUNDS * int(cells[1]) * int(cells[2])  # optimizer steps
+        collapse = cells[collapse_col]
+        assert collapse == "never" or 1 <= int(collapse) <= GRID_ROUNDS, collapse
+        for cell in cells[4:collapse_col] + cells[collapse_col + 1 :]:
+            float(cell)
+    assert set(seen) == GRID_CELLS and len(seen) == len(set(seen))
+    assert seen == sorted(seen, key=lambda c: (c[1], c[2], c[0]))  # clip and cfpo of a cell side by side
+    assert body[0] in proc.stdout
+
+
+def test_grid_cell_is_reproducible_alone(grid_run, tmp_path):
+    """Same seed => the same rows, whether a cell runs inside the grid or on its own."""
+    out, _ = grid_run
+    _run(tmp_path, "--grid", "--rounds", str(GRID_ROUNDS), "--iterations", "2", "--batch-ratios", "2",
+         "--objectives", "cfpo")  # fmt: skip
+    grid_lines = (out / "metrics.csv").read_text().splitlines()
+    alone = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert alone[0] == grid_lines[0]
+    assert alone[1:] == [ln for ln in grid_lines[1:] if ln.startswith("cfpo,2,2,")]
+    assert len(alone) == 1 + GRID_ROUNDS * 2 * 2
+
+
+def test_grid_plot_only_redraws_the_same_table(grid_run, tmp_path):
+    import shutil
+
+    out, _ = grid_run
+    for name in ("metrics.csv", "grid_summary.md"):
+        shutil.copy(out / name, tmp_path / name)
+    _run(tmp_path, "--grid", "--plot-only")
+    assert (tmp_path / "grid_summary.md").read_text() == (out / "grid_summary.md").read_text()
+    for name in (*GRID_HEATMAPS, "grid_heatmaps.png", "grid_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
