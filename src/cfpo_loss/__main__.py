@@ -7,7 +7,7 @@ import sys
 import torch
 
 from . import __version__
-from .adapters._support import SUPPORTED, installed_version, is_supported, supported_range
+from .adapters._support import SUPPORTED, installed_version, is_supported, supported_range, tested_versions
 
 
 def report() -> str:
@@ -15,10 +15,10 @@ def report() -> str:
     for dist in SUPPORTED:
         version = installed_version(dist)
         if version is None:
-            state = "not installed"
+            state = f"not installed (adapter supports {supported_range(dist)}; tested: {tested_versions(dist)})"
         else:
             ok = "supported" if is_supported(dist, version) else "NOT SUPPORTED"
-            state = f"{version} ({ok}; adapter supports {supported_range(dist)})"
+            state = f"{version} ({ok}; adapter supports {supported_range(dist)}; tested: {tested_versions(dist)})"
         lines.append(f"{dist}: {state}")
     if installed_version("verl") is not None:
         lines.append(f"verl plugin: {_verl_plugin_status()}")

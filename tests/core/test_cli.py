@@ -4,6 +4,7 @@ import sys
 import torch
 
 import cfpo_loss
+from cfpo_loss.adapters._support import SUPPORTED, TESTED, is_supported, supported_range, version_key
 
 
 def test_python_m_cfpo_loss_reports_versions():
@@ -11,7 +12,27 @@ def test_python_m_cfpo_loss_reports_versions():
     assert f"cfpo_loss {cfpo_loss.__version__}" in out
     assert f"torch {torch.__version__}" in out
     for name in ("trl", "verl", "openrlhf"):
-        assert any(line.startswith(f"{name}: ") for line in out.splitlines()), out
+        (line,) = [line for line in out.splitlines() if line.startswith(f"{name}: ")]
+        assert supported_range(name) in line and f"tested: {', '.join(TESTED[name])}" in line, line
+
+
+def test_every_tested_version_is_supported_and_every_supported_minor_line_is_tested():
+    for name, (low, high) in SUPPORTED.items():
+        assert TESTED[name] and all(is_supported(name, v) for v in TESTED[name]), name
+        assert low in TESTED[name], f"{name}: the lowest supported version {low} is not tested"
+        minors = {version_key(v)[:2] for v in TESTED[name]}
+        lo, hi = version_key(low)[:2], version_key(high)[:2]
+        for minor in {(lo[0], m) for m in range(lo[1], hi[1])} if lo[0] == hi[0] else set():
+            assert minor in minors, f"{name} {minor[0]}.{minor[1]}.x is supported but not tested"
+
+
+def test_version_ranges_are_half_open():
+    assert is_supported("verl", "0.8.0") and is_supported("verl", "0.9.1") and not is_supported("verl", "0.10.0")
+    assert not is_supported("verl", "0.7.1")
+    assert is_supported("openrlhf", "0.10.4") and is_supported("openrlhf", "0.11.2")
+    assert not is_supported("openrlhf", "0.10.3") and not is_supported("openrlhf", "0.12.0")
+    assert is_supported("openrlhf", "0.10.1.post2") is False  # below the latest 0.10 patch
+    assert not is_supported("trl", "1.15.0") and is_supported("trl", "1.16.0") and not is_supported("trl", "1.17.0")
 
 
 def test_core_import_pulls_in_no_framework():

@@ -390,3 +390,38 @@ def test_install_on_import_patches_when_openrlhf_is_imported_later():
 
     proc = subprocess.run([sys.executable, "-c", ON_IMPORT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_a_policy_loss_of_another_api_is_refused_by_name(native_loss_module):
+    """A PolicyLoss with neither IS-correction API (e.g. a future OpenRLHF that changed it again) is not patched."""
+    from cfpo_loss.adapters.openrlhf import patch_policy_loss_class
+
+    class OtherPolicyLoss(torch.nn.Module):
+        def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
+                     policy_loss_type="ppo", off_policy_correction="none"):
+            super().__init__()
+
+        def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
+                    batch_num_tokens=None, global_batch_size=None):
+            raise AssertionError
+
+    OtherPolicyLoss.__module__ = native_loss_module.__name__  # a module with OpenRLHF's aggregate_loss
+    with pytest.raises(RuntimeError, match=r"openrlhf>=0\.10\.4,<0\.12.*missing: \(is_correction_level.*\) or "
+                                           r"\(enable_vllm_is_correction"):
+        patch_policy_loss_class(OtherPolicyLoss)
+    assert "__cfpo_loss_patch__" not in vars(OtherPolicyLoss)
+
+
+@pytest.mark.parametrize("version", ["0.10.3", "0.12.0"])
+def test_an_unsupported_openrlhf_is_warned_about_naming_the_range(monkeypatch, patched_policy_loss, version):
+    import cfpo_loss.adapters.openrlhf as adapter
+
+    monkeypatch.setattr(adapter, "installed_version", lambda dist: version)
+    with pytest.warns(RuntimeWarning, match=rf"supports openrlhf>=0\.10\.4,<0\.12 \(tested: .*\), found {version}"):
+        install()
+
+
+def test_the_installed_api_is_the_one_tested(patched_policy_loss):
+    from cfpo_loss.adapters.openrlhf import _patch_info
+
+    assert _patch_info(patched_policy_loss)["api"] == API

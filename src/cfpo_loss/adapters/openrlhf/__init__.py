@@ -376,8 +376,8 @@ def _check_api(cls: type) -> str:
         missing.append(" or ".join("(" + ", ".join(names) + ")" for names in _API_PARAMS.values()))
     if missing or not hasattr(sys.modules[cls.__module__], "aggregate_loss"):
         raise RuntimeError(
-            f"{cls.__module__}.{cls.__qualname__} is not an OpenRLHF {supported_range('openrlhf')} PolicyLoss this "
-            f"adapter patches (missing: {'; '.join(missing) or 'aggregate_loss'}); installed openrlhf "
+            f"{cls.__module__}.{cls.__qualname__} is not the PolicyLoss of an openrlhf{supported_range('openrlhf')} "
+            f"that this adapter patches (missing: {'; '.join(missing) or 'aggregate_loss'}); installed openrlhf "
             f"{installed_version('openrlhf')} (tested: {tested_versions('openrlhf')})"
         )
     return apis[0]
