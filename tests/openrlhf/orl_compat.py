@@ -18,7 +18,11 @@ OPENRLHF_VERSION = version("openrlhf")
 _LOSS_SOURCE = (Path(importlib.util.find_spec("openrlhf").origin).parent / "models" / "loss.py").read_text()
 API = "is_correction" if "is_correction_level" in _LOSS_SOURCE else "vllm_is"
 N_OUTPUTS = 5 if API == "is_correction" else 4
-_LEGACY = {("token", "clip", "ratio"): "tis", ("token", "mask", "ratio"): "icepop", ("seq", "mask", "ratio"): "seq-mask-tis"}
+_LEGACY = {
+    ("token", "clip", "ratio"): "tis",
+    ("token", "mask", "ratio"): "icepop",
+    ("seq", "mask", "ratio"): "seq-mask-tis",
+}
 
 
 def is_kwargs(level="token", mode="mask", gating="ratio", threshold=(0.5, 5.0)):
@@ -33,7 +37,8 @@ def is_kwargs(level="token", mode="mask", gating="ratio", threshold=(0.5, 5.0)):
     kind = _LEGACY.get((level, mode, gating))
     if kind is None:
         return None
-    return dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=list(threshold), vllm_is_correction_type=kind)
+    return dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=list(threshold),
+                vllm_is_correction_type=kind)  # fmt: skip
 
 
 #: the IS corrections this OpenRLHF has, as PolicyLoss keyword arguments

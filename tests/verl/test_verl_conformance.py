@@ -15,7 +15,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
-from verl_helpers import AGG_MODES, GSPO_HONOURS_AGG_MODE, HAS_TOKEN_SUM, VERL_VERSION, actor_config, global_info, make_batch
+from verl_helpers import (
+    AGG_MODES,
+    GSPO_HONOURS_AGG_MODE,
+    HAS_TOKEN_SUM,
+    VERL_VERSION,
+    actor_config,
+    global_info,
+    make_batch,
+)
 
 from cfpo_loss.adapters.verl import make_policy_loss
 

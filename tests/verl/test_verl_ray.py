@@ -87,7 +87,8 @@ def _run_ppo_with_loss_workers(overrides, batch, mode, gbi, out_path):
             from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
             pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
-            group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(LossWorker)))
+            worker_cls = RayClassWithInitArgs(cls=ray.remote(LossWorker))
+            group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker_cls)
             results = group.compute(*batch, mode, gbi)
             with open(out_path, "w") as f:
                 json.dump(results, f)

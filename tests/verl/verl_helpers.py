@@ -62,7 +62,8 @@ def torch_attention_fallback(monkeypatch) -> None:
         indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
         cu_seqlens = F.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
         flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
-        return index_first_axis(flat, indices), indices, cu_seqlens, seqlens_in_batch.max().item(), used_seqlens_in_batch
+        max_len = seqlens_in_batch.max().item()
+        return index_first_axis(flat, indices), indices, cu_seqlens, max_len, used_seqlens_in_batch
 
     def rearrange(*args, **kwargs):
         from einops import rearrange as einops_rearrange

@@ -76,6 +76,7 @@ __all__ = [
     "registration_error",
     "plugin_status",
     "loading_mechanism",
+    "verl_loads_entry_points",
     "EXTERNAL_MODULES_ENV",
     "HYDRA_OVERRIDE",
 ]

@@ -111,7 +111,8 @@ def install() -> None:
     if version is not None and not is_supported("openrlhf", version):
         warnings.warn(
             f"cfpo_loss's OpenRLHF adapter supports openrlhf{supported_range('openrlhf')} (tested: "
-            f"{tested_versions('openrlhf')}), found {version}; PolicyLoss's signature is checked, its semantics are not",
+            f"{tested_versions('openrlhf')}), found {version}; PolicyLoss's signature is checked, its semantics "
+            "are not",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -254,7 +255,9 @@ def cfpo_policy_loss_forward(
     is_settings = _is_settings(loss_fn, info["api"])
     correction = is_settings is not None
     if correction and rollout_log_probs is None:
-        raise ValueError(f"rollout_log_probs is required with the IS correction on ({_describe_is(loss_fn, info['api'])})")
+        raise ValueError(
+            f"rollout_log_probs is required with the IS correction on ({_describe_is(loss_fn, info['api'])})"
+        )
 
     # The ratio's denominator: OpenRLHF's gspo takes it against the rollout log-probs when correcting.
     denominator = rollout_log_probs if (ratio_level == "sequence" and correction) else old_log_probs
@@ -318,7 +321,9 @@ def _is_correction(level, mode, gating, threshold, old_log_probs, rollout_log_pr
     are special cases): the per-token coefficient that multiplies the per-token loss, and the filtered
     fraction at the unit's own granularity."""
     if threshold is None or len(threshold) != 2:
-        raise ValueError(f"the IS correction needs a [low, high] threshold (vllm_is_truncated_threshold), got {threshold!r}")
+        raise ValueError(
+            f"the IS correction needs a [low, high] threshold (vllm_is_truncated_threshold), got {threshold!r}"
+        )
     low, high = threshold
     seq_level = level == "seq"
     is_log_ratio = (old_log_probs - rollout_log_probs).detach()  # log(pi_train / pi_rollout)
