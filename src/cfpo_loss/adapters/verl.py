@@ -141,7 +141,9 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
     clip objective: the tests use it to prove this path equals verl's ``vanilla`` loss).
     ``ratio_level`` "token" or "sequence" (GSPO ratio). The returned function is not registered.
     """
-    from cfpo_loss import compute_policy_loss  # the math lives once, in the core
+    from cfpo_loss import compute_policy_loss, get_objective  # the math lives once, in the core
+
+    record = get_objective(objective)  # an unknown name raises here, when the loss is built
 
     def policy_loss(
         old_log_prob,
@@ -161,9 +163,7 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
                 "seq-mean-token-mean or seq-mean-token-sum-norm."
             )
         eps_low, eps_high = _eps(config)
-        dual_clip = None
-        if objective == "clip":
-            dual_clip = _cfg(config, "clip_ratio_c", 3.0)
+        dual_clip = _cfg(config, "clip_ratio_c", 3.0) if record.takes_dual_clip else None
         out = compute_policy_loss(
             log_prob,
             old_log_prob,
@@ -178,10 +178,9 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
             weights=rollout_is_weights,
             **_global_batch_info(config),
         )
-        m = out.metrics
-        names = sorted(m)
-        # one device sync for all metrics (verl's own losses call .item() on each)
-        values = dict(zip(names, _stack_tolist([m[k] for k in names])))
+        # floats already on the host: the loss's one device sync (its finite check) brought them along
+        # (verl's own losses call .item() on each)
+        values = out.metric_floats()
         metrics = {
             "actor/pg_clipfrac": values["tr_exit_frac"],
             "actor/ppo_kl": values["approx_kl_k1"],
@@ -213,14 +212,6 @@ def _verl_has_token_sum() -> bool:
 
     version = _verl_version()
     return version is None or version_key(version) >= (0, 9, 0)
-
-
-def _stack_tolist(tensors) -> list[float]:
-    import torch
-
-    if not tensors:
-        return []
-    return torch.stack([t.detach().float().reshape(()) for t in tensors]).cpu().tolist()
 
 
 compute_policy_loss_cfpo = make_policy_loss("cfpo", "token", name="cfpo")
