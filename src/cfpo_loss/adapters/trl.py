@@ -115,7 +115,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 
 from cfpo_loss.adapters._support import SUPPORTED as _SUPPORTED
 from cfpo_loss.fused import fused_linear_policy_loss
-from cfpo_loss.surrogates import cfpo_penalty, cfpo_surrogate, clipped_surrogate
+from cfpo_loss.surrogates import OBJECTIVES, get_objective
 
 __all__ = ["CFPOConfig", "CFPOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES", "POLICY_OBJECTIVES"]
 
@@ -129,7 +129,7 @@ _ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_TRL"
 AGGREGATION_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: TRL loss types that are a different policy objective (not an aggregation): rejected.
 _OTHER_OBJECTIVE_LOSS_TYPES = ("cispo", "sapo", "vespo")
-POLICY_OBJECTIVES = ("cfpo", "clip")
+POLICY_OBJECTIVES = tuple(OBJECTIVES)  # the core's registry: "cfpo", "clip"
 # inputs the fused path cannot take (vision-language models) and config logit transforms it does not apply
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles", "num_images")
@@ -213,7 +213,7 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
         raise ValueError(f"epsilon_high (eps_high) must be a finite float > 0, got {args.epsilon_high!r}")
     delta = args.delta
     if delta is not None:
-        if policy_objective == "cfpo":
+        if not get_objective(policy_objective).takes_dual_clip:
             raise ValueError(
                 f"delta={delta!r} (two-sided clipping) is an option of the clipped objective; CFPO has nothing to "
                 "clip, its quadratic penalty already bounds large ratios. Leave delta=None with "
@@ -384,6 +384,7 @@ class CFPOTrainer(GRPOTrainer):
         policy_objective = getattr(args, "policy_objective", "cfpo")
         _validate(args, policy_objective, getattr(args, "use_fused_loss", False))  # before loading any model
         self.policy_objective = policy_objective
+        self._objective = get_objective(policy_objective)  # the core's record: terms, takes_dual_clip, has_penalty
         self.use_fused_loss = getattr(args, "use_fused_loss", False)
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         if self.use_fused_loss:
@@ -469,7 +470,7 @@ class CFPOTrainer(GRPOTrainer):
             objective=self.policy_objective,
             eps_low=self.epsilon_low,
             eps_high=self.epsilon_high,
-            dual_clip=self.args.delta if self.policy_objective == "clip" else None,
+            dual_clip=self._dual_clip,
             ratio_level=self.importance_sampling_level,
             temperature=self.temperature,
             ref_log_prob=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
@@ -498,11 +499,18 @@ class CFPOTrainer(GRPOTrainer):
         self._log_trust_region_metrics(mode, ratio, advantages, mask)
         return loss
 
+    @property
+    def _dual_clip(self):
+        return self.args.delta if self._objective.takes_dual_clip else None
+
+    def _objective_terms(self, coef_1: torch.Tensor, advantages: torch.Tensor):
+        """The core's per-token terms of the objective (J to maximise, dJ/dr, penalty or None), the very function
+        cfpo_surrogate / clipped_surrogate return the value of. Shapes broadcast as TRL's coef_1 * advantages."""
+        return self._objective.terms(coef_1, advantages, self.epsilon_low, self.epsilon_high, self._dual_clip)
+
     def _policy_objective(self, coef_1: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-        """Per-token objective J(r, A) to maximise, from the core. Shapes broadcast as TRL's coef_1 * advantages."""
-        if self.policy_objective == "cfpo":
-            return cfpo_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high)
-        return clipped_surrogate(coef_1, advantages, self.epsilon_low, self.epsilon_high, dual_clip=self.args.delta)
+        """Per-token objective J(r, A) to maximise, from the core."""
+        return self._objective_terms(coef_1, advantages).objective
 
     def _metric_reducers(self, mask):
         """TRL 1.16.0's metric closures from `_compute_loss` (grpo_trainer.py lines 3254-3265), verbatim."""
@@ -552,8 +560,8 @@ class CFPOTrainer(GRPOTrainer):
         valid = torch.ones_like(ratio, dtype=torch.bool) if ratio.shape[1] == 1 else mask.bool()
         local = [torch.where(valid, (ratio - 1.0).abs(), 0.0).sum(), valid.sum(),
                  torch.where(valid, ratio, -torch.inf).amax(), torch.where(valid, -ratio, -torch.inf).amax()]
-        if self.policy_objective == "cfpo":
-            penalty = cfpo_penalty(ratio, advantages.detach(), self.epsilon_low, self.epsilon_high)
+        if self._objective.has_penalty:
+            penalty = self._objective_terms(ratio, advantages.detach()).penalty
             local.append(torch.where(valid, penalty, 0.0).sum())
         per_rank = self.accelerator.gather(torch.stack(local).float()[None]).reshape(-1, len(local)).tolist()
         sums = [sum(col) for col in zip(*per_rank)]
@@ -563,7 +571,7 @@ class CFPOTrainer(GRPOTrainer):
         self._metrics[mode]["cfpo/ratio_max"].append(top if top > -math.inf else math.nan)
         # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
         self._metrics[mode]["cfpo/ratio_min"].append(-neg_bottom if neg_bottom > -math.inf else math.nan)
-        if self.policy_objective == "cfpo":
+        if self._objective.has_penalty:
             self._metrics[mode]["cfpo/penalty"].append(sums[4] / count)
 
     def _compute_loss(self, model, inputs):
