@@ -266,3 +266,52 @@ def test_metrics_share_one_buffer_and_read_as_floats(dual_clip, objective):
     mixed = {**out.metrics, "extra": torch.tensor(2.5)}
     assert read_metrics(mixed) == {**floats, "extra": 2.5}
     assert read_metrics({}) == {}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("objective,dual_clip", [("cfpo", None), ("clip", 1.5), ("clip", None)])
+def test_every_metric_by_hand_with_padding(objective, dual_clip, ratio_level, fast):
+    """Each metric from loops over valid tokens (float64, plain Python), with NaN garbage at padding and a fully
+    masked row; the ratio is the one the objective uses (per sequence at sequence level, where the KL estimates
+    stay per token). Held for the eager and the compiled paths."""
+    lp, olp, adv, mask = make_batch(b=6, t=9, spread=0.6, seed=3)
+    olp = olp + 0.4 * torch.randn(6, 1, generator=torch.Generator().manual_seed(4), dtype=olp.dtype)  # row offsets
+    mask[2] = False
+    olp_dirty = torch.where(mask, olp, torch.tensor(float("nan"), dtype=olp.dtype))
+    eps_low, eps_high = 0.2, 0.28
+    out = compute_policy_loss(lp, olp_dirty, adv, mask, objective=objective, eps_low=eps_low, eps_high=eps_high,
+                              dual_clip=dual_clip, ratio_level=ratio_level, fast=fast)
+    rows = []
+    for b in range(6):
+        logr = [(lp[b, t] - olp[b, t]).item() for t in range(9) if mask[b, t]]
+        if not logr:
+            continue
+        seq_r = math.exp(sum(logr) / len(logr))
+        for lr in logr:
+            rows.append((math.exp(lr) if ratio_level == "token" else seq_r, lr, adv[b].item()))
+    n = len(rows)
+    high = sum(1 for r, _, a in rows if a > 0 and r > 1 + eps_high) / n
+    low = sum(1 for r, _, a in rows if a < 0 and r < 1 - eps_low) / n
+    expected = {
+        "ratio_mean": sum(r for r, _, _ in rows) / n,
+        "ratio_min": min(r for r, _, _ in rows),
+        "ratio_max": max(r for r, _, _ in rows),
+        "ratio_dev": sum(abs(r - 1) for r, _, _ in rows) / n,
+        "tr_exit_high": high,
+        "tr_exit_low": low,
+        "tr_exit_frac": high + low,
+        "approx_kl_k1": sum(-lr for _, lr, _ in rows) / n,
+        "approx_kl_k3": sum(math.exp(lr) - 1 - lr for _, lr, _ in rows) / n,
+    }
+    if objective == "cfpo":
+        expected["penalty"] = sum(abs(a) / (2 * (eps_high if a > 0 else eps_low)) * (r - 1) ** 2 for r, _, a in rows) / n
+    if dual_clip is not None:
+        expected["dual_clip_frac"] = sum(1 for r, _, a in rows if a < 0 and r > dual_clip) / n
+    assert set(out.metrics) == set(expected)
+    floats = out.metric_floats()
+    for k, v in expected.items():
+        assert floats[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert expected["tr_exit_low"] > 0 and expected["tr_exit_high"] > 0  # the cases are exercised
+    if dual_clip is not None and ratio_level == "token":
+        assert expected["dual_clip_frac"] > 0
