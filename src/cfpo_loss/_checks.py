@@ -86,14 +86,15 @@ def check_mask(mask, shape: torch.Size, device: torch.device, *, defer: bool = F
         raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype}")
     invalid = ((mask != 0) & (mask != 1)).any()
     if not defer:
-        raise_if_mask_invalid(invalid, mask.dtype)
+        raise_if_mask_invalid(invalid)
         invalid = None
     return mask != 0, invalid
 
 
-def raise_if_mask_invalid(invalid: Tensor | None, dtype) -> None:
+def raise_if_mask_invalid(invalid: Tensor | None) -> None:
+    """Raise if the deferred check of a non-bool mask (``check_mask(..., defer=True)``) found a value not 0 or 1."""
     if invalid is not None and bool(invalid):
-        raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype {dtype} with other values")
+        raise ValueError("mask must be bool or hold only 0 and 1, got a non-bool mask with other values")
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

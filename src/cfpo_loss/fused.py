@@ -384,18 +384,16 @@ def _one_pass(plan: FusedPlan, hidden2d, weight, bias, target_ids, fold, need):
     # per-valid-token inputs of the block step, gathered once (slices per block are free)
     targets = gather(target_ids)
     lp_valid = torch.zeros(blocks.n_valid, dtype=fp, device=device)
-    if token_level:
-        flat = [None if x is None else gather(x) for x in
-                (plan.old_log_prob, plan.advantages, plan.weights, coef.expand(plan.bsz, plan.seq))]
-        ones = torch.ones(1, min(plan.chunk_size, max(blocks.n_valid, 1)), dtype=torch.bool, device=device)
     ref_valid = None if plan.ref_log_prob is None else gather(plan.ref_log_prob)
-    coef_valid = gather(coef.expand(plan.bsz, plan.seq)) if ref_valid is not None else None
+    coef_valid = gather(coef.expand(plan.bsz, plan.seq)) if token_level or ref_valid is not None else None
+    if token_level:
+        flat = [None if x is None else gather(x) for x in (plan.old_log_prob, plan.advantages, plan.weights)]
+        ones = torch.ones(1, min(plan.chunk_size, max(blocks.n_valid, 1)), dtype=torch.bool, device=device)
     entropy_sum = torch.zeros((), dtype=fp, device=device) if plan.compute_entropy else None
     grad_h = torch.zeros(hidden2d.shape, dtype=low, device=device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=fp if low == torch.float64 else torch.float32, device=device) \
-        if need_w else None
-    grad_b = torch.zeros(vocab, dtype=torch.float64 if low == torch.float64 else torch.float32, device=device) \
-        if need_b else None
+    acc = torch.float64 if low == torch.float64 else torch.float32  # the weight / bias gradients' accumulators
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
     tile_dtype = fold.tile_dtype(low)
     rows_max = max((span[1] - span[0] for span in blocks.spans), default=0)
     tile_buf = torch.empty(rows_max, vocab, dtype=tile_dtype, device=device)  # one tile for the whole pass
@@ -424,8 +422,9 @@ def _one_pass(plan: FusedPlan, hidden2d, weight, bias, target_ids, fold, need):
 
         lp = stats.log_prob.detach()
         if token_level:
-            old, adv, wts, c = (None if x is None else x[start:end][None] for x in flat)
-            g = grad_fn(lp[None], lp[None] if old is None else old, adv, ones[:, :n], c, wts)[0]
+            old, adv, wts = (None if x is None else x[start:end][None] for x in flat)
+            g = grad_fn(lp[None], lp[None] if old is None else old, adv, ones[:, :n], coef_valid[start:end][None],
+                        wts)[0]
         else:
             g = _row_block_grad(plan, grad_fn, lp, blocks.valid, start, end, span[2], span[3], coef)
         if ref_valid is not None:  # TRL's KL: d/dlogp β·c·k3 = β·c·(1 − exp(ref − logp))

@@ -136,7 +136,7 @@ def compute_policy_loss(
             checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
         *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
         if not math.isfinite(total):
-            raise_if_mask_invalid(mask_invalid, "non-bool")
+            raise_if_mask_invalid(mask_invalid)
             check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
                                weights=weights)
         host = dict(zip(names, values))

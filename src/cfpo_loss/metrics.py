@@ -95,16 +95,11 @@ def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
 def read_metrics(metrics: dict[str, Tensor]) -> dict[str, float]:
     """{name: float} with ONE device-to-host transfer (one sync), however many metrics there are.
 
-    For loggers: ``read_metrics(out.metrics)`` instead of ``{k: v.item() ...}`` (one sync per metric)."""
+    For loggers: ``read_metrics(out.metrics)`` instead of ``{k: v.item() ...}`` (one sync per metric).
+    ``PolicyLossOutput.metric_floats()`` costs not even that when the loss ran its finite check."""
     if not metrics:
         return {}
-    values = list(metrics.values())
-    base = values[0]._base
-    if base is not None and base.dim() == 1 and base.numel() == len(values) and all(v._base is base for v in values):
-        floats = base.tolist()  # the metric buffer itself, in order
-        order = [v.storage_offset() - base.storage_offset() for v in values]
-        return {k: floats[i] for k, i in zip(metrics, order)}
-    return dict(zip(metrics, torch.stack([v.detach().float().reshape(()) for v in values]).tolist()))
+    return dict(zip(metrics, torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()))
 
 
 def _fill(x: Tensor, mask: Tensor, select, value: float) -> Tensor:
