@@ -6,7 +6,9 @@ arguments runs them all; `nox -s core` runs only the framework-free core.
 
 torch is pinned to 2.13.0 everywhere: that CPU wheel lies on the build machines' disk, and an
 unpinned torch pulls a multi-GB CUDA build. Every later install keeps it (`_install` passes it as
-a constraint), so no framework can swap it for a CUDA build.
+a constraint), so no framework can swap it for a CUDA build. The one exception is `core(2.6.0)`: the
+lowest torch pyproject.toml claims (`TORCH_FLOOR` in _support.py), PyPI's CUDA build run on the CPU.
+`package` builds the wheel and tests it installed as a user installs it (not editable).
 
 Every framework version the adapters claim is tested: the `verl` and `openrlhf` sessions are parametrised
 over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
@@ -31,9 +33,10 @@ TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["core", "package", "trl", "verl", "openrlhf"]
 
-TORCH = "torch==2.13.0"
+TORCH_VERSIONS = list(_support.TORCH_TESTED)  # the newest first: every framework session runs on it
+TORCH = f"torch=={TORCH_VERSIONS[0]}"
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy"]
 TRL = f"trl=={TESTED['trl'][0]}"
 VERL_VERSIONS = list(TESTED["verl"])
@@ -62,22 +65,22 @@ ENV = {
 }
 
 
-def _install(session: nox.Session, *args: str) -> None:
+def _install(session: nox.Session, *args: str, torch: str = TORCH) -> None:
     """pip install that can never replace the pinned torch."""
-    session.install("-q", *args, f"--constraint={_constraints(session)}")
+    session.install("-q", *args, f"--constraint={_constraints(session, torch)}")
 
 
-def _constraints(session: nox.Session) -> str:
+def _constraints(session: nox.Session, torch: str = TORCH) -> str:
     path = f"{session.virtualenv.location}/torch-pin.txt"
     with open(path, "w") as f:
-        f.write(TORCH + "\n")
+        f.write(torch + "\n")
     return path
 
 
-def _base(session: nox.Session, *extra: str) -> None:
-    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
-    _install(session, *TEST_DEPS, *extra)
-    _install(session, "--no-deps", "-e", ".")
+def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
+    _install(session, torch, torch=torch)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, *TEST_DEPS, *extra, torch=torch)
+    _install(session, "--no-deps", "-e", ".", torch=torch)
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
@@ -86,12 +89,53 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 
 
 @nox.session
-def core(session: nox.Session) -> None:
-    """Framework-free core: only torch, pytest and hypothesis."""
-    _base(session)
+@nox.parametrize("torch", TORCH_VERSIONS, ids=TORCH_VERSIONS)
+def core(session: nox.Session, torch: str) -> None:
+    """Framework-free core: only torch, pytest and hypothesis; once on each torch of TORCH_TESTED (the newest, and
+    the floor pyproject claims: that one is PyPI's CUDA build, ~3 GB with its nvidia libraries, run on the CPU)."""
+    _base(session, torch=f"torch=={torch}")
     session.run("python", "-c", "import sys, cfpo_loss; assert not {'trl','verl','openrlhf'} & set(sys.modules)")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/core")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """The package as users get it: build the sdist and the wheel, check them, install the WHEEL (not editable)
+    with the trl extra into this fresh environment, and use it from outside the source tree: `python -m cfpo_loss`,
+    an import of every adapter, the TRL mirror shipped as package data, the verl entry point, the core tests."""
+    import glob
+    import shutil
+
+    _install(session, "build==1.6.1", "twine==7.0.0")
+    dist = os.path.join(session.create_tmp(), "dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", dist, ".", silent=True)
+    files = sorted(glob.glob(os.path.join(dist, "*")))
+    session.run("python", "-m", "twine", "check", "--strict", *files)
+    (wheel,) = glob.glob(os.path.join(dist, "*.whl"))
+    _install(session, TORCH)
+    _install(session, f"{wheel}[trl]", *TEST_DEPS)
+    tests = os.path.abspath("tests/core")
+    with session.chdir(session.create_tmp()):  # outside the repo: only the installed wheel can be imported
+        session.run("python", "-c", PACKAGE_CHECK, env=ENV)
+        session.run("python", "-m", "cfpo_loss", env=ENV)
+        session.run("python", "-m", "cfpo_loss.adapters.trl_check", env=ENV)  # reads the mirror from package data
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", ".", tests, env=ENV)
+
+
+PACKAGE_CHECK = """
+import importlib.metadata as md, pathlib, cfpo_loss
+where = pathlib.Path(cfpo_loss.__file__).parent
+assert "site-packages" in str(where), f"cfpo_loss imported from {where}, not from the installed wheel"
+assert md.version("cfpo-loss") == cfpo_loss.__version__, (md.version("cfpo-loss"), cfpo_loss.__version__)
+assert (where / "py.typed").is_file(), "py.typed missing from the wheel"
+eps = [e for e in md.entry_points(group="verl.plugins") if e.name == "cfpo_loss"]
+assert [e.value for e in eps] == ["cfpo_loss.adapters.verl"], eps
+import cfpo_loss.adapters.trl, cfpo_loss.adapters.openrlhf, cfpo_loss.adapters.openrlhf.train_ppo_ray
+import cfpo_loss.adapters.verl  # verl is not installed here: the adapter says so and imports
+print("wheel ok:", where)
+"""
 
 
 @nox.session

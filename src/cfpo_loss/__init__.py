@@ -13,9 +13,8 @@ from .aggregation import AGG_MODES, aggregate_loss
 from .fused import fused_linear_policy_loss
 from .loss import PolicyLossOutput, compute_policy_loss
 from .metrics import read_metrics
+from ._version import __version__
 from .surrogates import OBJECTIVES, Objective, cfpo_surrogate, clipped_surrogate, get_objective
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AGG_MODES",

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import cfpo_loss
@@ -24,6 +25,19 @@ def test_every_tested_version_is_supported_and_every_supported_minor_line_is_tes
         lo, hi = version_key(low)[:2], version_key(high)[:2]
         for minor in {(lo[0], m) for m in range(lo[1], hi[1])} if lo[0] == hi[0] else set():
             assert minor in minors, f"{name} {minor[0]}.{minor[1]}.x is supported but not tested"
+
+
+def test_pyproject_torch_floor_is_the_tested_floor():
+    import pathlib
+    import re
+
+    from cfpo_loss.adapters._support import TORCH_FLOOR, TORCH_TESTED
+
+    pyproject = pathlib.Path(__file__).parents[2] / "pyproject.toml"
+    if not pyproject.is_file():  # the package session runs these tests on the installed wheel, outside the repo
+        pytest.skip("no source tree here")
+    (floor,) = re.findall(r'"torch>=([0-9.]+)"', pyproject.read_text())
+    assert version_key(floor) == version_key(TORCH_FLOOR) and TORCH_FLOOR in TORCH_TESTED
 
 
 def test_version_ranges_are_half_open():
