@@ -47,6 +47,35 @@ Metrics, with verl's meaning:
     actor/cfpo/<name>        every core metric (ratio_mean, ratio_min, ratio_max, ratio_dev, tr_exit_frac,
                              tr_exit_low, tr_exit_high, approx_kl_k1, approx_kl_k3, penalty).
 
+Off-policy (rollout-correction) modes, verl 0.8.0 - 0.9.1:
+
+* Bypass mode, ``algorithm.rollout_correction.bypass_mode=True`` (the default of the fully-async and one-step-off
+  recipes, ``verl/experimental/...``): the trainer uses the rollout log-probs as old log-probs, so the ratio is
+  pi_theta / pi_rollout. verl's ``rollout_corr_helper.apply_bypass_mode`` also sets ``policy_loss.loss_mode`` to
+  "bypass_mode" (PPO-clip or REINFORCE, with a rejection mask) - but only in the trainer's own config: each Ray
+  worker built its loss from its own copy of the config when it started (engine_workers.py, ``init_model``), so
+  the workers run the loss_mode the user chose, without the rejection mask, whose settings they never see (verl
+  issues #4912, #4272; the 0.9.x v1 trainer does not call apply_bypass_mode at all). This plugin therefore:
+
+  - at config time (``prepare_config``, run by its wrapper of ``verl.utils.device.auto_set_device``, which every
+    PPO entry point calls on the composed config before Ray starts): for loss_mode cfpo / cfpo_seq only, refuses
+    ``rollout_correction.loss_type="reinforce"`` by name and copies ``algorithm.rollout_correction`` to
+    ``actor_rollout_ref.actor.policy_loss.rollout_correction`` (verl's own field, which its bypass loss reads);
+  - in the workers, the CFPO loss reads that field: verl's ``compute_rollout_correction_and_rejection_mask``
+    (current policy against pi_rollout, no gradient) masks the rejected tokens and its ``rollout_corr/*``
+    metrics are logged, as verl's ppo_clip bypass loss does; no IS weight is applied (the ratio already is
+    pi_theta / pi_rollout);
+  - in the trainer (wrapper of ``apply_bypass_mode``): keeps ``loss_mode`` cfpo / cfpo_seq in the trainer's config
+    (what the workers run), and refuses, before the first actor update, a bypass run with ``rollout_rs`` whose
+    workers' config was not prepared (a custom entry point: call ``prepare_config(config)`` yourself).
+
+  For every other loss_mode both wrappers call verl's function with the same arguments and change nothing.
+  On verl 0.8.0 the launching process needs ``VERL_USE_EXTERNAL_MODULES=cfpo_loss.adapters.verl`` exported too,
+  or the config step does not run there (the trainer-side refusal still does, through HYDRA_OVERRIDE).
+* Decoupled mode (bypass_mode=False, ``rollout_is`` / ``rollout_rs``): the trainer recomputes pi_old, computes IS
+  weights and the rejection mask once per batch and puts them in the batch; verl's ``ppo_loss`` passes
+  ``rollout_is_weights`` to cfpo, which multiplies its per-token loss by them (three policies, as for vanilla).
+
 If registration fails (e.g. an incompatible verl), a RuntimeWarning naming the cause is emitted and
 logged at WARNING level - verl itself only logs plugin import errors at DEBUG, which would leave a
 user with a bare "Unsupported loss mode: cfpo". A verl outside the supported range gets a
