@@ -300,7 +300,7 @@ def _bypass_mask(loss_mode: str, correction: Any, log_prob, rollout_log_prob, re
     from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
 
     _check_bypass(loss_mode, correction)
-    with torch.no_grad():
+    with torch.no_grad():  # (verl's masked sums already ignore NaN / inf in padding, on 0.8.0 - 0.9.1)
         _, mask, metrics = compute_rollout_correction_and_rejection_mask(
             old_log_prob=log_prob,
             rollout_log_prob=rollout_log_prob,
@@ -417,7 +417,10 @@ def _wrap_apply_bypass_mode(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def apply_bypass_mode(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError:  # not a call this wrapper knows: verl's function answers it
+            return original(*args, **kwargs)
         policy_loss = arguments.get("policy_loss_config")
         loss_mode = None if policy_loss is None else _cfg(policy_loss, "loss_mode")
         if loss_mode not in LOSS_NAMES:
