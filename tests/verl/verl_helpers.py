@@ -7,6 +7,8 @@ estimators) or from the paper's equation written out here, never from cfpo_loss 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -145,12 +147,20 @@ RECIPES = {
 
 
 def compose_recipe(recipe: str, overrides=()):
-    """verl's Hydra config of ``recipe`` (a RECIPES key) with ``overrides``, composed as its ``main`` composes it.
+    """verl's Hydra config of ``recipe`` (a RECIPES key) with ``overrides``, composed as its ``main`` composes it
+    (a fresh copy each call; each composition is made once per session, ~1 s each).
 
     one_step_off_ppo_trainer.yaml finds its base config through ``hydra.searchpath: file://verl/trainer/config``,
     a path relative to the working directory (a verl source checkout): with a pip-installed verl it composes only
     from the directory that holds the installed ``verl`` package, so compose from there.
     """
+    import copy
+
+    return copy.deepcopy(_compose(recipe, tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=None)
+def _compose(recipe: str, overrides: tuple):
     import os
 
     import verl
