@@ -428,7 +428,7 @@ def _wrap_apply_bypass_mode(original: Callable) -> Callable:
         correction = arguments.get("rollout_corr_config")
         _check_bypass(loss_mode, correction)
         prepared = _cfg(policy_loss, "rollout_correction")
-        if prepared is None or _plain(prepared) != _plain(correction):
+        if prepared is None or correction is None or _plain(prepared) != _plain(correction):
             _unprepared(loss_mode, correction)
         result = original(*args, **kwargs)  # old_log_probs = rollout_log_probs; sets loss_mode="bypass_mode"
         # verl's loss_mode rewrite changes only this (trainer-side) copy; the workers run loss_mode=cfpo from their
