@@ -4,6 +4,7 @@ group); registration is idempotent, and a failure is loud (verl only logs it at 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -51,6 +52,18 @@ BARE_USER = """
         out["modules"] = {n: POLICY_LOSS_REGISTRY[n].__module__ for n in ("cfpo", "cfpo_seq")}
         out["grad_finite"] = bool(torch.isfinite(lp.grad).all())
         out["metric_keys"] = sorted(metrics)
+    # the rollout-correction config step (test_verl_offpolicy.py): the function each PPO entry point calls on the
+    # composed config, as that entry point binds it. `python -m verl.trainer.main_ppo` runs the module's code as
+    # __main__ after importing the verl package, as runpy does here
+    import runpy
+    main_ppo = runpy.run_module("verl.trainer.main_ppo", run_name="cfpo_probe")
+    import verl.experimental.fully_async_policy.fully_async_main as fully_async
+    import verl.experimental.one_step_off_policy.main_ppo as one_step_off
+    from verl.trainer.ppo import rollout_corr_helper
+    mark = lambda fn: getattr(fn, "__cfpo_loss_plugin__", None)
+    out["hooks"] = {"main_ppo": mark(main_ppo["auto_set_device"]), "one_step_off": mark(one_step_off.auto_set_device),
+                    "fully_async": mark(fully_async.auto_set_device),
+                    "apply_bypass_mode": mark(rollout_corr_helper.apply_bypass_mode)}
     print("RESULT " + json.dumps(out))
 """
 
@@ -61,8 +74,14 @@ def _result(proc):
     return json.loads(line[len("RESULT ") :])
 
 
+@functools.lru_cache(maxsize=None)
+def bare_user_result() -> dict:
+    """BARE_USER's result with this verl's switch, run once per session (importing verl takes ~15 s)."""
+    return _result(_python(BARE_USER, **SWITCH))
+
+
 def test_bare_import_verl_registers_cfpo_in_a_fresh_process():
-    out = _result(_python(BARE_USER, **SWITCH))
+    out = bare_user_result()
     assert out["loaded_by_verl"]
     assert out["modules"] == {"cfpo": "cfpo_loss.adapters.verl", "cfpo_seq": "cfpo_loss.adapters.verl"}
     assert out["grad_finite"]

@@ -7,6 +7,8 @@ estimators) or from the paper's equation written out here, never from cfpo_loss 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def actor_config(loss_mode="cfpo", loss_agg_mode="token-mean", global_batch_info
         ppo_mini_batch_size=4,
         ppo_micro_batch_size_per_gpu=2,
         loss_agg_mode=loss_agg_mode,
-        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        policy_loss=kw.pop("policy_loss", None) or PolicyLossConfig(loss_mode=loss_mode),
         global_batch_info=dict(global_batch_info or {}),
         **kw,
     )
@@ -125,3 +127,51 @@ def global_info(mask, mode_kind="global", dp_size=2):
         "global_batch_size": int((mask.sum(-1) > 0).sum()) * dp_size,
         "loss_scale_factor": 11,
     }
+
+
+#: verl's PPO entry points with their Hydra config (directory under the installed verl, config name) and the module
+#: whose ``main`` composes it; the two off-policy recipes ship in the wheel (verl/experimental/...) on 0.8.0 - 0.9.1
+RECIPES = {
+    "ppo": ("trainer/config", "ppo_trainer", "verl.trainer.main_ppo"),
+    "one_step_off": (
+        "experimental/one_step_off_policy/config",
+        "one_step_off_ppo_trainer",
+        "verl.experimental.one_step_off_policy.main_ppo",
+    ),
+    "fully_async": (
+        "experimental/fully_async_policy/config",
+        "fully_async_ppo_trainer",
+        "verl.experimental.fully_async_policy.fully_async_main",
+    ),
+}
+
+
+def compose_recipe(recipe: str, overrides=()):
+    """verl's Hydra config of ``recipe`` (a RECIPES key) with ``overrides``, composed as its ``main`` composes it
+    (a fresh copy each call; each composition is made once per session, ~1 s each).
+
+    one_step_off_ppo_trainer.yaml finds its base config through ``hydra.searchpath: file://verl/trainer/config``,
+    a path relative to the working directory (a verl source checkout): with a pip-installed verl it composes only
+    from the directory that holds the installed ``verl`` package, so compose from there.
+    """
+    import copy
+
+    return copy.deepcopy(_compose(recipe, tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=None)
+def _compose(recipe: str, overrides: tuple):
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    sub, name, _ = RECIPES[recipe]
+    root = os.path.dirname(verl.__file__)
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(root))
+    try:
+        with initialize_config_dir(config_dir=os.path.join(root, sub), version_base=None):
+            return compose(config_name=name, overrides=list(overrides))
+    finally:
+        os.chdir(cwd)
