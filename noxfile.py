@@ -220,8 +220,9 @@ def openrlhf(session: nox.Session, version: str) -> None:
     _install(session, "--no-build-isolation", deepspeed)
     # what openrlhf.models / openrlhf.trainer.ray.ppo_actor / openrlhf.cli.train_ppo_ray import at module
     # level, at OpenRLHF's own pins (flash-attn and vllm excepted: import-only test stand-ins; the rest of
-    # OpenRLHF's declared dependencies is imported only by training / data code: tests/openrlhf/README.md)
-    _install(session, *pins, "peft", "torchdata", "tqdm", "sympy", "pylatexenc", "pillow")
+    # OpenRLHF's declared dependencies is imported only by training / logging code: tests/openrlhf/README.md);
+    # datasets: openrlhf.trainer.ppo_trainer(_async) load the prompts with it (tests/openrlhf/test_async.py)
+    _install(session, *pins, "peft", "torchdata", "tqdm", "sympy", "pylatexenc", "pillow", "datasets")
     # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
     site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
     standins = os.path.abspath("tests/openrlhf/standins")

@@ -8,6 +8,8 @@ goes through them: the policy loss, the CLI parser and Ray's worker setup hook d
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -25,6 +27,36 @@ else:
 def _site_root() -> Path:
     """The directory that holds the installed ``openrlhf`` package (and the wheel's ``tests`` package)."""
     return Path(importlib.util.find_spec("openrlhf").origin).resolve().parents[1]
+
+
+# A Ray cluster in its own process, as `ray start` would run it. num_gpus declares logical GPU resources only:
+# OpenRLHF's PolicyModelActor (and a vLLM engine) asks Ray for one GPU each (test_async.py runs three OpenRLHF jobs
+# at once); there is no GPU, and the actor's first CUDA call fails, which test_async.py records.
+RAY_CLUSTER = """
+import sys, ray
+ray.init(num_cpus=8, num_gpus=6, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()   # hold the cluster until the test closes stdin; then ray.shutdown() at exit
+"""
+
+
+@pytest.fixture(scope="session")
+def cluster_address():
+    """The address of a running Ray cluster (pass it as RAY_ADDRESS), shared by the Ray tests."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    holder = subprocess.Popen([sys.executable, "-c", RAY_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        address = holder.stdout.readline().strip()
+        assert address, "the Ray cluster did not start"
+        yield address
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
 
 
 @pytest.fixture(scope="session")

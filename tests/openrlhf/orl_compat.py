@@ -57,5 +57,10 @@ IS_CORRECTION = [
 #: the CLI options that switch the token-level IS correction on, in this OpenRLHF's train_ppo_ray
 IS_CLI = (["--algo.advantage.is_correction_level", "token"] if API == "is_correction"
           else ["--algo.advantage.is_correction_enable"])  # fmt: skip
+#: the CLI options for ICEPOP (token-level IS weight pi_train/pi_rollout, tokens outside [0.8, 1.25] dropped)
+ICEPOP_CLI = [*(["--algo.advantage.is_correction_level", "token", "--algo.advantage.is_correction_mode", "mask"]
+                if API == "is_correction" else
+                ["--algo.advantage.is_correction_enable", "--algo.advantage.is_correction_type", "icepop"]),
+              "--algo.advantage.is_correction_threshold", "0.8", "1.25"]  # fmt: skip
 #: --actor.loss_agg_mode exists from 0.11.2 on
 LOSS_AGG_CLI = ["--actor.loss_agg_mode", "seq-mean-token-mean"] if API == "is_correction" else []

@@ -1,6 +1,6 @@
 """A Ray actor started under the launcher's Ray init has the cfpo loss without importing cfpo_loss.
 
-The cluster is an existing one (started here in a separate process, as `ray start` would), reached
+The cluster is an existing one (conftest.py starts it in a separate process, as `ray start` would), reached
 through RAY_ADDRESS - the way a user points OpenRLHF at a cluster. The launcher does not start Ray
 itself: OpenRLHF's own ray.init call, made through the launcher, connects to it.
 """
@@ -19,31 +19,6 @@ import torch
 import cfpo_loss
 
 HERE = Path(__file__).resolve().parent
-
-HOLDER = """
-import sys, ray
-ray.init(num_cpus=2, include_dashboard=False)
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()   # hold the cluster until the test closes stdin; then ray.shutdown() at exit
-"""
-
-
-@pytest.fixture(scope="module")
-def cluster_address():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
-    try:
-        address = holder.stdout.readline().strip()
-        assert address, "the Ray cluster did not start"
-        yield address
-    finally:
-        holder.stdin.close()
-        try:
-            holder.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
 
 
 def _probe(mode, address, tmp_path):
