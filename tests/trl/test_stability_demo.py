@@ -118,6 +118,33 @@ def test_same_seed_same_trajectory(tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
 
 
+def test_rloo_quick(tmp_path):
+    """--trainer rloo: TRL's RLOOTrainer through CFPORLOOTrainer, same outputs; the ratio columns are RLOO's sequence
+    ratio (as the trainer logs it). The first step of every round is on-policy (r == 1 exactly), every later one is
+    not; with k = 1 clip and cfpo are the same algorithm (identical rows), with k = 4 they differ."""
+    proc = _run(tmp_path, "--trainer", "rloo", "--rounds", "2", "--iterations", "1", "4")
+    assert "RLOOTrainer: r = sequence ratio" in (tmp_path / "summary.md").read_text().splitlines()[0]
+    for name in ("stability.png", "objectives.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
+    header, rows = _read_csv(tmp_path / "metrics.csv")
+    assert header == COLUMNS
+    runs: dict = {}
+    for row in rows:
+        runs.setdefault((row["objective"], int(row["num_iterations"])), []).append(row)
+    assert set(runs) == {(o, k) for o in OBJECTIVES for k in (1, 4)}
+    for (objective, k), run in runs.items():
+        assert [int(r["step"]) for r in run] == list(range(1, 2 * k + 1)), (objective, k)
+        for r in run:
+            for key in ("reward", "ratio_dev", "max_abs_ratio_dev", "exit_frac", "entropy", "kl_old", "loss"):
+                assert math.isfinite(float(r[key])), (objective, k, r["step"], key, r[key])
+            assert (float(r["ratio_dev"]) == 0.0) == ((int(r["step"]) - 1) % k == 0), (objective, k, r["step"])
+        assert all((r["kl_consecutive"] != "") == (int(r["step"]) % k == 0) for r in run), (objective, k)
+    strip = lambda run: [{**r, "objective": ""} for r in run]  # noqa: E731
+    assert strip(runs[("clip", 1)]) == strip(runs[("cfpo", 1)])
+    assert strip(runs[("clip", 4)]) != strip(runs[("cfpo", 4)])
+    assert "RLOOTrainer" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
