@@ -6,6 +6,8 @@
     python examples/stability_demo.py --grid   # clip/cfpo x num_iterations 1 2 4 8 x batch ratio 1 2 4 8: 32 runs of
                                                # 100 rounds, 23 min measured (15 min CPU) on 2 shared CPU cores
     python examples/stability_demo.py --grid --quick   # 2 rounds, iterations 1 2 x batch ratios 1 2 (same outputs)
+    python examples/stability_demo.py --trainer rloo   # the same runs with TRL's RLOOTrainer (CFPORLOOTrainer): 6.0 min
+                                                       # measured; -> stability_demo_rloo_out/
 
 What it does
 ------------
@@ -19,6 +21,12 @@ The task ("count"): the prompt is ``count from d :`` with d a digit; the ideal c
 four numbers mod 10 (``count from 7 :`` -> ``8 9 0 1``). Reward = mean over the 4 completion positions of
 1 for the right number, 0.1 for any other digit, 0 otherwise (so a random policy gets signal from the
 first step and the curve shows both "learn to emit digits" and "learn to count").
+
+With ``--trainer rloo`` the runs use TRL's ``RLOOTrainer`` through ``cfpo_loss.adapters.trl.CFPORLOOTrainer``
+instead: leave-one-out advantages (not normalised, RLOO's default), ONE ratio per completion r = exp(sum_t log pi_theta
+- sum_t log pi_old) and the mean over completions. The columns ratio_dev, max_abs_ratio_dev and exit_frac are then the
+statistics of that sequence ratio (as CFPORLOOTrainer logs them: cfpo/ratio_*, clip_ratio/region_mean); the KL
+columns stay per token (from the rollout policy's per-token log-probs, which RLOOTrainer sums into old_logps).
 
 Sample reuse: every run sees the same number of generation rounds (same prompts, same number of sampled
 completions). ``num_iterations = k`` takes k optimizer steps on each generated batch (TRL's mu), so the
@@ -777,8 +785,9 @@ def main(argv=None) -> int:
         "CFPORLOOTrainer (sequence ratio, leave-one-out advantages). Default: %(default)s",
     )  # fmt: skip
     p.add_argument(
-        "--out", default=None, help="output folder (default: stability_demo_out, with --trainer rloo stability_demo_rloo_out)"
-    )
+        "--out", default=None,
+        help="output folder (default: stability_demo_out; with --trainer rloo, stability_demo_rloo_out)",
+    )  # fmt: skip
     p.add_argument(
         "--plot-only", action="store_true", help="no training: redraw the figures and table from --out/metrics.csv"
     )
@@ -855,14 +864,14 @@ def main(argv=None) -> int:
 
     trainer_cls = make_trainer_class(opts.trainer)
     # the GRPO headers are unchanged (the README's tables); RLOO's say so, and that r is one ratio per sequence there
-    trainer_note = " (RLOOTrainer: r = sequence ratio)" if opts.trainer == "rloo" else ""
+    note = " (RLOOTrainer: r = sequence ratio)" if opts.trainer == "rloo" else ""
     tokenizer = build_tokenizer()
     cells = [(o, k, b) for k in iterations for b in ratios for o in opts.objectives]
     total = rounds * sum(k * b for _, k, b in cells)
     print(
-        f"stability demo{' grid' if opts.grid else ''}{trainer_note}: {len(opts.objectives)} objectives x num_iterations {iterations}"
-        f" x batch ratio {ratios}, {rounds} generation rounds of {opts.batch_size} completions each ({total} "
-        f"optimizer steps), lr {opts.lr}, eps {opts.eps}, seed {opts.seed} -> {opts.out}/",
+        f"stability demo{' grid' if opts.grid else ''}{note}: {len(opts.objectives)} objectives x num_iterations "
+        f"{iterations} x batch ratio {ratios}, {rounds} generation rounds of {opts.batch_size} completions each "
+        f"({total} optimizer steps), lr {opts.lr}, eps {opts.eps}, seed {opts.seed} -> {opts.out}/",
         flush=True,
     )
     load_before = os.getloadavg()
@@ -888,10 +897,10 @@ def main(argv=None) -> int:
     )
     if opts.grid:
         header = (
-            f"Stability grid{trainer_note}: {rounds} generation rounds of {opts.batch_size} completions ({opts.num_generations} per "
-            f"prompt) per run; batch ratio b = {opts.batch_size}/b completions per optimizer step "
-            f"(TRL steps_per_generation = b, gradient_accumulation_steps = 1); lr {opts.lr}, eps {opts.eps}, "
-            f"seed {opts.seed}; {timing}"
+            f"Stability grid{note}: {rounds} generation rounds of {opts.batch_size} completions "
+            f"({opts.num_generations} per prompt) per run; batch ratio b = {opts.batch_size}/b completions per "
+            f"optimizer step (TRL steps_per_generation = b, gradient_accumulation_steps = 1); lr {opts.lr}, "
+            f"eps {opts.eps}, seed {opts.seed}; {timing}"
         )
         written = plot_grid(runs, opts.out, header)
         table = write_grid_summary(runs, os.path.join(opts.out, "grid_summary.md"), header)
@@ -903,8 +912,8 @@ def main(argv=None) -> int:
     if ratios != [1]:
         batch += f", batch ratio {ratios[0]} (mini-batch {opts.batch_size // ratios[0]})"
     header = (
-        f"Stability demo{trainer_note}: {rounds} generation rounds per run, {batch}, lr {opts.lr}, eps {opts.eps}, seed {opts.seed}; "
-        f"{timing}"
+        f"Stability demo{note}: {rounds} generation rounds per run, {batch}, lr {opts.lr}, eps {opts.eps}, "
+        f"seed {opts.seed}; {timing}"
     )
     table = write_summary(runs, os.path.join(opts.out, "summary.md"), header)
     print("\n" + table)

@@ -150,5 +150,6 @@ def test_update_stores_the_installed_texts(monkeypatch, tmp_path, capsys):
 def test_guard_error_points_at_the_check(monkeypatch, pin, method):
     monkeypatch.setattr(adapter, pin, "0" * 64)
     monkeypatch.delenv("CFPO_LOSS_ALLOW_UNSUPPORTED_TRL", raising=False)
-    with pytest.raises(ImportError, match=rf"trl\.{method}\._compute_loss differs .*python -m cfpo_loss.adapters.trl_check"):
+    expected = rf"trl\.{method}\._compute_loss differs .*python -m cfpo_loss.adapters.trl_check"
+    with pytest.raises(ImportError, match=expected):
         adapter._check_trl_version()

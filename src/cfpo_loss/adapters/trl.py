@@ -254,7 +254,7 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
 
 
 def _validate_epsilons(args) -> float:
-    """``epsilon`` / ``epsilon_high`` (GRPOConfig and RLOOConfig alike) as CFPO's eps_low / eps_high; returns eps_high."""
+    """``epsilon`` / ``epsilon_high`` (GRPOConfig and RLOOConfig alike) as eps_low / eps_high; returns eps_high."""
     eps_low = args.epsilon
     if isinstance(eps_low, bool) or not isinstance(eps_low, (int, float)) or not 0.0 < eps_low < 1.0:
         raise ValueError(f"epsilon (eps_low) must be a float in (0, 1), got {eps_low!r}")

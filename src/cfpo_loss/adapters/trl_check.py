@@ -181,7 +181,8 @@ def _sources(paths: Sequence[str]) -> list[tuple[str, str, str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfpo_loss.adapters.trl_check", description=__doc__.split("\n")[0])
     parser.add_argument("--source", metavar="PATH", action="append", help="check this trl/trainer/grpo_trainer.py or "
-                        "rloo_trainer.py (a trl/ or trl/trainer/ folder: both) instead of the installed trl; repeatable")
+                        "rloo_trainer.py (a trl/ or trl/trainer/ folder: both) instead of the installed trl; "
+                        "repeatable")
     parser.add_argument("--update", action="store_true", help="store the installed trl's texts as the mirrored texts "
                         "(after the reviewed diffs are applied to adapters/trl.py), rewrite the RLOO departures patch, "
                         "and print the sha256 values for adapters/trl.py")
