@@ -140,13 +140,15 @@ print("wheel ok:", where)
 
 @nox.session
 def trl(session: nox.Session) -> None:
-    """TRL adapter against the real trl==1.16.0 GRPOTrainer; then the example, briefly, so it cannot rot."""
+    """TRL adapter against the real trl==1.16.0 GRPOTrainer and RLOOTrainer; then the examples, briefly, so they
+    cannot rot."""
     _base(session, TRL, "matplotlib", "tqdm")
     session.run("python", "-m", "cfpo_loss.adapters.trl_check", env=ENV)  # MATCH, or the diff to review
     _pytest(session, "tests/trl")
     if not session.posargs:
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", env=ENV)
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", "--objective", "cfpo", "--fused", env=ENV)
+        session.run("python", "examples/rloo_ratio_study.py", "--lengths", "4", "--seeds", "0", "--steps", "4", env=ENV)
 
 
 @nox.session

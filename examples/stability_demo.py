@@ -6,6 +6,8 @@
     python examples/stability_demo.py --grid   # clip/cfpo x num_iterations 1 2 4 8 x batch ratio 1 2 4 8: 32 runs of
                                                # 100 rounds, 23 min measured (15 min CPU) on 2 shared CPU cores
     python examples/stability_demo.py --grid --quick   # 2 rounds, iterations 1 2 x batch ratios 1 2 (same outputs)
+    python examples/stability_demo.py --trainer rloo   # the same runs with TRL's RLOOTrainer (CFPORLOOTrainer): 6.0 min
+                                                       # measured; -> stability_demo_rloo_out/
 
 What it does
 ------------
@@ -19,6 +21,12 @@ The task ("count"): the prompt is ``count from d :`` with d a digit; the ideal c
 four numbers mod 10 (``count from 7 :`` -> ``8 9 0 1``). Reward = mean over the 4 completion positions of
 1 for the right number, 0.1 for any other digit, 0 otherwise (so a random policy gets signal from the
 first step and the curve shows both "learn to emit digits" and "learn to count").
+
+With ``--trainer rloo`` the runs use TRL's ``RLOOTrainer`` through ``cfpo_loss.adapters.trl.CFPORLOOTrainer``
+instead: leave-one-out advantages (not normalised, RLOO's default), ONE ratio per completion r = exp(sum_t log pi_theta
+- sum_t log pi_old) and the mean over completions. The columns ratio_dev, max_abs_ratio_dev and exit_frac are then the
+statistics of that sequence ratio (as CFPORLOOTrainer logs them: cfpo/ratio_*, clip_ratio/region_mean); the KL
+columns stay per token (from the rollout policy's per-token log-probs, which RLOOTrainer sums into old_logps).
 
 Sample reuse: every run sees the same number of generation rounds (same prompts, same number of sampled
 completions). ``num_iterations = k`` takes k optimizer steps on each generated batch (TRL's mu), so the
@@ -178,15 +186,22 @@ def count_reward(prompts, completions, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-def make_trainer_class():
+def make_trainer_class(trainer: str = "grpo"):
     from transformers import TrainerCallback
 
-    from cfpo_loss.adapters.trl import CFPOTrainer
+    from cfpo_loss.adapters.trl import CFPORLOOTrainer, CFPOTrainer
 
-    class DemoTrainer(CFPOTrainer):
-        """CFPOTrainer that also records, per optimizer step, the trust-region statistics of the core
-        (``compute_policy_loss(...).metrics`` on the log-probs TRL computed for the loss) and, at the end of each
-        generation round, the approximate KL between the rollout policy of that round and the next one."""
+    rloo = trainer == "rloo"
+
+    class DemoTrainer(CFPORLOOTrainer if rloo else CFPOTrainer):
+        """CFPOTrainer (CFPORLOOTrainer with --trainer rloo) that also records, per optimizer step, the trust-region
+        statistics of the ratio the objective used and the approximate KL(pi_old || pi_theta) per token, and, at the
+        end of each generation round, the approximate KL between the rollout policy of that round and the next one.
+
+        GRPO: the token ratio's statistics from the core (``compute_policy_loss(...).metrics`` on the log-probs TRL
+        computed for the loss). RLOO: the sequence ratio's, as CFPORLOOTrainer logs them (``cfpo/ratio_*``,
+        ``clip_ratio/region_mean``); its KL columns per token, from the rollout policy's per-token log-probs that
+        RLOOTrainer computes and sums into ``old_logps`` (kept here, unsummed, as ``demo_old_per_token_logps``)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -201,6 +216,18 @@ def make_trainer_class():
                 self._demo_capture.append(out[0].detach())
             return out
 
+        def _generate_and_score_completions(self, inputs):
+            if not rloo:
+                return super()._generate_and_score_completions(inputs)
+            # RLOO's first log-prob call here is the rollout policy's (old_per_token_logps, summed into old_logps)
+            self._demo_capture = []
+            try:
+                out = super()._generate_and_score_completions(inputs)
+            finally:
+                captured, self._demo_capture = self._demo_capture, None
+            out["demo_old_per_token_logps"] = captured[0]  # shuffled and split with the rest of the batch
+            return out
+
         @property
         def demo_steps_per_round(self) -> int:
             """Optimizer steps per generation round: num_iterations x batch ratio (steps_per_generation / GA)."""
@@ -213,21 +240,34 @@ def make_trainer_class():
             finally:
                 (logps,), self._demo_capture = self._demo_capture, None
             mask = inputs["completion_mask"].bool()
-            old = inputs.get("old_per_token_logps")
-            old = logps if old is None else old  # TRL's on-policy shortcut: old == current, r == 1
-            out = compute_policy_loss(
-                logps, old, inputs["advantages"], mask, objective=self.policy_objective,
-                eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-            )  # fmt: skip
-            m = {k: v.item() for k, v in out.metrics.items()}
-            self.demo_steps.append(
-                {
-                    "ratio_dev": m["ratio_dev"],
-                    "max_abs_ratio_dev": max(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"]),
-                    "exit_frac": m["tr_exit_frac"],
-                    "kl_old": m["approx_kl_k3"],
-                }
-            )
+            if rloo:
+                old = inputs["demo_old_per_token_logps"]
+                logged = {k: v[-1] for k, v in self._metrics["train" if self.model.training else "eval"].items()}
+                kl = compute_policy_loss(logps, old, inputs["advantages"], mask, eps_low=self.epsilon_low)
+                self.demo_steps.append(
+                    {
+                        "ratio_dev": logged["cfpo/ratio_dev"],
+                        "max_abs_ratio_dev": max(logged["cfpo/ratio_max"] - 1.0, 1.0 - logged["cfpo/ratio_min"]),
+                        "exit_frac": logged["clip_ratio/region_mean"],
+                        "kl_old": kl.metrics["approx_kl_k3"].item(),
+                    }
+                )
+            else:
+                old = inputs.get("old_per_token_logps")
+                old = logps if old is None else old  # TRL's on-policy shortcut: old == current, r == 1
+                out = compute_policy_loss(
+                    logps, old, inputs["advantages"], mask, objective=self.policy_objective,
+                    eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                )  # fmt: skip
+                m = {k: v.item() for k, v in out.metrics.items()}
+                self.demo_steps.append(
+                    {
+                        "ratio_dev": m["ratio_dev"],
+                        "max_abs_ratio_dev": max(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"]),
+                        "exit_frac": m["tr_exit_frac"],
+                        "kl_old": m["approx_kl_k3"],
+                    }
+                )
             # every slice (mini-batch) of the round's generated batch with its rollout-policy log-probs, for the
             # consecutive-policy KL at round end (TRL trains on slice `_step % steps_per_generation` now)
             self._demo_batch[self._step % self.args.steps_per_generation] = (inputs, old, mask)
@@ -311,12 +351,16 @@ def run_one(trainer_cls, objective, k, b, rounds, model_path, tokenizer, work, o
     k (num_iterations) passes of b (batch ratio) mini-batches, i.e. k * b optimizer steps per round."""
     from transformers import PrinterCallback
 
-    from cfpo_loss.adapters.trl import CFPOConfig
+    from cfpo_loss.adapters.trl import CFPOConfig, CFPORLOOConfig
 
-    args = CFPOConfig(
+    if opts.trainer == "rloo":  # RLOO: leave-one-out advantages, sequence ratio, mean over sequences (TRL's)
+        config_cls, trainer_options = CFPORLOOConfig, {}
+    else:  # TRL's default aggregation (global token mean), the same for both objectives
+        config_cls, trainer_options = CFPOConfig, {"loss_type": "dapo"}
+    args = config_cls(
         output_dir=os.path.join(work, f"{objective}-k{k}-b{b}"),
         policy_objective=objective,
-        loss_type="dapo",  # TRL's default aggregation (global token mean), the same for both objectives
+        **trainer_options,
         epsilon=opts.eps,
         epsilon_high=opts.eps,
         beta=0.0,
@@ -735,7 +779,15 @@ def redraw(out: str, grid: bool) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="stability_demo_out", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--trainer", choices=("grpo", "rloo"), default="grpo",
+        help="grpo: TRL's GRPOTrainer through CFPOTrainer (token ratio); rloo: TRL's RLOOTrainer through "
+        "CFPORLOOTrainer (sequence ratio, leave-one-out advantages). Default: %(default)s",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default=None,
+        help="output folder (default: stability_demo_out; with --trainer rloo, stability_demo_rloo_out)",
+    )  # fmt: skip
     p.add_argument(
         "--plot-only", action="store_true", help="no training: redraw the figures and table from --out/metrics.csv"
     )
@@ -772,6 +824,8 @@ def main(argv=None) -> int:
         help="torch CPU threads (default 1: a model this small runs fastest on one; more threads only contend)",
     )  # fmt: skip
     opts = p.parse_args(argv)
+    if opts.out is None:
+        opts.out = "stability_demo_rloo_out" if opts.trainer == "rloo" else "stability_demo_out"
     quick_axes = opts.grid and opts.quick
     if opts.rounds is not None:
         rounds = opts.rounds
@@ -808,14 +862,16 @@ def main(argv=None) -> int:
     if opts.plot_only:
         return redraw(opts.out, opts.grid)
 
-    trainer_cls = make_trainer_class()
+    trainer_cls = make_trainer_class(opts.trainer)
+    # the GRPO headers are unchanged (the README's tables); RLOO's say so, and that r is one ratio per sequence there
+    note = " (RLOOTrainer: r = sequence ratio)" if opts.trainer == "rloo" else ""
     tokenizer = build_tokenizer()
     cells = [(o, k, b) for k in iterations for b in ratios for o in opts.objectives]
     total = rounds * sum(k * b for _, k, b in cells)
     print(
-        f"stability demo{' grid' if opts.grid else ''}: {len(opts.objectives)} objectives x num_iterations {iterations}"
-        f" x batch ratio {ratios}, {rounds} generation rounds of {opts.batch_size} completions each ({total} "
-        f"optimizer steps), lr {opts.lr}, eps {opts.eps}, seed {opts.seed} -> {opts.out}/",
+        f"stability demo{' grid' if opts.grid else ''}{note}: {len(opts.objectives)} objectives x num_iterations "
+        f"{iterations} x batch ratio {ratios}, {rounds} generation rounds of {opts.batch_size} completions each "
+        f"({total} optimizer steps), lr {opts.lr}, eps {opts.eps}, seed {opts.seed} -> {opts.out}/",
         flush=True,
     )
     load_before = os.getloadavg()
@@ -841,10 +897,10 @@ def main(argv=None) -> int:
     )
     if opts.grid:
         header = (
-            f"Stability grid: {rounds} generation rounds of {opts.batch_size} completions ({opts.num_generations} per "
-            f"prompt) per run; batch ratio b = {opts.batch_size}/b completions per optimizer step "
-            f"(TRL steps_per_generation = b, gradient_accumulation_steps = 1); lr {opts.lr}, eps {opts.eps}, "
-            f"seed {opts.seed}; {timing}"
+            f"Stability grid{note}: {rounds} generation rounds of {opts.batch_size} completions "
+            f"({opts.num_generations} per prompt) per run; batch ratio b = {opts.batch_size}/b completions per "
+            f"optimizer step (TRL steps_per_generation = b, gradient_accumulation_steps = 1); lr {opts.lr}, "
+            f"eps {opts.eps}, seed {opts.seed}; {timing}"
         )
         written = plot_grid(runs, opts.out, header)
         table = write_grid_summary(runs, os.path.join(opts.out, "grid_summary.md"), header)
@@ -856,8 +912,8 @@ def main(argv=None) -> int:
     if ratios != [1]:
         batch += f", batch ratio {ratios[0]} (mini-batch {opts.batch_size // ratios[0]})"
     header = (
-        f"Stability demo: {rounds} generation rounds per run, {batch}, lr {opts.lr}, eps {opts.eps}, seed {opts.seed}; "
-        f"{timing}"
+        f"Stability demo{note}: {rounds} generation rounds per run, {batch}, lr {opts.lr}, eps {opts.eps}, "
+        f"seed {opts.seed}; {timing}"
     )
     table = write_summary(runs, os.path.join(opts.out, "summary.md"), header)
     print("\n" + table)

@@ -118,6 +118,80 @@ def test_same_seed_same_trajectory(tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
 
 
+def test_rloo_quick(tmp_path):
+    """--trainer rloo: TRL's RLOOTrainer through CFPORLOOTrainer, same outputs; the ratio columns are RLOO's sequence
+    ratio (as the trainer logs it). The first step of every round is on-policy (r == 1 exactly), every later one is
+    not; with k = 1 clip and cfpo are the same algorithm (identical rows), with k = 4 they differ. (What the ratio
+    columns hold is checked in-process by the next test.)"""
+    proc = _run(tmp_path, "--trainer", "rloo", "--rounds", "2", "--iterations", "1", "4")
+    assert "RLOOTrainer: r = sequence ratio" in (tmp_path / "summary.md").read_text().splitlines()[0]
+    for name in ("stability.png", "objectives.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
+    header, rows = _read_csv(tmp_path / "metrics.csv")
+    assert header == COLUMNS
+    runs: dict = {}
+    for row in rows:
+        runs.setdefault((row["objective"], int(row["num_iterations"])), []).append(row)
+    assert set(runs) == {(o, k) for o in OBJECTIVES for k in (1, 4)}
+    for (objective, k), run in runs.items():
+        assert [int(r["step"]) for r in run] == list(range(1, 2 * k + 1)), (objective, k)
+        for r in run:
+            for key in ("reward", "ratio_dev", "max_abs_ratio_dev", "exit_frac", "entropy", "kl_old", "loss"):
+                assert math.isfinite(float(r[key])), (objective, k, r["step"], key, r[key])
+            assert (float(r["ratio_dev"]) == 0.0) == ((int(r["step"]) - 1) % k == 0), (objective, k, r["step"])
+        assert all((r["kl_consecutive"] != "") == (int(r["step"]) % k == 0) for r in run), (objective, k)
+    strip = lambda run: [{**r, "objective": ""} for r in run]  # noqa: E731
+    assert strip(runs[("clip", 1)]) == strip(runs[("cfpo", 1)])
+    assert strip(runs[("clip", 4)]) != strip(runs[("cfpo", 4)])
+    assert "RLOOTrainer" in proc.stdout
+
+
+def test_rloo_columns_are_the_sequence_ratio_statistics(tmp_path):
+    """In-process, with the real RLOOTrainer: each optimizer step's row of the RLOO demo holds the statistics of
+    RLOO's sequence ratio r = exp(sum_t log pi_theta - old_logps) on that step's batch (mean and max |r - 1|, exit
+    fraction in the advantage's direction) and the per-token k3 KL against the rollout policy's per-token log-probs,
+    which must sum to the old_logps RLOO uses; all recomputed here from the tensors of each step."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("stability_demo_under_test", SCRIPT)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    expected = []
+
+    class Checked(demo.make_trainer_class("rloo")):
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            with torch.no_grad():  # the same weights: the optimizer steps after this call
+                mask = inputs["completion_mask"]
+                ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+                attention = torch.cat([inputs["prompt_mask"], mask], dim=1)
+                logps = self._get_per_token_logps_and_entropies(model, ids, attention, mask.size(1))[0]
+                old = inputs["demo_old_per_token_logps"]
+                torch.testing.assert_close((old * mask).sum(1), inputs["old_logps"])
+                r = torch.exp((logps * mask).sum(1) - inputs["old_logps"])
+                adv = inputs["advantages"]
+                log_ratio = torch.where(mask.bool(), logps - old, 0.0)
+                expected.append({
+                    "ratio_dev": (r - 1).abs().mean().item(), "max_abs_ratio_dev": (r - 1).abs().max().item(),
+                    "exit_frac": (((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0))).float().mean().item(),
+                    "kl_old": ((log_ratio.exp() - 1 - log_ratio).sum() / mask.sum()).item(),
+                })  # fmt: skip
+            return loss
+
+    opts = argparse.Namespace(trainer="rloo", eps=0.2, lr=2e-3, batch_size=16, num_generations=4, seed=0)
+    tokenizer = demo.build_tokenizer()
+    model_path = demo.build_model(tokenizer, str(tmp_path / "model"), 0)
+    rows = demo.run_one(Checked, "cfpo", 3, 1, 2, model_path, tokenizer, str(tmp_path), opts, demo._Progress(6))
+    assert len(rows) == len(expected) == 6
+    assert any(e["max_abs_ratio_dev"] > 0.2 for e in expected)  # the ratio did leave the trust region
+    for row, e in zip(rows, expected):
+        for key, value in e.items():
+            assert float(row[key]) == pytest.approx(value, rel=1e-4, abs=1e-6), (row["step"], key)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

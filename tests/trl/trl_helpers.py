@@ -152,3 +152,38 @@ def loss_and_grads(trainer, inputs, method=None):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
+
+
+def make_rloo_inputs(trainer, *, seed=0, noise=0.6, old="perturbed"):
+    """A generation batch as RLOOTrainer's `_generate_and_score_completions` leaves it: left-padded prompts,
+    completions of different lengths (one with no valid token, as `mask_truncated_completions` leaves a truncated
+    one), leave-one-out advantages of both signs and one zero, and `old_logps`: the per-sequence sum of the current
+    per-token log-probs plus N(0, noise) per sequence, so that sequence ratios land on both sides of
+    [1 - eps_low, 1 + eps_high] (old="current": exactly the current sum, r = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = 0
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g)
+    lengths = torch.tensor([T, T, 3, 5, 0, T, 4, 2])
+    completion_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    completion_ids = torch.where(completion_mask.bool(), completion_ids, torch.zeros_like(completion_ids))
+    advantages = torch.randn(B, generator=g)
+    advantages[1] = 0.0
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+    }
+    logps = (current_logps(trainer, inputs) * completion_mask).sum(1)
+    if old == "perturbed":
+        inputs["old_logps"] = logps + noise * torch.randn(B, generator=g)
+    elif old == "current":
+        inputs["old_logps"] = logps
+    else:
+        raise ValueError(old)
+    return inputs

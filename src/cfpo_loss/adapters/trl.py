@@ -9,7 +9,11 @@ eps_high for both objectives. ``loss_type`` keeps choosing the *aggregation* exa
 "bnpo", "dr_grpo", "dapo", "luspo"); TRL's loss types that are other objectives ("cispo", "sapo",
 "vespo") are rejected at construction. A plain ``GRPOConfig`` is accepted too (objective "cfpo" then).
 
-Supported TRL: ``SUPPORTED_TRL`` (1.16.x). CFPO only differs from GRPO when the ratio departs from 1:
+``CFPORLOOTrainer`` / ``CFPORLOOConfig`` are the same swap for TRL's ``RLOOTrainer`` / ``RLOOConfig``
+(``policy_objective`` "cfpo" or "clip", the same ``epsilon`` / ``epsilon_high``; RLOO's own sequence ratio and
+mean over sequences; see "RLOOTrainer" below). A plain ``RLOOConfig`` is accepted too (objective "cfpo" then).
+
+Supported TRL: ``SUPPORTED_TRL`` (1.16.x). CFPO only differs from GRPO / RLOO when the ratio departs from 1:
 ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` (or off-policy data).
 
 How it hooks into TRL, and which TRL lines it mirrors
@@ -56,9 +60,30 @@ the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's GRPOTrainer; und
 as the unfused path and identical parameters on both ranks; under 2-process FSDP2 (accelerate's unit layout, applied
 by hand) the same gradients as an unsharded copy reduced by hand (tests/trl/test_distributed.py).
 
+RLOOTrainer
+-----------
+TRL 1.16.0's ``RLOOTrainer`` (``trl/trainer/rloo_trainer.py``) subclasses ``_BaseTrainer``, not ``GRPOTrainer``, and
+has its own ``_compute_loss`` (lines 1794-1863): per-token log-probs through the same kernel, ONE ratio per sequence,
+r = exp(Σ_t m_t log π_θ − old_logps) with ``old_logps`` the rollout policy's Σ_t m_t log π_old (the sum, not GSPO's
+length-normalised mean; ``_generate_and_score_completions`` always computes it), the clipped objective on r, and the
+plain mean over sequences; KL to the reference (``beta``) is subtracted from the *reward* before the leave-one-out
+advantages, so it never reaches the loss. ``CFPORLOOTrainer._compute_loss`` copies that method with three departures,
+each marked ``# CFPO:`` and stored as ``trl_mirror/RLOOTrainer._compute_loss.patch`` (a test holds the patch to the
+code): a docstring; lines 1829-1832 (``coef_2`` and the ``-torch.min``) replaced by ``-J(coef_1, advantages)`` with J
+the core's objective record (``cfpo_terms`` / ``clipped_terms``, which also give ``cfpo_surrogate`` /
+``clipped_surrogate`` their values: the core takes the ratio as given, so no new entry point was needed); and, after
+TRL's ``clip_ratio/*`` block (verbatim, per sequence), ``cfpo/ratio_dev``, ``cfpo/ratio_max``, ``cfpo/ratio_min`` and
+(cfpo only) ``cfpo/penalty`` per sequence, through the same ``_log_ratio_metrics`` as ``CFPOTrainer``. The tests
+(tests/trl/test_rloo.py) prove that with ``policy_objective="clip"`` a real ``train()`` gives ``RLOOTrainer``'s logged
+trajectory and parameters bit for bit, and that cfpo is the paper's equation on that ratio (loss, gradient, metrics).
+RLOOConfig has no loss-type, two-sided-clip or importance-sampling switch; ``epsilon >= 1`` and ``epsilon_high = inf``
+(which RLOOTrainer reads as "no lower / upper clip") have no CFPO meaning and are refused by name.
+
 Version guard: importing this module checks that TRL's version lies in ``SUPPORTED_TRL`` *and* that the
-source of ``GRPOTrainer._compute_loss`` hashes to ``_MIRRORED_SHA256`` (the text this copy mirrors), and
-raises ``ImportError`` otherwise: a silently changed TRL loss would otherwise be replaced by a stale copy.
+sources of ``GRPOTrainer._compute_loss`` and ``RLOOTrainer._compute_loss`` hash to ``_MIRRORED_SHA256`` /
+``_RLOO_MIRRORED_SHA256`` (the texts these copies mirror), and raises ``ImportError`` otherwise: a silently changed
+TRL loss would otherwise be replaced by a stale copy. (One guard for the module: a changed RLOO method also stops
+``CFPOTrainer``'s import, unless the variable below is set.)
 Set ``CFPO_LOSS_ALLOW_UNSUPPORTED_TRL=1`` to turn that error into a warning, at your own risk.
 Only versions whose ``GRPOTrainer`` can be tested here are supported: TRL 1.15.0's ``_compute_loss`` is the
 same text, but its trainer cannot run on a CPU (its chunked log-prob kernel is ``None`` without Triton), so
@@ -66,22 +91,27 @@ no test could hold it to TRL's own loss.
 
 Bumping TRL (a reviewed diff, not a re-copy)
 --------------------------------------------
-The exact TRL text mirrored here is stored in ``trl_mirror/GRPOTrainer._compute_loss.txt`` (its sha256 is
-``_MIRRORED_SHA256``; a test holds the two together). For a new TRL release:
+The exact TRL texts mirrored here are stored in ``trl_mirror/GRPOTrainer._compute_loss.txt`` and
+``trl_mirror/RLOOTrainer._compute_loss.txt`` (their sha256 are ``_MIRRORED_SHA256`` / ``_RLOO_MIRRORED_SHA256``; a
+test holds them together). For a new TRL release:
 
-1. ``python -m cfpo_loss.adapters.trl_check --source path/to/new/trl/trainer/grpo_trainer.py`` (or, with the
-   new trl installed, no argument) says MATCH or DIFFERS and prints the unified diff from the mirrored text to
-   the new one. MATCH: only the version range (step 4) and the tests (step 5) are left.
-2. Apply that diff, hunk by hunk, to ``CFPOTrainer._compute_loss`` below, keeping every ``# CFPO:`` departure;
-   a hunk inside the replaced ``loss_type`` switch or the metrics block goes to ``_policy_objective`` /
-   ``_log_trust_region_metrics`` / ``_metric_reducers``; a hunk touching what the fused path mirrors
-   (normalisers, metrics) goes to ``_compute_loss_fused`` too. Update the TRL line numbers quoted above.
-3. With the new trl installed: ``python -m cfpo_loss.adapters.trl_check --update`` stores its text and prints
-   the new sha256: set ``_MIRRORED_SHA256`` to it and ``MIRRORED_TRL_VERSION`` in ``trl_check.py``.
+1. ``python -m cfpo_loss.adapters.trl_check --source path/to/new/trl`` (the unpacked wheel's ``trl/`` folder, or one
+   of its ``trainer/grpo_trainer.py`` / ``rloo_trainer.py``; with the new trl installed, no argument) says MATCH or
+   DIFFERS per method and prints the unified diff from the mirrored text to the new one. MATCH for both: only the
+   version range (step 4) and the tests (step 5) are left.
+2. Apply each diff, hunk by hunk, to ``CFPOTrainer._compute_loss`` / ``CFPORLOOTrainer._compute_loss`` below,
+   keeping every ``# CFPO:`` departure; a GRPO hunk inside the replaced ``loss_type`` switch or the metrics block
+   goes to ``_policy_objective`` / ``_log_trust_region_metrics`` / ``_metric_reducers``; a hunk touching what the
+   fused path mirrors (normalisers, metrics) goes to ``_compute_loss_fused`` too. Update the TRL line numbers
+   quoted above.
+3. With the new trl installed: ``python -m cfpo_loss.adapters.trl_check --update`` stores both texts, rewrites the
+   RLOO departures patch from this file, and prints the new sha256 values: set ``_MIRRORED_SHA256`` /
+   ``_RLOO_MIRRORED_SHA256`` to them and ``MIRRORED_TRL_VERSION`` in ``trl_check.py``.
 4. ``adapters/_support.py``: the ``trl`` rows of ``SUPPORTED`` and ``TESTED``; the ``trl`` extra in
    ``pyproject.toml`` and ``TRL`` in ``noxfile.py``.
 5. ``nox -s trl``: the conformance tests (clip mode == TRL's own ``GRPOTrainer._compute_loss``, loss and
-   gradients, every loss_type) decide; ``tests/trl/test_trl_check.py`` runs the check itself.
+   gradients, every loss_type; clip mode == ``RLOOTrainer``'s trajectory) decide; ``tests/trl/test_trl_check.py``
+   runs the check itself.
 """
 
 from __future__ import annotations
@@ -106,7 +136,7 @@ try:
     import trl
     from packaging.version import InvalidVersion, Version
     from accelerate.utils import is_peft_model
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError(
@@ -117,12 +147,15 @@ from cfpo_loss.adapters._support import SUPPORTED as _SUPPORTED
 from cfpo_loss.fused import fused_linear_policy_loss
 from cfpo_loss.surrogates import OBJECTIVES, get_objective
 
-__all__ = ["CFPOConfig", "CFPOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES", "POLICY_OBJECTIVES"]
+__all__ = ["CFPOConfig", "CFPOTrainer", "CFPORLOOConfig", "CFPORLOOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES",
+           "POLICY_OBJECTIVES"]
 
 #: TRL versions this adapter is written and tested against (half-open range; one table for all adapters).
 SUPPORTED_TRL = (f">={_SUPPORTED['trl'][0]}", f"<{_SUPPORTED['trl'][1]}")
 #: sha256 of ``inspect.getsource(trl.GRPOTrainer._compute_loss)`` in trl==1.16.0, the text mirrored below.
 _MIRRORED_SHA256 = "80295546bbdbf6f711acce7f6e69b0100ab40aa8f23ed8052cc564ff024e3e40"
+#: sha256 of ``inspect.getsource(trl.RLOOTrainer._compute_loss)`` in trl==1.16.0, the text CFPORLOOTrainer mirrors.
+_RLOO_MIRRORED_SHA256 = "c1f9fa0cd5a6948ce73ab66dc76896449797e22531d5237606c3f66963b29311"
 _ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_TRL"
 
 #: TRL loss types that only choose the aggregation of the clipped objective (usable with either objective).
@@ -155,27 +188,29 @@ def _check_trl_version() -> None:
             problems.append(f"trl=={trl.__version__} is outside the supported range {','.join(SUPPORTED_TRL)}")
     except InvalidVersion:
         problems.append(f"trl version {trl.__version__!r} cannot be parsed")
-    try:
-        src = inspect.getsource(GRPOTrainer._compute_loss)
-    except (OSError, TypeError):  # no source shipped (zipapp, frozen): fall back to the version check alone
-        src = None
-        warnings.warn(
-            "cfpo_loss.adapters.trl: cannot read the source of trl.GRPOTrainer._compute_loss to check that it is "
-            "the version mirrored by CFPOTrainer; relying on the version check only.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    if src is not None and hashlib.sha256(src.encode()).hexdigest() != _MIRRORED_SHA256:
-        problems.append(
-            "trl.GRPOTrainer._compute_loss differs from the trl==1.16.0 text that CFPOTrainer._compute_loss mirrors"
-        )
+    # each mirrored TRL method, the sha256 of the text copied here, and the class that copies it
+    for trl_cls, pinned, ours in ((GRPOTrainer, _MIRRORED_SHA256, "CFPOTrainer"),
+                                  (RLOOTrainer, _RLOO_MIRRORED_SHA256, "CFPORLOOTrainer")):
+        method = f"{trl_cls.__name__}._compute_loss"
+        try:
+            src = inspect.getsource(trl_cls._compute_loss)
+        except (OSError, TypeError):  # no source shipped (zipapp, frozen): fall back to the version check alone
+            src = None
+            warnings.warn(
+                f"cfpo_loss.adapters.trl: cannot read the source of trl.{method} to check that it is the version "
+                f"mirrored by {ours}; relying on the version check only.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if src is not None and hashlib.sha256(src.encode()).hexdigest() != pinned:
+            problems.append(f"trl.{method} differs from the trl==1.16.0 text that {ours}._compute_loss mirrors")
     if not problems:
         return
     msg = (
-        "cfpo_loss.adapters.trl: " + "; ".join(problems) + ". CFPOTrainer copies TRL's loss method with only the "
-        "objective swapped, so on another TRL it could silently compute a wrong loss. Install trl"
+        "cfpo_loss.adapters.trl: " + "; ".join(problems) + ". CFPOTrainer and CFPORLOOTrainer copy TRL's loss methods "
+        "with only the objective swapped, so on another TRL they could silently compute a wrong loss. Install trl"
         f"{','.join(SUPPORTED_TRL)} (pip install 'cfpo-loss[trl]'), or set {_ALLOW_ENV}=1 to proceed anyway at "
-        "your own risk. `python -m cfpo_loss.adapters.trl_check` shows how the installed TRL's method differs."
+        "your own risk. `python -m cfpo_loss.adapters.trl_check` shows how the installed TRL's methods differ."
     )
     if os.environ.get(_ALLOW_ENV, "") not in ("", "0"):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -205,12 +240,7 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
             f"{policy_objective!r} objective is aggregated: one of {AGGREGATION_LOSS_TYPES}. "
             f"To train with TRL's {loss_type!r} objective, use trl.GRPOTrainer."
         )
-    eps_low = args.epsilon
-    if isinstance(eps_low, bool) or not isinstance(eps_low, (int, float)) or not 0.0 < eps_low < 1.0:
-        raise ValueError(f"epsilon (eps_low) must be a float in (0, 1), got {eps_low!r}")
-    eps_high = eps_low if args.epsilon_high is None else args.epsilon_high
-    if isinstance(eps_high, bool) or not isinstance(eps_high, (int, float)) or not (0.0 < eps_high < math.inf):
-        raise ValueError(f"epsilon_high (eps_high) must be a finite float > 0, got {args.epsilon_high!r}")
+    eps_high = _validate_epsilons(args)
     delta = args.delta
     if delta is not None:
         if not get_objective(policy_objective).takes_dual_clip:
@@ -221,6 +251,17 @@ def _validate(args, policy_objective, use_fused_loss) -> None:
             )
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 1.0 + eps_high:
             raise ValueError(f"delta must be a float > 1 + epsilon_high = {1.0 + eps_high}, got {delta!r}")
+
+
+def _validate_epsilons(args) -> float:
+    """``epsilon`` / ``epsilon_high`` (GRPOConfig and RLOOConfig alike) as eps_low / eps_high; returns eps_high."""
+    eps_low = args.epsilon
+    if isinstance(eps_low, bool) or not isinstance(eps_low, (int, float)) or not 0.0 < eps_low < 1.0:
+        raise ValueError(f"epsilon (eps_low) must be a float in (0, 1), got {eps_low!r}")
+    eps_high = eps_low if args.epsilon_high is None else args.epsilon_high
+    if isinstance(eps_high, bool) or not isinstance(eps_high, (int, float)) or not (0.0 < eps_high < math.inf):
+        raise ValueError(f"epsilon_high (eps_high) must be a finite float > 0, got {args.epsilon_high!r}")
+    return eps_high
 
 
 def _validate_fused(args) -> None:
@@ -325,6 +366,32 @@ def _add_fused_policy_loss(model) -> None:
         return {"loss": out.loss, "ratio": out.ratio, "metrics": dict(out.metrics)}
 
     model.forward = types.MethodType(_cfpo_forward, model)
+
+
+def _log_ratio_metrics(trainer, mode, ratio, advantages, valid) -> None:
+    """``cfpo/ratio_dev`` (mean |r - 1|), ``cfpo/ratio_max``, ``cfpo/ratio_min`` and, for an objective with a penalty
+    (cfpo), ``cfpo/penalty`` (mean |A| / (2 eps) * (r - 1)^2, from the core's terms) over the ``valid`` entries of
+    ``ratio`` on every rank, into ``trainer._metrics[mode]``. ``ratio`` (detached), ``advantages`` and ``valid``
+    broadcast together: (B, T) per token, or (B, 1) per sequence. Shared by CFPOTrainer and CFPORLOOTrainer.
+
+    All of them in ONE collective and ONE device sync (TRL's own clip_ratio block costs five of each; this one is what
+    the adapters add to TRL's step)."""
+    local = [torch.where(valid, (ratio - 1.0).abs(), 0.0).sum(), valid.sum(),
+             torch.where(valid, ratio, -torch.inf).amax(), torch.where(valid, -ratio, -torch.inf).amax()]
+    if trainer._objective.has_penalty:
+        penalty = trainer._objective_terms(ratio, advantages.detach()).penalty
+        local.append(torch.where(valid, penalty, 0.0).sum())
+    per_rank = trainer.accelerator.gather(torch.stack(local).float()[None]).reshape(-1, len(local)).tolist()
+    sums = [sum(col) for col in zip(*per_rank)]
+    count = max(sums[1], 1.0)
+    top, neg_bottom = (max(col) for col in list(zip(*per_rank))[2:4])  # -inf where no rank had a valid token
+    metrics = trainer._metrics[mode]
+    metrics["cfpo/ratio_dev"].append(sums[0] / count)
+    metrics["cfpo/ratio_max"].append(top if top > -math.inf else math.nan)
+    # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
+    metrics["cfpo/ratio_min"].append(-neg_bottom if neg_bottom > -math.inf else math.nan)
+    if trainer._objective.has_penalty:
+        metrics["cfpo/penalty"].append(sums[4] / count)
 
 
 @dataclass
@@ -553,26 +620,10 @@ class CFPOTrainer(GRPOTrainer):
         # trust-region diagnostics logged for both objectives (penalty only for cfpo), so runs compare side by
         # side: mean |r - 1|, max and min r over valid tokens (per sequence at sequence level), and CFPO's mean
         # quadratic penalty |A| / (2 eps) * (r - 1)^2. TRL's cispo / vespo metrics are gone with those loss types.
-        # All of them in ONE collective and ONE device sync (TRL's own block above costs five of each; this one
-        # is what CFPOTrainer adds to GRPOTrainer's step).
         ratio = coef_1.detach()
         # (B, 1) when importance_sampling_level == "sequence": one value per sequence, as TRL's metrics count them
         valid = torch.ones_like(ratio, dtype=torch.bool) if ratio.shape[1] == 1 else mask.bool()
-        local = [torch.where(valid, (ratio - 1.0).abs(), 0.0).sum(), valid.sum(),
-                 torch.where(valid, ratio, -torch.inf).amax(), torch.where(valid, -ratio, -torch.inf).amax()]
-        if self._objective.has_penalty:
-            penalty = self._objective_terms(ratio, advantages.detach()).penalty
-            local.append(torch.where(valid, penalty, 0.0).sum())
-        per_rank = self.accelerator.gather(torch.stack(local).float()[None]).reshape(-1, len(local)).tolist()
-        sums = [sum(col) for col in zip(*per_rank)]
-        count = max(sums[1], 1.0)
-        top, neg_bottom = (max(col) for col in list(zip(*per_rank))[2:4])  # -inf where no rank had a valid token
-        self._metrics[mode]["cfpo/ratio_dev"].append(sums[0] / count)
-        self._metrics[mode]["cfpo/ratio_max"].append(top if top > -math.inf else math.nan)
-        # the min shows ratios collapsing towards 0 on negative-advantage tokens, which the max cannot
-        self._metrics[mode]["cfpo/ratio_min"].append(-neg_bottom if neg_bottom > -math.inf else math.nan)
-        if self._objective.has_penalty:
-            self._metrics[mode]["cfpo/penalty"].append(sums[4] / count)
+        _log_ratio_metrics(self, mode, ratio, advantages, valid)
 
     def _compute_loss(self, model, inputs):
         """trl==1.16.0 GRPOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
@@ -798,4 +849,148 @@ class CFPOTrainer(GRPOTrainer):
         # CFPO: TRL's clip_ratio/* block (verbatim) and the cfpo/* metrics, in _log_trust_region_metrics.
         self._log_trust_region_metrics(mode, coef_1, advantages, mask)
 
+        return loss
+
+
+# ---- RLOOTrainer ----------------------------------------------------------------------------------------------------
+
+
+def _validate_rloo(args, policy_objective) -> None:
+    """Raise a clear error for an RLOO configuration CFPORLOOTrainer cannot honour (CFPORLOOConfig and RLOOConfig)."""
+    if not isinstance(policy_objective, str) or policy_objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"policy_objective must be one of {POLICY_OBJECTIVES}, got {policy_objective!r}")
+    # RLOOTrainer itself accepts epsilon >= 1 (no lower clip) and epsilon_high = inf (no upper clip); for CFPO eps is
+    # the trust region's half-width (the penalty |A| / (2 eps) * (r - 1)^2 vanishes at eps = inf, and r* = 1 - eps must
+    # be a ratio), so those are refused by name, for both objectives as in CFPOTrainer.
+    _validate_epsilons(args)
+
+
+@dataclass
+class CFPORLOOConfig(RLOOConfig):
+    """``RLOOConfig`` plus the choice of policy objective.
+
+    Args:
+        policy_objective (`str`, *optional*, defaults to `"cfpo"`):
+            `"cfpo"`: clipping-free objective r·A − |A|/(2ε)·(r−1)² on RLOO's sequence ratio r = exp(Σ_t log π_θ −
+            Σ_t log π_old) (ε = `epsilon_high` for A > 0, `epsilon` for A < 0). `"clip"`: TRL's RLOO objective
+            min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) on the same ratio. Both are averaged over sequences, as in TRL.
+    """
+
+    policy_objective: str = field(
+        default="cfpo",
+        metadata={
+            "help": "Policy objective on RLOO's sequence ratio: 'cfpo' (clipping-free quadratic trust region) or "
+            "'clip' (TRL's clipped RLOO objective).",
+            "choices": list(POLICY_OBJECTIVES),
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _validate_rloo(self, self.policy_objective)
+
+
+class CFPORLOOTrainer(RLOOTrainer):
+    """``RLOOTrainer`` with the policy objective taken from cfpo_loss (CFPO or clipped); everything else is TRL's.
+
+    RLOO's ratio is one per sequence, r = exp(Σ_t log π_θ(y_t) − Σ_t log π_old(y_t)) over the completion's valid
+    tokens (TRL's, not GSPO's length-normalised mean), and its loss is the mean over sequences of −J(r, A); only J
+    changes. Accepts a ``CFPORLOOConfig`` or a plain ``RLOOConfig`` (objective "cfpo" then). See the module docstring.
+    """
+
+    _tag_names = ["trl", "rloo", "cfpo"]
+    _name = "CFPO-RLOO"
+
+    def __init__(self, model, reward_funcs, args=None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = CFPORLOOConfig(f"{str(name).rstrip('/').split('/')[-1]}-CFPO-RLOO")
+        elif not isinstance(args, RLOOConfig):
+            raise TypeError(f"args must be a CFPORLOOConfig or RLOOConfig, got {type(args).__name__}")
+        policy_objective = getattr(args, "policy_objective", "cfpo")
+        _validate_rloo(args, policy_objective)  # before loading any model
+        self.policy_objective = policy_objective
+        self._objective = get_objective(policy_objective)  # the core's record: terms, has_penalty
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+
+    def _objective_terms(self, ratio: torch.Tensor, advantages: torch.Tensor):
+        """The core's terms of the objective (J to maximise, dJ/dr, penalty or None) on RLOO's sequence ratio, the very
+        function cfpo_surrogate / clipped_surrogate return the value of. RLOO has no dual clip."""
+        return self._objective.terms(ratio, advantages, self.epsilon_low, self.epsilon_high, None)
+
+    def _policy_objective(self, ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """Per-sequence objective J(r, A) to maximise, from the core."""
+        return self._objective_terms(ratio, advantages).objective
+
+    def _compute_loss(self, model, inputs):
+        """trl==1.16.0 RLOOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
+        # Compute the per-token log probabilities for the model
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)  # we only need to compute the logits for the completion tokens
+
+        # Compute the per_token_logps and the entropy at each position in the completion
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+
+        logps = (per_token_logps * completion_mask).sum(1)  # mask out padding and tokens after EOS
+        old_logps = inputs["old_logps"]
+        log_ratio = logps - old_logps
+
+        # Compute the loss
+        advantages = inputs["advantages"]
+        coef_1 = torch.exp(log_ratio)
+        # CFPO: TRL's clipped objective (coef_2 = clamp(coef_1, ...), -min(coef_1 * A, coef_2 * A); trl 1.16.0
+        # rloo_trainer.py lines 1829-1832) is replaced by the core's objective on the same sequence ratio coef_1, (B,).
+        per_sequence_loss = -self._policy_objective(coef_1, advantages)
+        loss = per_sequence_loss.mean()
+
+        # Log the metrics
+        mode = "train" if self.model.training else "eval"
+
+        # RLOO returns an unscaled loss (the HF Trainer divides by gradient accumulation), so add the aux term unscaled
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        # Entropy
+        entropy_stats = self.accelerator.reduce(
+            torch.stack([(entropies * completion_mask).sum(), completion_mask.sum().float()]), reduction="sum"
+        )
+        self._metrics[mode]["entropy"].append((entropy_stats[0] / entropy_stats[1].clamp(min=1.0)).item())
+
+        # Compute the clipped probability ratios
+        is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
+        is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
+        is_region_clipped = is_low_clipped | is_high_clipped
+        gathered_low_clip = self.accelerator.gather(is_low_clipped.float())
+        self._metrics[mode]["clip_ratio/low_mean"].append(gathered_low_clip.nanmean().item())
+        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low_clip).item())
+        gathered_high_clip = self.accelerator.gather(is_high_clipped.float())
+        self._metrics[mode]["clip_ratio/high_mean"].append(gathered_high_clip.nanmean().item())
+        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high_clip).item())
+        gathered_clip_ratio = self.accelerator.gather(is_region_clipped.float())
+        self._metrics[mode]["clip_ratio/region_mean"].append(gathered_clip_ratio.nanmean().item())
+        # CFPO: cfpo/ratio_dev, cfpo/ratio_max, cfpo/ratio_min and (cfpo only) cfpo/penalty, one value per sequence as
+        # TRL's clip_ratio/* above (a sequence with no valid token has r = 1 and counts, as in TRL's mean).
+        ratio = coef_1.detach()[:, None]
+        _log_ratio_metrics(self, mode, ratio, advantages[:, None], torch.ones_like(ratio, dtype=torch.bool))
         return loss
