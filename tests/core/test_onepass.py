@@ -114,6 +114,24 @@ def test_compiled_fast_path_equals_default(objective):
         compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, fast=True, **kw)
 
 
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_gradient_scales_with_the_upstream_gradient(objective, ratio_level):
+    """d(c·loss)/dlog π = c·dloss/dlog π for c != 1 (a loss scaler, gradient accumulation's 1/k, a weighted sum of
+    losses), on the compiled path, whose backward multiplies a precomputed gradient by the incoming one, and the
+    eager one; against autograd through the public surrogates."""
+    lp, olp, adv, mask = batch()
+    kw = dict(objective=objective, ratio_level=ratio_level, eps_low=0.2, eps_high=0.28)
+    (g_ref,) = torch.autograd.grad(autograd_reference(lp, olp, adv, mask, **kw), lp)
+    for fast in (True, False):
+        for c in (3.0, -0.5):
+            (g,) = torch.autograd.grad(c * compute_policy_loss(lp, olp, adv, mask, fast=fast, **kw).loss, lp)
+            assert torch.allclose(g, c * g_ref, rtol=1e-5, atol=1e-6 * abs(c) * g_ref.abs().max().item()), (fast, c)
+        leaf = lp.detach().clone().requires_grad_()
+        compute_policy_loss(leaf, olp, adv, mask, fast=fast, **kw).loss.backward(torch.tensor(0.25))
+        assert torch.allclose(leaf.grad, 0.25 * g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item()), fast
+
+
 def test_gpu_select_equals_cpu_bit_select():
     """On CUDA (and under compile) Select is plain torch.where; on CPU integer bit operations. Both must put
     exactly the same bits everywhere, NaN / inf at masked positions included."""

@@ -111,7 +111,8 @@ def test_unknown_objective_raises_everywhere():
     from cfpo_loss import compute_policy_loss, fused_linear_policy_loss, get_objective
 
     lp, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
-    for bad in ("spo", "CFPO", None, 3):
+    # unhashable and non-string values too: the same ValueError, never a TypeError from the dict lookup
+    for bad in ("spo", "CFPO", None, 3, 1.5, b"cfpo", ["cfpo"], {"cfpo": 1}, {"cfpo"}):
         with pytest.raises(ValueError, match="unknown objective"):
             get_objective(bad)
         with pytest.raises(ValueError, match="unknown objective"):
