@@ -187,6 +187,32 @@ def openrlhf(session: nox.Session, version: str) -> None:
     _pytest(session, "tests/openrlhf")
 
 
+MUTMUT = "mutmut==3.8.1"
+
+
+@nox.session
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of the core with mutmut (not a CI session: not in nox.options.sessions).
+
+    mutmut 3 copies src/ into mutants/, rewrites every function of the core modules so that each mutant can be
+    switched on alone, records which tests reach which function, then runs, per mutant, only those tests
+    (tests/core; fastest first, stopping at the first failure, `-x`) in a worker forked from a process that has
+    already imported torch and the tests. The scope is in pyproject.toml, [tool.mutmut]. torch.compile is off
+    (TORCHDYNAMO_DISABLE=1): the compiled path then runs the same Python functions eagerly, and no mutant pays
+    for a compilation. One run takes about 30 minutes on the shared 2-core machine (CONTRIBUTING.md, "Testing").
+
+    `nox -s mutation` runs everything and prints the survivors; `nox -s mutation -- "cfpo_loss.metrics*"` one
+    module (a mutmut name pattern); afterwards `.nox/mutation/bin/mutmut show NAME` shows a survivor's diff.
+    cfpo_loss itself is not installed here: the tests must import mutmut's mutated copy (mutants/src), and an
+    installed copy would shadow it.
+    """
+    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, *TEST_DEPS, MUTMUT)
+    env = {**ENV, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    session.run("mutmut", "results", env=env)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The README's main command: build an environment from nothing and run examples/stability_demo.py.

@@ -34,7 +34,8 @@ def metric_names(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
     return BASE_METRICS + (("dual_clip_frac",) if dual_clip else ()) + (("penalty",) if penalty else ())
 
 
-@torch.no_grad()
+# no @torch.no_grad(): every caller already runs without grad (the eager pass inside its autograd.Function's
+# forward, the compiled pass under torch.no_grad()), and mutmut (`nox -s mutation`) skips decorated functions
 def trust_region_metrics(
     ratio: Tensor,
     log_ratio: Tensor,

@@ -260,3 +260,13 @@ def test_metric_floats_reflect_the_dict_when_called(path):
     assert fresh.metric_floats() == before
     fresh.metrics["ratio_max"].fill_(7.0)  # written in place (a view of the one buffer, on eager and fast)
     assert fresh.metric_floats() == {**before, "ratio_max": 7.0}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_metrics_carry_no_graph(path):
+    """Detached metrics, even when the advantages (or weights) require grad: a logger must not keep graphs alive."""
+    head = lm_head(seed=5)
+    old, old_dirty, adv, adv_dirty, mask = side_batch("straddle", head)
+    out = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv.clone().requires_grad_(), mask, head,
+              objective="cfpo", weights=torch.rand(B, T, dtype=torch.float64, requires_grad=True))
+    assert not any(v.requires_grad for v in out.metrics.values())
