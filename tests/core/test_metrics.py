@@ -270,3 +270,33 @@ def test_metrics_carry_no_graph(path):
     out = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv.clone().requires_grad_(), mask, head,
               objective="cfpo", weights=torch.rand(B, T, dtype=torch.float64, requires_grad=True))
     assert not any(v.requires_grad for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("path", ["eager", "fast"])
+def test_exit_fractions_count_neither_zero_advantages_nor_tokens_on_the_boundary(path):
+    """A = 0 exactly (a GRPO group whose rewards are all equal) pushes nowhere: such a token is no exit, however far
+    its ratio lies (TRL: `(ratio > 1 + eps_high) & (A > 0)`; verl's clip fraction compares -A·r with -A·clip(r),
+    equal when A = 0). A ratio exactly on the boundary 1 - eps_low, 1 + eps_high or dual_clip is inside (strict
+    comparisons, as the frameworks' clip fractions). eps 0.25 / 0.5, c = 2.5: exp(log x) is exactly x here."""
+    b, t = B, T
+    lr = {(0, 0): math.log(0.75), (0, 1): math.log(1.5), (1, 0): math.log(2.5),  # on the boundaries
+          (3, 0): 2.0, (3, 1): -2.0, (4, 0): 1.5,  # far outside, A = 0
+          (5, 0): 0.6, (5, 1): -0.4}  # outside with A pushing: the cases that count
+    adv_of = {(0, 0): -1.0, (0, 1): 1.0, (1, 0): -1.0, (3, 0): 0.0, (3, 1): 0.0, (4, 0): 0.0, (5, 0): 1.0,
+              (5, 1): -1.0}
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    lp = torch.zeros(b, t, dtype=torch.float64)
+    old = torch.full((b, t), float("nan"), dtype=torch.float64)
+    adv = torch.full((b, t), float("inf"), dtype=torch.float64)
+    for key, x in lr.items():
+        mask[key], old[key], adv[key] = True, -x, adv_of[key]
+    on_boundary = torch.exp(lp - old)[[0, 0, 1], [0, 1, 0]]
+    assert on_boundary.tolist() == [0.75, 1.5, 2.5]  # the fixture is exact
+    out = compute_policy_loss(lp.requires_grad_(), old, adv, mask, objective="clip", eps_low=0.25, eps_high=0.5,
+                              dual_clip=2.5, fast=path == "fast")
+    floats = out.metric_floats()
+    n = len(lr)
+    assert floats["tr_exit_high"] == pytest.approx(1 / n)  # (5, 0) only
+    assert floats["tr_exit_low"] == pytest.approx(1 / n)  # (5, 1) only
+    assert floats["tr_exit_frac"] == pytest.approx(2 / n)
+    assert floats["dual_clip_frac"] == 0.0  # (1, 0) sits on c; (3, 0) and (4, 0) beyond it have A = 0
