@@ -300,3 +300,19 @@ def test_exit_fractions_count_neither_zero_advantages_nor_tokens_on_the_boundary
     assert floats["tr_exit_low"] == pytest.approx(1 / n)  # (5, 1) only
     assert floats["tr_exit_frac"] == pytest.approx(2 / n)
     assert floats["dual_clip_frac"] == 0.0  # (1, 0) sits on c; (3, 0) and (4, 0) beyond it have A = 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_a_batch_with_no_valid_token_reports_zero_means_and_ratio_extremes_of_one(ratio_level, path):
+    """As documented in metrics.py: no valid token -> every mean 0, ratio_min = ratio_max = 1 (ratio_mean 1: r = 1
+    is what an empty batch "used"), whatever garbage the padding holds."""
+    head = lm_head(seed=6)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    old = torch.full((B, T), float("nan"), dtype=torch.float64)
+    out = run(path, head["log_prob"].clone().requires_grad_(), old, torch.full((B,), float("inf"), dtype=torch.float64),
+              mask, head, objective="clip", dual_clip=3.0, ratio_level=ratio_level)
+    expected = dict.fromkeys(["ratio_dev", "tr_exit_frac", "tr_exit_low", "tr_exit_high", "approx_kl_k1",
+                              "approx_kl_k3", "dual_clip_frac"], 0.0)
+    expected.update(ratio_mean=1.0, ratio_min=1.0, ratio_max=1.0)
+    assert out.metric_floats() == expected
