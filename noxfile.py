@@ -241,13 +241,17 @@ def mutation(session: nox.Session) -> None:
     root = os.path.dirname(os.path.abspath(__file__))
     survivors = []
     counts = {"killed": 0, "timeout": 0, "survived": 0, "no tests": 0, "skipped": 0, "not checked": 0}
+    # not inside the venv: coverage (mutate_only_covered_lines) does not measure files under it
+    base = os.path.join(root, ".nox", "mutation-work")
+    snapshot = os.path.join(base, "_snapshot")  # the tree as it is now: edits during the run change nothing
+    shutil.rmtree(snapshot, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(os.path.join(root, "src"), os.path.join(snapshot, "src"), ignore=ignore)
+    shutil.copytree(os.path.join(root, "tests", "core"), os.path.join(snapshot, "tests", "core"), ignore=ignore)
     for module in modules:
-        # not inside the venv: coverage (mutate_only_covered_lines) does not measure files under it
-        work = os.path.join(root, ".nox", "mutation-work", module)
+        work = os.path.join(base, module)
         shutil.rmtree(work, ignore_errors=True)
-        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-        shutil.copytree(os.path.join(root, "src"), os.path.join(work, "src"), ignore=ignore)
-        shutil.copytree(os.path.join(root, "tests", "core"), os.path.join(work, "tests", "core"), ignore=ignore)
+        shutil.copytree(snapshot, work)
         tests = ", ".join(f'"tests/core/{name}"' for name in MUTATION_SCOPE[module])
         with open(os.path.join(work, "pyproject.toml"), "w") as f:
             f.write(MUTMUT_CONFIG.format(module=module, tests=tests))
