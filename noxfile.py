@@ -192,7 +192,7 @@ MUTMUT = "mutmut==3.8.1"
 MUTATION_SCOPE = {
     "surrogates": ["test_surrogates.py", "test_loss.py"],
     "metrics": ["test_metrics.py", "test_loss.py"],
-    "onepass": ["test_onepass.py", "test_metrics.py"],
+    "onepass": ["test_onepass.py", "test_metrics.py", "test_loss.py"],
     "loss": ["test_loss.py", "test_validation.py", "test_metrics.py"],
     "aggregation": ["test_loss.py", "test_validation.py"],
     "_checks": ["test_validation.py", "test_loss.py"],
