@@ -49,6 +49,8 @@ def call(**over):
     (dict(weights=[[1.0] * 3] * 2), TypeError, r"weights must be a torch.Tensor"),
     (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, r"weights must be a floating-point"),
     (dict(fast="yes"), ValueError, r"unknown fast 'yes'"),
+    (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
+    (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
 ])
 def test_bad_input_raises(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
