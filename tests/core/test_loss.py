@@ -355,3 +355,22 @@ def test_aggregate_loss_by_hand_with_one_token_rows_and_global_counts(agg):
     one[3, 2] = True
     expected = x[3, 2].item() / (0.5 if agg == "seq-mean-token-sum-norm" else 1.0)
     assert aggregate_loss(dirty, one, agg, loss_scale_factor=0.5).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("fp64", ["log_prob", "old_log_prob", "advantages", "weights"])
+def test_any_float64_input_makes_the_loss_float64(fp64):
+    """compute_dtype: float64 as soon as any input is (gradcheck, float64 references), else float32."""
+    lp, olp, adv, mask = make_batch(dtype=torch.float32)
+    inputs = dict(log_prob=lp, old_log_prob=olp, advantages=adv, weights=torch.ones(mask.shape))
+    inputs[fp64] = inputs[fp64].double()
+    out = compute_policy_loss(inputs["log_prob"], inputs["old_log_prob"], inputs["advantages"], mask,
+                              weights=inputs["weights"])
+    assert out.loss.dtype == torch.float64 and out.per_token_loss.dtype == torch.float64
+
+
+def test_fast_path_returns_no_per_token_loss_and_aggregate_loss_defaults_to_token_mean():
+    lp, olp, adv, mask = make_batch()
+    assert compute_policy_loss(lp, olp, adv, mask, fast=True).per_token_loss is None
+    x = torch.randn(mask.shape, dtype=torch.float64)
+    assert aggregate_loss(x, mask).item() == aggregate_loss(x, mask, "token-mean").item()
+    assert aggregate_loss(x, mask).item() == pytest.approx(x[mask].mean().item(), rel=1e-12)
