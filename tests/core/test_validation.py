@@ -51,6 +51,9 @@ def call(**over):
     (dict(fast="yes"), ValueError, r"unknown fast 'yes'"),
     (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
     (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
+    (dict(dp_size=True), ValueError, r"dp_size must be a positive int"),
+    (dict(global_batch_size=0, agg="seq-mean-token-mean"), ValueError, r"global_batch_size must be > 0"),
+    (dict(loss_scale_factor=0.0, agg="seq-mean-token-sum-norm"), ValueError, r"loss_scale_factor must be > 0"),
 ])
 def test_bad_input_raises(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -156,3 +159,14 @@ def test_one_device_sync_per_call_metrics_included(monkeypatch, mask_dtype, fast
         assert floats.keys() == expected.keys()
         for k in expected:
             assert floats[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), k
+
+
+def test_cfpo_ignores_dual_clip():
+    """dual_clip means nothing to CFPO (it clips nothing): not validated, no dual_clip_frac, the same loss."""
+    g = torch.Generator().manual_seed(0)
+    lp, old = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    plain = call(log_prob=lp, old_log_prob=old)
+    for c in (0.5, 3.0):
+        out = call(log_prob=lp, old_log_prob=old, dual_clip=c)
+        assert out.loss.item() == plain.loss.item()
+        assert out.metric_floats() == plain.metric_floats() and "dual_clip_frac" not in out.metrics
