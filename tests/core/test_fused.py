@@ -384,6 +384,8 @@ def _call(**over):
         (dict(old_log_prob=torch.randn(4, 8)), ValueError, "old_log_prob"),
         (dict(advantages=torch.randn(3)), ValueError, "advantages"),
         (dict(mask=torch.ones(4, 8, dtype=torch.bool)), ValueError, "mask"),
+        (dict(mask=torch.full((4, 9), 2)), ValueError, "mask must be bool or hold only 0 and 1"),
+        (dict(old_log_prob=[[0.0] * 9] * 4), TypeError, "old_log_prob must be a torch.Tensor"),
         (dict(objective="spo"), ValueError, "objective"),
         (dict(agg="mean"), ValueError, "agg"),
         (dict(ratio_level="seq"), ValueError, "ratio_level"),
