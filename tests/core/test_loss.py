@@ -374,3 +374,10 @@ def test_fast_path_returns_no_per_token_loss_and_aggregate_loss_defaults_to_toke
     x = torch.randn(mask.shape, dtype=torch.float64)
     assert aggregate_loss(x, mask).item() == aggregate_loss(x, mask, "token-mean").item()
     assert aggregate_loss(x, mask).item() == pytest.approx(x[mask].mean().item(), rel=1e-12)
+
+
+def test_loss_scale_factor_reaches_the_aggregation():
+    lp, olp, adv, mask = make_batch()
+    base = compute_policy_loss(lp, olp, adv, mask, agg="seq-mean-token-sum-norm")  # normaliser: T = 7
+    out = compute_policy_loss(lp, olp, adv, mask, agg="seq-mean-token-sum-norm", loss_scale_factor=3.5)
+    assert out.loss.item() == pytest.approx(base.loss.item() * 7 / 3.5, rel=1e-12)
