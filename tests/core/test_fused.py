@@ -141,8 +141,27 @@ def test_weights_dual_clip_eps_high_and_global_batch_info():
         dict(objective="cfpo", eps_low=0.1, eps_high=0.3, weights=w, agg="seq-mean-token-sum-norm",
              dp_size=4, global_batch_size=7, loss_scale_factor=16),
         dict(objective="cfpo", agg="seq-mean-token-sum", global_batch_size=torch.tensor(5.0)),
+        dict(objective="cfpo", ratio_level="sequence", weights=w, agg="seq-mean-token-mean"),  # blocks of rows
+        dict(objective="clip", beta=0.05, agg="token-mean", dp_size=2, batch_num_tokens=50),  # KL + global count
     ):
         assert_same(inp, dict(kw, chunk_size=6), kw)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_on_policy_and_check_finite_off(ratio_level):
+    """old_log_prob=None at sequence level too (blocks of whole rows); check_finite=False reaches the final loss
+    call: NaN at a valid old_log_prob gives a NaN loss instead of an error, as in compute_policy_loss."""
+    inp = make_inputs(seed=17)
+    kw = dict(objective="cfpo", ratio_level=ratio_level, chunk_size=5)
+    out = fused_linear_policy_loss(inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"],
+                                   lm_head_bias=inp["bias"], **kw)
+    assert out.metrics["ratio_min"].item() == out.metrics["ratio_max"].item() == 1.0
+    assert torch.isfinite(out.loss)
+    old = inp["old"].clone()
+    old[0, 0] = float("nan")  # a valid position
+    with pytest.raises(ValueError, match="old_log_prob holds"):
+        fused(dict(inp, old=old), **kw)
+    assert torch.isnan(fused(dict(inp, old=old), check_finite=False, **kw).loss)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
