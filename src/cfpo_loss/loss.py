@@ -48,13 +48,20 @@ class PolicyLossOutput:
     per_token_loss: Tensor | None = None
     ratio: Tensor | None = None
 
-    _host_metrics: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    #: what the loss's one sync read: (``metrics``' (name, tensor) items then, their buffer's version then, floats)
+    _host_metrics: tuple | None = field(default=None, repr=False, compare=False)
 
     def metric_floats(self) -> dict[str, float]:
-        """``metrics`` as Python floats. With ``check_finite`` (the default) ``compute_policy_loss`` already
-        read them in its one device sync, so this costs none; otherwise one transfer (``read_metrics``)."""
-        if self._host_metrics is not None and self._host_metrics.keys() == self.metrics.keys():
-            return dict(self._host_metrics)
+        """``metrics`` as Python floats, as the dict is when called. With ``check_finite`` (the default)
+        ``compute_policy_loss`` already read them in its one device sync, so this costs none while ``metrics``
+        holds exactly those tensors, unmodified; otherwise (an entry added, replaced or removed, or the buffer
+        written in place) one transfer (``read_metrics``)."""
+        if self._host_metrics is not None:
+            items, version, floats = self._host_metrics
+            now = tuple(self.metrics.items())
+            if (len(now) == len(items) and all(k == k0 and v is v0 for (k, v), (k0, v0) in zip(now, items))
+                    and now[0][1]._version == version):
+                return dict(floats)
         return read_metrics(self.metrics)
 
 
@@ -130,6 +137,7 @@ def compute_policy_loss(
                                                                      options)
         loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
+    metrics_by_name = metrics_dict(metrics, names)
     host = None
     if check_finite:  # THE one device sync: the checksum and every metric in one transfer
         if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
@@ -139,9 +147,9 @@ def compute_policy_loss(
             raise_if_mask_invalid(mask_invalid)
             check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
                                weights=weights)
-        host = dict(zip(names, values))
+        host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
-    return PolicyLossOutput(loss=loss, metrics=metrics_dict(metrics, names), per_token_loss=per_token_loss, ratio=ratio,
+    return PolicyLossOutput(loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio,
                             _host_metrics=host)
 
 

@@ -15,6 +15,13 @@ All are masked means over valid tokens (detached 0-dim fp32 tensors; no device s
 
 A batch with no valid token reports 0 for the means and 1 for ratio_min / ratio_max.
 
+Log-ratios beyond ±20: every metric sees the token log-ratio clamped to [−20, 20] (``onepass.LOG_RATIO_CLAMP``),
+the value the objective itself used, as verl does (0.9.1 ``compute_policy_loss_vanilla``: ratio =
+exp(clamp(log r, −20, 20)), ``ppo_kl`` = masked mean of −clamp(log r, −20, 20)). A token at log r = 30 counts as
+20 in approx_kl_k1 / approx_kl_k3 and as e^20 in the ratio metrics; the sequence ratio is exp(mean of the clamped
+token log-ratios). approx_kl_k3 is never negative, also where fp32 rounds r to exactly 1 and (r − 1) − log r
+would come out below 0.
+
 They are computed into one buffer, so a logger reads them all with one device-to-host transfer
 (``read_metrics``); ``compute_policy_loss`` hands them out as a dict of 0-dim views of it.
 """
@@ -34,7 +41,8 @@ def metric_names(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
     return BASE_METRICS + (("dual_clip_frac",) if dual_clip else ()) + (("penalty",) if penalty else ())
 
 
-@torch.no_grad()
+# no @torch.no_grad(): every caller already runs without grad (the eager pass inside its autograd.Function's
+# forward, the compiled pass under torch.no_grad()), and mutmut (`nox -s mutation`) skips decorated functions
 def trust_region_metrics(
     ratio: Tensor,
     log_ratio: Tensor,
@@ -51,11 +59,12 @@ def trust_region_metrics(
     """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
     penalty is not None)``, so that a logger reads them all with one device-to-host transfer.
 
-    ``ratio``, ``log_ratio`` (token level), ``advantages``: (B, T) with masked positions neutral (ratio 1,
-    log_ratio 0, advantages 0), so every per-token term is already 0 there and the masked means need no
-    further select; ``mask``: bool (B, T). ``penalty``: the per-token penalty of the objective, if it has
-    one. At ``ratio_level`` "token", ratio = exp(log_ratio), which lets k3 come from sums the other
-    metrics need anyway. ``select``: the caller's ``onepass.Select`` for ``mask``, if it has one."""
+    ``ratio``, ``log_ratio`` (token level, clamped to ±20: the metrics report what the objective used, see the
+    module docstring), ``advantages``: (B, T) with masked positions neutral (ratio 1, log_ratio 0, advantages 0),
+    so every per-token term is already 0 there and the masked means need no further select; ``mask``: bool (B, T).
+    ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
+    exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
+    ``onepass.Select`` for ``mask``, if it has one."""
     count = torch.count_nonzero(mask).clamp(min=1).to(ratio.dtype)
     deviation = ratio - 1.0  # 0 at masked positions
     positive, negative = advantages > 0, advantages < 0

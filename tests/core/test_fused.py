@@ -141,8 +141,27 @@ def test_weights_dual_clip_eps_high_and_global_batch_info():
         dict(objective="cfpo", eps_low=0.1, eps_high=0.3, weights=w, agg="seq-mean-token-sum-norm",
              dp_size=4, global_batch_size=7, loss_scale_factor=16),
         dict(objective="cfpo", agg="seq-mean-token-sum", global_batch_size=torch.tensor(5.0)),
+        dict(objective="cfpo", ratio_level="sequence", weights=w, agg="seq-mean-token-mean"),  # blocks of rows
+        dict(objective="clip", beta=0.05, agg="token-mean", dp_size=2, batch_num_tokens=50),  # KL + global count
     ):
         assert_same(inp, dict(kw, chunk_size=6), kw)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_on_policy_and_check_finite_off(ratio_level):
+    """old_log_prob=None at sequence level too (blocks of whole rows); check_finite=False reaches the final loss
+    call: NaN at a valid old_log_prob gives a NaN loss instead of an error, as in compute_policy_loss."""
+    inp = make_inputs(seed=17)
+    kw = dict(objective="cfpo", ratio_level=ratio_level, chunk_size=5)
+    out = fused_linear_policy_loss(inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"],
+                                   lm_head_bias=inp["bias"], **kw)
+    assert out.metrics["ratio_min"].item() == out.metrics["ratio_max"].item() == 1.0
+    assert torch.isfinite(out.loss)
+    old = inp["old"].clone()
+    old[0, 0] = float("nan")  # a valid position
+    with pytest.raises(ValueError, match="old_log_prob holds"):
+        fused(dict(inp, old=old), **kw)
+    assert torch.isnan(fused(dict(inp, old=old), check_finite=False, **kw).loss)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
@@ -384,6 +403,8 @@ def _call(**over):
         (dict(old_log_prob=torch.randn(4, 8)), ValueError, "old_log_prob"),
         (dict(advantages=torch.randn(3)), ValueError, "advantages"),
         (dict(mask=torch.ones(4, 8, dtype=torch.bool)), ValueError, "mask"),
+        (dict(mask=torch.full((4, 9), 2)), ValueError, "mask must be bool or hold only 0 and 1"),
+        (dict(old_log_prob=[[0.0] * 9] * 4), TypeError, "old_log_prob must be a torch.Tensor"),
         (dict(objective="spo"), ValueError, "objective"),
         (dict(agg="mean"), ValueError, "agg"),
         (dict(ratio_level="seq"), ValueError, "ratio_level"),
@@ -475,6 +496,26 @@ def test_fp32_accumulation_of_low_precision_products():
     assert not fused_mod.has_out_dtype_addmm("cpu", torch.bfloat16)  # CPU takes the fp32-copy branch
     assert fused_mod.has_out_dtype_addmm("cpu", torch.float32) is False
     assert _rel(acc, exact) < 1e-6 < _rel(acc_bf16.float(), exact)
+
+
+@pytest.mark.parametrize("fold", ["in_place", "gpu_twin"])
+def test_bf16_weight_and_bias_gradients_do_not_depend_on_the_number_of_blocks(monkeypatch, fold):
+    """bf16 inputs: the weight and bias gradients are sums over blocks, accumulated in fp32 and cast to bf16 once,
+    so one block per token (chunk_size=1) and one block for the whole batch agree to fp32 rounding, at most one
+    final bf16 rounding apart in a few entries: <= 1e-3 relative in norm. A bf16 accumulator rounds every
+    block's contribution (~2**-9 each) and lands several times above that. The hidden gradient is per token.
+    Both folds: the CPU's fp32 tile and the GPU design's bf16 tile (its eager twin)."""
+    if fold == "gpu_twin":
+        monkeypatch.setattr(fused_mod, "default_fold", lambda device: fused_mod.CompiledFold(compile=False))
+    inp = make_inputs(b=8, t=32, h=32, v=300, seed=12, dtype=torch.bfloat16)  # 164 valid tokens
+    n_valid = int(inp["mask"].sum())
+    grads = {}
+    for chunk_size in (1, n_valid):
+        out = fused(inp, chunk_size=chunk_size, objective="cfpo")
+        grads[chunk_size] = torch.autograd.grad(out.loss, params(inp))
+    for name, many, one in zip(("hidden", "weight", "bias"), grads[1], grads[n_valid]):
+        assert many.dtype == torch.bfloat16
+        assert _rel(many, one) <= 1e-3, (name, _rel(many, one))
 
 
 def test_default_chunk_size_on_cuda_follows_free_memory(monkeypatch):

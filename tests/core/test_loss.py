@@ -315,3 +315,69 @@ def test_every_metric_by_hand_with_padding(objective, dual_clip, ratio_level, fa
     assert expected["tr_exit_low"] > 0 and expected["tr_exit_high"] > 0  # the cases are exercised
     if dual_clip is not None and ratio_level == "token":
         assert expected["dual_clip_frac"] > 0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_aggregate_loss_by_hand_with_one_token_rows_and_global_counts(agg):
+    """aggregate_loss itself (the public function frameworks call on per_token_loss), in float64, from loops: rows with
+    one valid token (a normaliser clamped at 1 is no different there, one clamped at 2 is), an empty row, garbage at
+    padding, and the data-parallel form: dp_size x the loss with the global token / sequence counts passed in."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    dirty = torch.where(mask, x, torch.tensor(float("nan"), dtype=torch.float64))
+    rows = [[x[b, t].item() for t in range(4) if mask[b, t]] for b in range(5)]
+    rows = [r for r in rows if r]
+
+    def by_hand(n_tok, n_seq, dp=1, t=4):
+        if agg == "token-mean":
+            return dp * sum(map(sum, rows)) / n_tok
+        if agg == "token-sum":
+            return dp * sum(map(sum, rows))
+        if agg == "seq-mean-token-sum":
+            return dp * sum(map(sum, rows)) / n_seq
+        if agg == "seq-mean-token-mean":
+            return dp * sum(sum(r) / len(r) for r in rows) / n_seq
+        return dp * sum(map(sum, rows)) / n_seq / t
+
+    n_tok, n_seq = sum(map(len, rows)), len(rows)  # 9 tokens, 4 sequences
+    out = aggregate_loss(dirty, mask, agg)
+    assert out.dtype == torch.float64
+    assert out.item() == pytest.approx(by_hand(n_tok, n_seq), rel=1e-12)
+    info = dict(dp_size=2, batch_num_tokens=torch.tensor(23.0), global_batch_size=7.0)
+    out = aggregate_loss(dirty, mask, agg, **info)
+    assert out.item() == pytest.approx(by_hand(23.0, 7.0, dp=2), rel=1e-12)
+    out = aggregate_loss(dirty.float(), mask.long(), agg, loss_scale_factor=3.0)  # a 0/1 mask, fp32
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(by_hand(n_tok, n_seq, t=3.0), rel=1e-6)
+    # one valid token in the whole batch: every mean is that token's value (a count clamped at 2 would halve it)
+    one = torch.zeros(5, 4, dtype=torch.bool)
+    one[3, 2] = True
+    expected = x[3, 2].item() / (0.5 if agg == "seq-mean-token-sum-norm" else 1.0)
+    assert aggregate_loss(dirty, one, agg, loss_scale_factor=0.5).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("fp64", ["log_prob", "old_log_prob", "advantages", "weights"])
+def test_any_float64_input_makes_the_loss_float64(fp64):
+    """compute_dtype: float64 as soon as any input is (gradcheck, float64 references), else float32."""
+    lp, olp, adv, mask = make_batch(dtype=torch.float32)
+    inputs = dict(log_prob=lp, old_log_prob=olp, advantages=adv, weights=torch.ones(mask.shape))
+    inputs[fp64] = inputs[fp64].double()
+    out = compute_policy_loss(inputs["log_prob"], inputs["old_log_prob"], inputs["advantages"], mask,
+                              weights=inputs["weights"])
+    assert out.loss.dtype == torch.float64 and out.per_token_loss.dtype == torch.float64
+
+
+def test_fast_path_returns_no_per_token_loss_and_aggregate_loss_defaults_to_token_mean():
+    lp, olp, adv, mask = make_batch()
+    assert compute_policy_loss(lp, olp, adv, mask, fast=True).per_token_loss is None
+    x = torch.randn(mask.shape, dtype=torch.float64)
+    assert aggregate_loss(x, mask).item() == aggregate_loss(x, mask, "token-mean").item()
+    assert aggregate_loss(x, mask).item() == pytest.approx(x[mask].mean().item(), rel=1e-12)
+
+
+def test_loss_scale_factor_reaches_the_aggregation():
+    lp, olp, adv, mask = make_batch()
+    base = compute_policy_loss(lp, olp, adv, mask, agg="seq-mean-token-sum-norm")  # normaliser: T = 7
+    out = compute_policy_loss(lp, olp, adv, mask, agg="seq-mean-token-sum-norm", loss_scale_factor=3.5)
+    assert out.loss.item() == pytest.approx(base.loss.item() * 7 / 3.5, rel=1e-12)

@@ -1,6 +1,8 @@
 """compute_policy_loss's one-pass evaluation (analytic derivative, metrics from shared terms) equals plain
 autograd through the public per-token surrogates, and the compiled fast path equals both."""
 
+import math
+
 import pytest
 import torch
 
@@ -112,6 +114,52 @@ def test_compiled_fast_path_equals_default(objective):
     assert torch.allclose(out.ratio, default.ratio, rtol=1e-6)
     with pytest.raises(ValueError, match="old_log_prob holds"):
         compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, fast=True, **kw)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_gradient_scales_with_the_upstream_gradient(objective, ratio_level):
+    """d(c·loss)/dlog π = c·dloss/dlog π for c != 1 (a loss scaler, gradient accumulation's 1/k, a weighted sum of
+    losses), on the compiled path, whose backward multiplies a precomputed gradient by the incoming one, and the
+    eager one; against autograd through the public surrogates."""
+    lp, olp, adv, mask = batch()
+    kw = dict(objective=objective, ratio_level=ratio_level, eps_low=0.2, eps_high=0.28)
+    (g_ref,) = torch.autograd.grad(autograd_reference(lp, olp, adv, mask, **kw), lp)
+    for fast in (True, False):
+        for c in (3.0, -0.5):
+            (g,) = torch.autograd.grad(c * compute_policy_loss(lp, olp, adv, mask, fast=fast, **kw).loss, lp)
+            assert torch.allclose(g, c * g_ref, rtol=1e-5, atol=1e-6 * abs(c) * g_ref.abs().max().item()), (fast, c)
+        leaf = lp.detach().clone().requires_grad_()
+        compute_policy_loss(leaf, olp, adv, mask, fast=fast, **kw).loss.backward(torch.tensor(0.25))
+        assert torch.allclose(leaf.grad, 0.25 * g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item()), fast
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_sequence_ratio_with_per_token_advantages_weights_and_a_one_token_row(objective, fast):
+    """At sequence level every token of a row shares one ratio, so with per-row advantages and no weights each
+    token's dL/dr is the same and a per-token gradient would pass unnoticed; per-token advantages and weights
+    make them differ. A row with one valid token has the ratio exp(log r) of that token. Against autograd through
+    the public surrogates; the returned ratio is detached."""
+    lp, olp, _, mask = batch()
+    g = torch.Generator().manual_seed(9)
+    adv = torch.randn(6, 11, generator=g)
+    weights = torch.rand(6, 11, generator=g) + 0.5
+    mask[4] = False
+    mask[4, 3] = True  # one valid token
+    kw = dict(objective=objective, ratio_level="sequence", eps_low=0.2, eps_high=0.28, dual_clip=None)
+    log_ratio = torch.where(mask, lp - olp, 0.0).clamp(-20, 20)
+    ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).exp().expand(6, 11)
+    a = torch.where(mask, adv, 0.0)
+    j = cfpo_surrogate(ratio, a, 0.2, 0.28) if objective == "cfpo" else clipped_surrogate(ratio, a, 0.2, 0.28)
+    ref = aggregate_loss(-j * torch.where(mask, weights, 0.0), mask, "seq-mean-token-mean")
+    (g_ref,) = torch.autograd.grad(ref, lp)
+    out = compute_policy_loss(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", fast=fast, **kw)
+    (g_out,) = torch.autograd.grad(out.loss, lp)
+    assert torch.allclose(out.loss, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(g_out, g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item())
+    assert out.ratio[4, 3].item() == pytest.approx(math.exp(log_ratio[4, 3].item()), rel=1e-6)
+    assert not out.ratio.requires_grad
 
 
 def test_gpu_select_equals_cpu_bit_select():

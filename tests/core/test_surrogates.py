@@ -90,6 +90,30 @@ def test_dual_clip_bounds_negative_advantages_below():
     assert jp.item() == pytest.approx(1.2)
 
 
+def test_clip_boundaries_belong_to_the_trust_region():
+    """At r exactly 1 - eps_low, 1 + eps_high or dual_clip, nothing is clipped yet: dJ/dr = A (the one-sided
+    derivative from inside; the frameworks' clip fraction counts these tokens as unclipped too, strict >).
+    Exact in binary: eps 0.25 / 0.5, c = 3."""
+    r = torch.tensor([0.75, 1.5, 3.0, 3.0], dtype=torch.float64)
+    a = torch.tensor([-1.0, 2.0, -0.5, -0.5], dtype=torch.float64)
+    g = clipped_surrogate_grad(r, a, 0.25, 0.5, dual_clip=3.0)
+    assert torch.equal(g, a)
+    # just outside: clipped
+    outside = clipped_surrogate_grad(r * torch.tensor([0.999, 1.001, 1.001, 1.001], dtype=torch.float64), a, 0.25,
+                                     0.5, dual_clip=3.0)
+    assert torch.equal(outside, torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_dual_clip_leaves_positive_advantages_alone_also_inside_a_wide_trust_region():
+    """eps_high = 2.5 puts 1 + eps_high above c = 3: a token with 0 < A < 1 and c < r < 1 + eps_high is inside the
+    trust region and keeps its gradient A (dual-clip bounds only A < 0, as in verl / OpenRLHF)."""
+    r = torch.tensor([3.2], dtype=torch.float64)
+    for a in (0.5, 2.0):
+        adv = torch.tensor([a], dtype=torch.float64)
+        assert clipped_surrogate_grad(r, adv, 0.2, 2.5, dual_clip=3.0).item() == a
+        assert clipped_surrogate(r, adv, 0.2, 2.5, dual_clip=3.0).item() == pytest.approx(3.2 * a)
+
+
 def test_zero_advantage_contributes_nothing():
     r = torch.tensor([0.1, 1.0, 7.0])
     a = torch.zeros(3)
@@ -111,7 +135,8 @@ def test_unknown_objective_raises_everywhere():
     from cfpo_loss import compute_policy_loss, fused_linear_policy_loss, get_objective
 
     lp, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
-    for bad in ("spo", "CFPO", None, 3):
+    # unhashable and non-string values too: the same ValueError, never a TypeError from the dict lookup
+    for bad in ("spo", "CFPO", None, 3, 1.5, b"cfpo", ["cfpo"], {"cfpo": 1}, {"cfpo"}):
         with pytest.raises(ValueError, match="unknown objective"):
             get_objective(bad)
         with pytest.raises(ValueError, match="unknown objective"):

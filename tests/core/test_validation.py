@@ -44,6 +44,16 @@ def call(**over):
     (dict(ratio_level="group"), ValueError, r"unknown ratio_level 'group'; valid: 'token', 'sequence'"),
     (dict(dp_size=0), ValueError, r"dp_size must be a positive int"),
     (dict(batch_num_tokens=0), ValueError, r"batch_num_tokens must be > 0"),
+    # every tensor argument is named in its own type error (mutation testing found these unpinned)
+    (dict(old_log_prob=[[0.0] * 3] * 2), TypeError, r"old_log_prob must be a torch.Tensor"),
+    (dict(weights=[[1.0] * 3] * 2), TypeError, r"weights must be a torch.Tensor"),
+    (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, r"weights must be a floating-point"),
+    (dict(fast="yes"), ValueError, r"unknown fast 'yes'"),
+    (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
+    (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
+    (dict(dp_size=True), ValueError, r"dp_size must be a positive int"),
+    (dict(global_batch_size=0, agg="seq-mean-token-mean"), ValueError, r"global_batch_size must be > 0"),
+    (dict(loss_scale_factor=0.0, agg="seq-mean-token-sum-norm"), ValueError, r"loss_scale_factor must be > 0"),
 ])
 def test_bad_input_raises(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -56,6 +66,23 @@ def test_device_mismatch_on_meta():
         call(old_log_prob=torch.zeros(2, 3, device="meta"))
     with pytest.raises(ValueError, match=r"mask is on meta"):
         call(mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"advantages is on meta but log_prob is on cpu"):
+        call(advantages=torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match=r"weights is on meta but log_prob is on cpu"):
+        call(weights=torch.ones(2, 3, device="meta"))
+
+
+def test_advantages_per_sequence_as_b_or_b_by_1():
+    """(B,) and (B, 1) advantages are the same per-sequence advantages, broadcast over T; (T, 1) is not (B, 1)."""
+    lp, old = torch.randn(2, 3), torch.randn(2, 3)
+    adv = torch.tensor([0.5, -1.0])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    a = compute_policy_loss(lp, old, adv, mask).loss
+    b = compute_policy_loss(lp, old, adv[:, None], mask).loss
+    c = compute_policy_loss(lp, old, adv[:, None].expand(2, 3), mask).loss
+    assert a.item() == b.item() == c.item()
+    with pytest.raises(ValueError, match=r"advantages must be \(B,\), \(B, 1\) or \(B, T\)"):
+        compute_policy_loss(lp, old, torch.ones(3, 1), mask)
 
 
 def test_check_finite_can_be_turned_off():
@@ -132,3 +159,14 @@ def test_one_device_sync_per_call_metrics_included(monkeypatch, mask_dtype, fast
         assert floats.keys() == expected.keys()
         for k in expected:
             assert floats[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), k
+
+
+def test_cfpo_ignores_dual_clip():
+    """dual_clip means nothing to CFPO (it clips nothing): not validated, no dual_clip_frac, the same loss."""
+    g = torch.Generator().manual_seed(0)
+    lp, old = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    plain = call(log_prob=lp, old_log_prob=old)
+    for c in (0.5, 3.0):
+        out = call(log_prob=lp, old_log_prob=old, dual_clip=c)
+        assert out.loss.item() == plain.loss.item()
+        assert out.metric_floats() == plain.metric_floats() and "dual_clip_frac" not in out.metrics
