@@ -10,8 +10,9 @@ eps_high for both objectives. ``loss_type`` keeps choosing the *aggregation* exa
 "bnpo", "dr_grpo", "dapo", "luspo"); TRL's loss types that are other objectives ("cispo", "sapo",
 "vespo") are rejected at construction. A plain ``GRPOConfig`` is accepted too (objective "cfpo" then).
 ``CFPORLOOTrainer`` is the same swap on RLOO's own sequence ratio and mean over sequences (a plain ``RLOOConfig``
-is accepted too). CFPO only differs from GRPO / RLOO when the ratio departs from 1: ``num_iterations > 1`` or
-``steps_per_generation > gradient_accumulation_steps`` (or off-policy data).
+is accepted too); ``CFPORLOOConfig(sequence_ratio="mean")`` opts into GSPO's length-normalised ratio, which cfpo needs
+beyond a few tokens (a UserWarning at construction says so). CFPO only differs from GRPO / RLOO when the ratio
+departs from 1: ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` (or off-policy data).
 
 How it hooks into TRL, module by module
 ---------------------------------------
@@ -73,9 +74,16 @@ from ._guard import SUPPORTED_TRL, check_trl_version
 
 check_trl_version()  # before any module that copies TRL's methods is imported
 
-from ._config import AGGREGATION_LOSS_TYPES, POLICY_OBJECTIVES, CFPOConfig, CFPORLOOConfig  # noqa: E402
+from ._config import (  # noqa: E402
+    AGGREGATION_LOSS_TYPES,
+    POLICY_OBJECTIVES,
+    SEQUENCE_RATIOS,
+    SUM_RATIO_MAX_LENGTH,
+    CFPOConfig,
+    CFPORLOOConfig,
+)
 from ._grpo import CFPOTrainer  # noqa: E402
 from ._rloo import CFPORLOOTrainer  # noqa: E402
 
 __all__ = ["CFPOConfig", "CFPOTrainer", "CFPORLOOConfig", "CFPORLOOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES",
-           "POLICY_OBJECTIVES"]
+           "POLICY_OBJECTIVES", "SEQUENCE_RATIOS", "SUM_RATIO_MAX_LENGTH"]

@@ -4,6 +4,7 @@ by name, before any model is loaded."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, RLOOConfig
@@ -17,6 +18,14 @@ POLICY_OBJECTIVES = tuple(OBJECTIVES)  # the core's registry: "cfpo", "clip"
 AGGREGATION_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: TRL loss types that are a different policy objective (not an aggregation): rejected.
 _OTHER_OBJECTIVE_LOSS_TYPES = ("cispo", "sapo", "vespo")
+#: CFPORLOOConfig.sequence_ratio: RLOO's exp(Σ_t log r_t) ("sum", RLOOTrainer's own) or GSPO's exp(mean_t log r_t)
+SEQUENCE_RATIOS = ("sum", "mean")
+#: cfpo on RLOO's summed ratio with completions longer than this is warned about at construction. Measured by
+#: examples/rloo_ratio_study.py (README, "The length caveat"; 3 seeds, final reward): at 4 tokens cfpo 0.77-0.84
+#: against clip's 0.98-1.00 (and above clip in the stability demo's RLOO table, also 4 tokens); at 8 tokens 0.55-0.63
+#: against 0.97-0.98, at 12 0.40-0.56, at 16 0.40-0.44, at 32 0.30-0.42, while sequence_ratio="mean" stayed at
+#: 0.96-0.99. 4 is the longest length measured without a clear loss; 5-7 were not measured.
+SUM_RATIO_MAX_LENGTH = 4
 
 
 def check_policy_objective(policy_objective) -> str:
@@ -64,10 +73,27 @@ def check_grpo(args, policy_objective, use_fused_loss) -> None:
             raise ValueError(f"delta must be a float > 1 + epsilon_high = {1.0 + eps_high}, got {delta!r}")
 
 
-def check_rloo(args, policy_objective) -> None:
+def check_rloo(args, policy_objective, sequence_ratio) -> None:
     """Raise a clear error for an RLOO configuration CFPORLOOTrainer cannot honour (CFPORLOOConfig and RLOOConfig)."""
     check_policy_objective(policy_objective)
+    if not isinstance(sequence_ratio, str) or sequence_ratio not in SEQUENCE_RATIOS:
+        raise ValueError(f"sequence_ratio must be one of {SEQUENCE_RATIOS}, got {sequence_ratio!r}")
     check_epsilons(args)
+
+
+def warn_long_sum_ratio(args, policy_objective, sequence_ratio) -> None:
+    """The length caveat, at construction: cfpo on RLOO's summed ratio with long completions."""
+    length = args.max_completion_length  # None: as long as the model generates
+    if policy_objective == "cfpo" and sequence_ratio == "sum" and (length is None or length > SUM_RATIO_MAX_LENGTH):
+        warnings.warn(
+            f"CFPORLOOTrainer: policy_objective='cfpo' on RLOO's summed sequence ratio r = exp(sum_t log r_t) with "
+            f"max_completion_length={length}: r grows with the completion's length and CFPO's gradient with r^2, and "
+            f"beyond {SUM_RATIO_MAX_LENGTH} tokens CFPO on it learned at a fraction of clip's pace in "
+            "examples/rloo_ratio_study.py. Set sequence_ratio='mean' (GSPO's length-normalised exp(mean_t log r_t)), "
+            "or policy_objective='clip'.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -111,13 +137,20 @@ class CFPOConfig(GRPOConfig):
 
 @dataclass
 class CFPORLOOConfig(RLOOConfig):
-    """``RLOOConfig`` plus the choice of policy objective.
+    """``RLOOConfig`` plus the choice of policy objective and of the sequence ratio it acts on.
 
     Args:
         policy_objective (`str`, *optional*, defaults to `"cfpo"`):
-            `"cfpo"`: clipping-free objective r·A − |A|/(2ε)·(r−1)² on RLOO's sequence ratio r = exp(Σ_t log π_θ −
-            Σ_t log π_old) (ε = `epsilon_high` for A > 0, `epsilon` for A < 0). `"clip"`: TRL's RLOO objective
-            min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) on the same ratio. Both are averaged over sequences, as in TRL.
+            `"cfpo"`: clipping-free objective r·A − |A|/(2ε)·(r−1)² on the sequence ratio r (ε = `epsilon_high` for
+            A > 0, `epsilon` for A < 0). `"clip"`: TRL's RLOO objective min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) on the
+            same ratio. Both are averaged over sequences, as in TRL.
+        sequence_ratio (`str`, *optional*, defaults to `"sum"`):
+            `"sum"`: RLOO's own ratio r = exp(Σ_t log π_θ − Σ_t log π_old) over the completion's valid tokens
+            (`RLOOTrainer`'s estimator, unchanged). `"mean"` (opt-in): GSPO's length-normalised r = exp((Σ_t log π_θ −
+            Σ_t log π_old) / |y|), for both objectives; with `"clip"` that is GSPO's clipped objective on RLOO's
+            advantages, no longer `RLOOTrainer`'s loss. The summed ratio grows with the completion's length, and CFPO's
+            gradient on it with r²: beyond a few tokens `"mean"` is the one to use with cfpo (a UserWarning at
+            construction says so; README "CFPORLOOTrainer").
     """
 
     policy_objective: str = field(
@@ -128,7 +161,15 @@ class CFPORLOOConfig(RLOOConfig):
             "choices": list(POLICY_OBJECTIVES),
         },
     )
+    sequence_ratio: str = field(
+        default="sum",
+        metadata={
+            "help": "The sequence ratio the objective acts on: 'sum' (RLOO's exp(sum_t log r_t)) or 'mean' (GSPO's "
+            "exp(mean_t log r_t), length-normalised; recommended with cfpo beyond a few tokens).",
+            "choices": list(SEQUENCE_RATIOS),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        check_rloo(self, self.policy_objective)
+        check_rloo(self, self.policy_objective, self.sequence_ratio)

@@ -1,5 +1,6 @@
 """``CFPORLOOTrainer``: ``RLOOTrainer`` with the policy objective from cfpo_loss. The mirrored ``_compute_loss`` is in
-``_rloo_mirror.py``, the configuration checks in ``_config.py``; here is the core's objective it calls."""
+``_rloo_mirror.py``, the configuration checks (and the length warning) in ``_config.py``; here is the core's objective
+it calls."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from trl import RLOOConfig, RLOOTrainer
 
 from ...surrogates import get_objective
-from ._config import CFPORLOOConfig, check_rloo
+from ._config import CFPORLOOConfig, check_rloo, warn_long_sum_ratio
 from ._rloo_mirror import RLOOLossMirror
 
 
@@ -15,8 +16,10 @@ class CFPORLOOTrainer(RLOOLossMirror, RLOOTrainer):
     """``RLOOTrainer`` with the policy objective taken from cfpo_loss (CFPO or clipped); everything else is TRL's.
 
     RLOO's ratio is one per sequence, r = exp(Σ_t log π_θ(y_t) − Σ_t log π_old(y_t)) over the completion's valid
-    tokens (TRL's, not GSPO's length-normalised mean), and its loss is the mean over sequences of −J(r, A); only J
-    changes. Accepts a ``CFPORLOOConfig`` or a plain ``RLOOConfig`` (objective "cfpo" then). See the package docstring.
+    tokens (TRL's; ``sequence_ratio="mean"`` opts into GSPO's length-normalised exp(mean_t log r_t)), and its loss is
+    the mean over sequences of −J(r, A); only J changes. Accepts a ``CFPORLOOConfig`` or a plain ``RLOOConfig``
+    (objective "cfpo", sequence ratio "sum" then). With cfpo on the summed ratio and ``max_completion_length`` above
+    ``SUM_RATIO_MAX_LENGTH`` (4) tokens, construction warns (README, "The length caveat"). See the package docstring.
     """
 
     _tag_names = ["trl", "rloo", "cfpo"]
@@ -29,8 +32,11 @@ class CFPORLOOTrainer(RLOOLossMirror, RLOOTrainer):
         elif not isinstance(args, RLOOConfig):
             raise TypeError(f"args must be a CFPORLOOConfig or RLOOConfig, got {type(args).__name__}")
         policy_objective = getattr(args, "policy_objective", "cfpo")
-        check_rloo(args, policy_objective)  # before loading any model
+        sequence_ratio = getattr(args, "sequence_ratio", "sum")
+        check_rloo(args, policy_objective, sequence_ratio)  # before loading any model
+        warn_long_sum_ratio(args, policy_objective, sequence_ratio)
         self.policy_objective = policy_objective
+        self.sequence_ratio = sequence_ratio  # read by the mirrored _compute_loss
         self._objective = get_objective(policy_objective)  # the core's record: terms, has_penalty
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
 

@@ -9,11 +9,16 @@ never reaches the loss. The copy departs in hunks marked ``# CFPO:`` and stored 
 ``mirror/RLOOTrainer._compute_loss.patch`` (a test holds TRL's text plus that patch to this method):
 
 1. a docstring;
-2. TRL's ``coef_2`` and ``-torch.min`` (lines 1829-1832) become ``-J(coef_1, A)`` with J the core's objective record
+2. the opt-in ``sequence_ratio="mean"`` (``CFPORLOOConfig``): the log-ratio divided by the completion's valid tokens,
+   so r = exp(mean_t log r_t), GSPO's length-normalised ratio (the core's ``ratio_level="sequence"``), for both
+   objectives; with ``"sum"`` (the default) r is RLOO's own. RLOOTrainer keeps only the summed rollout log-prob
+   (``old_logps``), so the mean is taken here, on the sums, as TRL's GRPO ``importance_sampling_level="sequence"``
+   does (``(log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)``; the tests hold it to the core's);
+3. TRL's ``coef_2`` and ``-torch.min`` (lines 1829-1832) become ``-J(coef_1, A)`` with J the core's objective record
    (``CFPORLOOTrainer._policy_objective``: the core takes the ratio as given, so no new entry point was needed);
-3. after TRL's ``clip_ratio/*`` block (verbatim, per sequence): ``cfpo/ratio_dev``, ``cfpo/ratio_max``,
-   ``cfpo/ratio_min`` and (cfpo only) ``cfpo/penalty`` per sequence, through the same ``log_ratio_metrics`` as
-   ``CFPOTrainer``.
+4. after TRL's ``clip_ratio/*`` block (verbatim, per sequence, on the ratio the objective used): ``cfpo/ratio_dev``,
+   ``cfpo/ratio_max``, ``cfpo/ratio_min`` and (cfpo only) ``cfpo/penalty`` per sequence, through the same
+   ``log_ratio_metrics`` as ``CFPOTrainer``.
 
 The tests (tests/trl/test_rloo.py) prove that with ``policy_objective="clip"`` a real ``train()`` gives
 ``RLOOTrainer``'s logged trajectory and parameters bit for bit, and that cfpo is the paper's equation on that ratio
@@ -30,7 +35,8 @@ from ._metrics import log_ratio_metrics
 
 class RLOOLossMirror:
     """The mirrored method; ``CFPORLOOTrainer`` (``_rloo.py``) puts it before ``RLOOTrainer`` and provides what it
-    calls beyond TRL's: ``_policy_objective`` (and ``_objective`` / ``_objective_terms`` for ``log_ratio_metrics``)."""
+    calls beyond TRL's: ``sequence_ratio``, ``_policy_objective`` (and ``_objective`` / ``_objective_terms`` for
+    ``log_ratio_metrics``)."""
 
     def _compute_loss(self, model, inputs):
         """trl==1.16.0 RLOOTrainer._compute_loss with the objective from cfpo_loss. Departures are marked `# CFPO:`."""
@@ -64,6 +70,10 @@ class RLOOLossMirror:
         logps = (per_token_logps * completion_mask).sum(1)  # mask out padding and tokens after EOS
         old_logps = inputs["old_logps"]
         log_ratio = logps - old_logps
+        # CFPO: sequence_ratio="mean" (opt-in) divides by the completion's valid tokens: GSPO's exp(mean_t log r_t),
+        # the core's ratio_level="sequence", instead of RLOO's exp(sum_t log r_t), for both objectives.
+        if self.sequence_ratio == "mean":
+            log_ratio = log_ratio / completion_mask.sum(1).clamp(min=1.0)
 
         # Compute the loss
         advantages = inputs["advantages"]
