@@ -426,11 +426,11 @@ def test_plain_rloo_config_means_the_summed_ratio_and_warns(tiny_model_dir, toke
 
 @pytest.mark.parametrize("value", ["token", "SUM", "", None, 1])
 def test_bad_sequence_ratio_is_refused_by_name(tmp_path, value):
-    with pytest.raises(ValueError, match="sequence_ratio must be one of"):
+    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
         _cfg(tmp_path, sequence_ratio=value)
     c = _cfg(tmp_path)
     c.sequence_ratio = value  # mutated after construction: checked again by the trainer, before any model loads
-    with pytest.raises(ValueError, match="sequence_ratio must be one of"):
+    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
         CFPORLOOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=c)
 
 

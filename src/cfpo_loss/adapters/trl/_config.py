@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, RLOOConfig
 
-from ..._checks import check_eps
+from ..._checks import check_choice, check_eps
 from ...surrogates import OBJECTIVES, get_objective
 from ._fused import check_fused_args
 
@@ -28,12 +28,6 @@ SEQUENCE_RATIOS = ("sum", "mean")
 SUM_RATIO_MAX_LENGTH = 4
 
 
-def check_policy_objective(policy_objective) -> str:
-    if not isinstance(policy_objective, str) or policy_objective not in POLICY_OBJECTIVES:
-        raise ValueError(f"policy_objective must be one of {POLICY_OBJECTIVES}, got {policy_objective!r}")
-    return policy_objective
-
-
 def check_epsilons(args) -> tuple[float, float]:
     """``epsilon`` / ``epsilon_high`` (GRPOConfig and RLOOConfig alike) as (eps_low, eps_high), by the core's rule:
     eps_low in (0, 1), eps_high finite and > 0. TRL itself reads ``epsilon >= 1`` and ``epsilon_high = inf`` as "no
@@ -44,7 +38,7 @@ def check_epsilons(args) -> tuple[float, float]:
 
 def check_grpo(args, policy_objective, use_fused_loss) -> None:
     """Raise a clear error for a configuration CFPOTrainer cannot honour. Runs for CFPOConfig and GRPOConfig."""
-    check_policy_objective(policy_objective)
+    check_choice("policy_objective", policy_objective, POLICY_OBJECTIVES)
     if not isinstance(use_fused_loss, bool):
         raise TypeError(f"use_fused_loss must be a bool, got {type(use_fused_loss).__name__} {use_fused_loss!r}")
     if use_fused_loss:
@@ -75,9 +69,8 @@ def check_grpo(args, policy_objective, use_fused_loss) -> None:
 
 def check_rloo(args, policy_objective, sequence_ratio) -> None:
     """Raise a clear error for an RLOO configuration CFPORLOOTrainer cannot honour (CFPORLOOConfig and RLOOConfig)."""
-    check_policy_objective(policy_objective)
-    if not isinstance(sequence_ratio, str) or sequence_ratio not in SEQUENCE_RATIOS:
-        raise ValueError(f"sequence_ratio must be one of {SEQUENCE_RATIOS}, got {sequence_ratio!r}")
+    check_choice("policy_objective", policy_objective, POLICY_OBJECTIVES)
+    check_choice("sequence_ratio", sequence_ratio, SEQUENCE_RATIOS)
     check_epsilons(args)
 
 
