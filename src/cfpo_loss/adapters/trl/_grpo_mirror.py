@@ -6,9 +6,9 @@ LM-head kernel), the on-policy ``old_per_token_logps`` fallback, token / sequenc
 reference with its bias correction, top-entropy mask, off-policy sequence mask, vLLM importance-sampling correction, a
 ``loss_type`` switch that builds the objective, the loss_type aggregations with gradient-accumulation and
 ``steps_per_generation`` normalisation, entropy bonus (static and adaptive), MoE aux loss, eval mode, and the
-metrics. There is no smaller hook to override, so the copy keeps all of it and departs in four hunks, each marked
-``# CFPO:`` and stored as ``mirror/GRPOTrainer._compute_loss.patch`` (a test holds TRL's text plus that patch to
-this method, so a reviewer sees our lines at a glance and a TRL bump re-applies the patch):
+metrics. There is no smaller hook to override, so the copy keeps all of it and departs in four places, each marked
+``# CFPO:`` and stored as ``mirror/GRPOTrainer._compute_loss.patch`` (three hunks: 3 and 4 share one; a test holds
+TRL's text plus that patch to this method, so a reviewer sees our lines at a glance and a TRL bump re-applies it):
 
 1. a docstring, and the hand-over to the fused path when ``use_fused_loss=True`` (``_fused.compute_loss_fused``);
 2. the ``loss_type`` switch (cispo / clipped / sapo / vespo, TRL lines 3109-3138) becomes ``-J(coef_1, A)`` with J the

@@ -5,8 +5,9 @@ TRL's method: per-token log-probs through the same kernel as GRPO's, ONE ratio p
 old_logps) with ``old_logps`` the rollout policy's Σ_t m_t log π_old (the sum, not GSPO's length-normalised mean;
 ``_generate_and_score_completions`` always computes it), the clipped objective on r, and the plain mean over
 sequences; KL to the reference (``beta``) is subtracted from the *reward* before the leave-one-out advantages, so it
-never reaches the loss. The copy departs in hunks marked ``# CFPO:`` and stored as
-``mirror/RLOOTrainer._compute_loss.patch`` (a test holds TRL's text plus that patch to this method):
+never reaches the loss. The copy departs in four places, each marked ``# CFPO:`` and stored as
+``mirror/RLOOTrainer._compute_loss.patch`` (three hunks: 2 and 3 share one; a test holds TRL's text plus that patch to
+this method):
 
 1. a docstring;
 2. the opt-in ``sequence_ratio="mean"`` (``CFPORLOOConfig``): the log-ratio divided by the completion's valid tokens,
