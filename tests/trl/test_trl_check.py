@@ -127,7 +127,7 @@ def test_a_trl_folder_checks_both_methods(tmp_path):
 
 
 def test_stored_rloo_patch_is_the_code():
-    """trl_mirror/RLOOTrainer._compute_loss.patch is exactly the diff from TRL's text to CFPORLOOTrainer._compute_loss:
+    """mirror/RLOOTrainer._compute_loss.patch is exactly the diff from TRL's text to CFPORLOOTrainer._compute_loss:
     a departure added to the code without the patch (or the reverse) fails here."""
     stored = trl_check.patch_path("RLOOTrainer").read_text(encoding="utf-8")
     assert stored == trl_check.departures_patch("RLOOTrainer")
