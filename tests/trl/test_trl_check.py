@@ -184,12 +184,13 @@ def test_apply_patch_finds_moved_hunks_and_names_one_that_does_not_apply():
     patch = trl_check.patch_path(cls).read_text(encoding="utf-8")
     text = trl_check.mirrored_source(cls)
     anchor = "        logps = (per_token_logps * completion_mask).sum(1)"
-    shifted = text.replace(anchor, "        # a new TRL comment\n        # over two lines\n" + anchor, 1)
+    inserted = "        # a new TRL comment\n        # over two lines\n"
+    shifted = text.replace(anchor, inserted + anchor, 1)
     assert shifted != text
     ours = trl_check.apply_patch(shifted, patch)
-    assert ours == trl_check.adapter_source(cls).replace(anchor, "        # a new TRL comment\n        # over two lines\n"
-                                                         + anchor, 1)  # fmt: skip
-    conflicting = text.replace("        coef_1 = torch.exp(log_ratio)\n", "        coef_1 = torch.exp(log_ratio.clamp(max=20))\n")
+    assert ours == trl_check.adapter_source(cls).replace(anchor, inserted + anchor, 1)
+    old_line, new_line = "        coef_1 = torch.exp(log_ratio)\n", "        coef_1 = torch.exp(log_ratio.clamp(max=20))\n"
+    conflicting = text.replace(old_line, new_line)
     assert conflicting != text
     with pytest.raises(ValueError, match=r"hunk 2 \(@@ -\d+,\d+ \+\d+,\d+ @@\) does not apply"):
         trl_check.apply_patch(conflicting, patch)
