@@ -189,8 +189,8 @@ def test_apply_patch_finds_moved_hunks_and_names_one_that_does_not_apply():
     assert shifted != text
     ours = trl_check.apply_patch(shifted, patch)
     assert ours == trl_check.adapter_source(cls).replace(anchor, inserted + anchor, 1)
-    old_line, new_line = "        coef_1 = torch.exp(log_ratio)\n", "        coef_1 = torch.exp(log_ratio.clamp(max=20))\n"
-    conflicting = text.replace(old_line, new_line)
+    old_line = "        coef_1 = torch.exp(log_ratio)\n"
+    conflicting = text.replace(old_line, "        coef_1 = torch.exp(log_ratio.clamp(max=20))\n")
     assert conflicting != text
     with pytest.raises(ValueError, match=r"hunk 2 \(@@ -\d+,\d+ \+\d+,\d+ @@\) does not apply"):
         trl_check.apply_patch(conflicting, patch)
