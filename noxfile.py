@@ -238,7 +238,7 @@ MUTMUT = "mutmut==3.8.1"
 #: `nox -s mutation`: each core module with the test files that hold it to its contract (its test subset)
 MUTATION_SCOPE = {
     "surrogates": ["test_surrogates.py", "test_loss.py"],
-    "metrics": ["test_metrics.py", "test_loss.py"],
+    "metrics": ["test_metrics.py", "test_ratio_sums.py", "test_loss.py"],
     "onepass": ["test_onepass.py", "test_metrics.py", "test_loss.py"],
     "loss": ["test_loss.py", "test_validation.py", "test_metrics.py"],
     "aggregation": ["test_loss.py", "test_validation.py"],

@@ -1,24 +1,26 @@
 """CFPO on RLOO's sequence ratio as completions get longer: a measurement, on a CPU in minutes.
 
-    python examples/rloo_ratio_study.py                       # lengths 32 16 4 x seeds 0 1 2 x 4 variants, 160 steps
+    python examples/rloo_ratio_study.py                       # lengths 32 16 8 4 x seeds 0 1 2 x 5 variants, 160 steps
     python examples/rloo_ratio_study.py --lengths 32 --seeds 0 --steps 40     # one cell, quickly
 
 TRL's RLOOTrainer uses ONE ratio per completion, r = exp(sum_t log pi_theta - sum_t log pi_old): a product of token
 ratios, which grows with the completion's length. CFPO's restoring gradient on it, dJ/dlog pi_t = (A - |A|/eps (r-1))
 r for every token of the completion, grows like r^2. This script trains the same tiny Qwen2 (2 layers, 64 wide, built
 from a config; nothing downloaded) with TRL's real RLOOTrainer machinery on the test suite's digit task (reward = the
-fraction of completion words that are digits), num_iterations = 4, lr 2e-3, and compares four objectives:
+fraction of completion words that are digits), num_iterations = 4, lr 2e-3, and compares five objectives:
 
     clip (TRL RLOO)              CFPORLOOTrainer(policy_objective="clip"), i.e. RLOOTrainer's own loss
     cfpo, RLOO sequence ratio    CFPORLOOTrainer(policy_objective="cfpo"), the adapter's default
     cfpo, token ratio            built HERE from the core (compute_policy_loss, ratio_level="token",
                                  agg="seq-mean-token-mean"): OpenRLHF's RLOO shape, per-token ratios
     cfpo, GSPO mean ratio        built HERE from the core (ratio_level="sequence": r = exp(mean_t log r_t))
+    cfpo, sequence_ratio="mean"  CFPORLOOTrainer(sequence_ratio="mean"), the adapter's opt-in for that ratio
 
-The last two are not options of the adapter: they change RLOO's estimator, and are measured here only to say what a
-guard would buy. All four log the RLOO sequence ratio's statistics (``cfpo/ratio_*``), so "max |r-1|" compares the
-same quantity. Printed: one row per (length, variant) with the values of each seed; training outcomes on one toy task,
-not evidence about real models.
+The token ratio is not an option of the adapter (it changes RLOO's estimator); the GSPO mean ratio is, as the opt-in
+sequence_ratio="mean", and the core-built variant beside it is the cross-check. The first four log the RLOO (summed)
+sequence ratio's statistics (``cfpo/ratio_*``), so "max |r-1|" compares the same quantity; the opt-in logs those of
+the mean ratio it uses (smaller by construction). Printed: one row per (length, variant) with the values of each seed;
+training outcomes on one toy task, not evidence about real models.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import torch  # noqa: E402
 from cfpo_loss import compute_policy_loss  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)] + [str(i) for i in range(10)] + ["a", "b", "c", "+", "=", "say", "count"]
-VARIANTS = ("clip (TRL RLOO)", "cfpo, RLOO sequence ratio", "cfpo, token ratio", "cfpo, GSPO mean ratio")
+VARIANTS = ("clip (TRL RLOO)", "cfpo, RLOO sequence ratio", "cfpo, token ratio", "cfpo, GSPO mean ratio",
+            "cfpo, sequence_ratio='mean'")
 
 
 def build_tokenizer():
@@ -125,18 +128,22 @@ def trainer_classes():
     class GspoRatio(CoreRatio):
         ratio_level = "sequence"
 
-    return {VARIANTS[0]: (CFPORLOOTrainer, "clip"), VARIANTS[1]: (CFPORLOOTrainer, "cfpo"),
-            VARIANTS[2]: (CoreRatio, "cfpo"), VARIANTS[3]: (GspoRatio, "cfpo")}  # fmt: skip
+    # variant -> (trainer class, CFPORLOOConfig options)
+    return {VARIANTS[0]: (CFPORLOOTrainer, dict(policy_objective="clip")),
+            VARIANTS[1]: (CFPORLOOTrainer, dict(policy_objective="cfpo")),
+            VARIANTS[2]: (CoreRatio, dict(policy_objective="cfpo")),
+            VARIANTS[3]: (GspoRatio, dict(policy_objective="cfpo")),
+            VARIANTS[4]: (CFPORLOOTrainer, dict(policy_objective="cfpo", sequence_ratio="mean"))}  # fmt: skip
 
 
-def run(cls, objective, model_path, tokenizer, length, seed, opts, work) -> dict:
+def run(cls, options, model_path, tokenizer, length, seed, opts, work) -> dict:
     from datasets import Dataset
 
     from cfpo_loss.adapters.trl import CFPORLOOConfig
 
     prompts = [f"say a count {i % 10} w{i % 40} =" for i in range(opts.batch_size * opts.steps)]
     args = CFPORLOOConfig(
-        output_dir=work, policy_objective=objective, learning_rate=opts.lr, per_device_train_batch_size=opts.batch_size,
+        output_dir=work, **options, learning_rate=opts.lr, per_device_train_batch_size=opts.batch_size,
         num_generations=4, max_completion_length=length, max_steps=opts.steps, num_iterations=opts.iterations,
         epsilon=opts.eps, beta=0.0, logging_steps=1, report_to="none", use_cpu=True, seed=seed, save_strategy="no",
         disable_tqdm=True,
@@ -164,7 +171,7 @@ def run(cls, objective, model_path, tokenizer, length, seed, opts, work) -> dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[32, 16, 4], help="max_completion_length values")
+    p.add_argument("--lengths", type=int, nargs="+", default=[32, 16, 8, 4], help="max_completion_length values")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (also the initial weights)")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps per run (default %(default)s)")
     p.add_argument("--iterations", type=int, default=4, help="num_iterations (default %(default)s)")
@@ -201,8 +208,8 @@ def main(argv=None) -> int:
             model_path = build_model(tokenizer, os.path.join(work, f"model-{seed}"), seed)
             for length in opts.lengths:
                 for i in opts.variants:
-                    cls, objective = classes[VARIANTS[i]]
-                    results[(length, VARIANTS[i], seed)] = run(cls, objective, model_path, tokenizer, length, seed,
+                    cls, options = classes[VARIANTS[i]]
+                    results[(length, VARIANTS[i], seed)] = run(cls, options, model_path, tokenizer, length, seed,
                                                                opts, os.path.join(work, "out"))  # fmt: skip
                     print(f"  done: length {length}, {VARIANTS[i]}, seed {seed}", file=sys.stderr, flush=True)
     print(
@@ -212,7 +219,7 @@ def main(argv=None) -> int:
         "after (5-min).\n"
     )
     columns = ["length", "objective", "all losses finite", "reward, first 10% of rounds",
-               "final reward (last 10% of rounds)", "max \\|r-1\\| (RLOO sequence ratio)",
+               "final reward (last 10% of rounds)", "max \\|r-1\\| (RLOO sequence ratio; opt-in: its mean ratio)",
                "max grad norm (before clipping to 1)", "median grad norm", "final entropy"]  # fmt: skip
     print("| " + " | ".join(columns) + " |\n|---:|---|---|" + "---:|" * (len(columns) - 3))
     for length in opts.lengths:

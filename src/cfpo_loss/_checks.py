@@ -10,16 +10,18 @@ import torch
 from torch import Tensor
 
 
-def check_eps(eps_low: float, eps_high: float | None) -> tuple[float, float]:
-    """Validate the trust-region half-widths; ``eps_high`` defaults to ``eps_low``."""
-    eps_low = _as_float("eps_low", eps_low)
+def check_eps(eps_low: float, eps_high: float | None, *, names: tuple[str, str] = ("eps_low", "eps_high")
+              ) -> tuple[float, float]:
+    """Validate the trust-region half-widths; ``eps_high`` defaults to ``eps_low``. ``names``: how the errors
+    name the two (an adapter passes its framework's option names)."""
+    eps_low = _as_float(names[0], eps_low)
     if not 0.0 < eps_low < 1.0:
-        raise ValueError(f"eps_low must lie in (0, 1) so that 1 - eps_low > 0, got {eps_low}")
+        raise ValueError(f"{names[0]} must lie in (0, 1) so that 1 - eps_low > 0, got {eps_low}")
     if eps_high is None:
         return eps_low, eps_low
-    eps_high = _as_float("eps_high", eps_high)
+    eps_high = _as_float(names[1], eps_high)
     if not eps_high > 0.0:
-        raise ValueError(f"eps_high must be > 0, got {eps_high}")
+        raise ValueError(f"{names[1]} must be > 0, got {eps_high}")
     return eps_low, eps_high
 
 

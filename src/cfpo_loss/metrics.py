@@ -24,9 +24,14 @@ would come out below 0.
 
 They are computed into one buffer, so a logger reads them all with one device-to-host transfer
 (``read_metrics``); ``compute_policy_loss`` hands them out as a dict of 0-dim views of it.
+
+The ratio statistics are built from ``ratio_sums`` (count, sums, extremes: the pieces that add up across
+batches and ranks), which an adapter that reduces across ranks itself (TRL's) calls on its own batch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +44,34 @@ BASE_METRICS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_dev", "tr_exit_fr
 def metric_names(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
     """Names of the entries of ``trust_region_metrics``'s buffer, in order."""
     return BASE_METRICS + (("dual_clip_frac",) if dual_clip else ()) + (("penalty",) if penalty else ())
+
+
+class RatioSums(NamedTuple):
+    """The reducible pieces of the ratio statistics over the valid entries of one batch (0-dim tensors, no
+    device sync). Across batches or ranks: add ``count``, ``deviation``, ``abs_deviation`` and ``penalty``,
+    take the min of ``ratio_min`` and the max of ``ratio_max``; a mean is then sum / count."""
+
+    count: Tensor  # valid entries (int64)
+    deviation: Tensor  # Σ (r − 1)
+    abs_deviation: Tensor  # Σ |r − 1|
+    ratio_min: Tensor  # min r; +inf without a valid entry
+    ratio_max: Tensor  # max r; −inf without a valid entry
+    penalty: Tensor | None  # Σ penalty, for an objective with one
+
+
+def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None) -> RatioSums:
+    """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
+    ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``onepass.Select`` for
+    ``mask``, if the caller has one."""
+    deviation = ratio - 1.0  # 0 at masked positions
+    return RatioSums(
+        count=torch.count_nonzero(mask),
+        deviation=deviation.sum(),
+        abs_deviation=deviation.abs().sum(),
+        ratio_min=_fill(ratio, mask, select, torch.inf).min(),
+        ratio_max=_fill(ratio, mask, select, -torch.inf).max(),
+        penalty=None if penalty is None else penalty.sum(),
+    )
 
 
 # no @torch.no_grad(): every caller already runs without grad (the eager pass inside its autograd.Function's
@@ -65,24 +98,23 @@ def trust_region_metrics(
     ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
     ``onepass.Select`` for ``mask``, if it has one."""
-    count = torch.count_nonzero(mask).clamp(min=1).to(ratio.dtype)
-    deviation = ratio - 1.0  # 0 at masked positions
+    sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
+    count = sums.count.clamp(min=1).to(ratio.dtype)
     positive, negative = advantages > 0, advantages < 0
     exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))  # int64 / float below: true division
     exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
     any_valid = mask.any()
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
-    deviation_sum = deviation.sum()
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
-        k3 = ((deviation_sum - log_ratio_sum) / count).clamp(min=0.0)
+        k3 = ((sums.deviation - log_ratio_sum) / count).clamp(min=0.0)
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3 = (torch.expm1(log_ratio) - log_ratio).sum() / count
     values = [
-        deviation_sum / count + 1.0,  # ratio_mean
-        torch.where(any_valid, _fill(ratio, mask, select, torch.inf).min(), 1.0),  # ratio_min
-        torch.where(any_valid, _fill(ratio, mask, select, -torch.inf).max(), 1.0),  # ratio_max
-        deviation.abs().sum() / count,  # ratio_dev
+        sums.deviation / count + 1.0,  # ratio_mean
+        torch.where(any_valid, sums.ratio_min, 1.0),  # ratio_min
+        torch.where(any_valid, sums.ratio_max, 1.0),  # ratio_max
+        sums.abs_deviation / count,  # ratio_dev
         (exit_high + exit_low) / count,  # tr_exit_frac
         exit_low / count,  # tr_exit_low
         exit_high / count,  # tr_exit_high
@@ -92,7 +124,7 @@ def trust_region_metrics(
     if dual_clip is not None:
         values.append(torch.count_nonzero(negative & (ratio > dual_clip)) / count)
     if penalty is not None:
-        values.append(penalty.sum() / count)
+        values.append(sums.penalty / count)
     return torch.stack(values).float()
 
 

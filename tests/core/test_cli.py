@@ -53,3 +53,23 @@ def test_core_import_pulls_in_no_framework():
     code = "import sys, cfpo_loss; print(sorted({'trl','verl','openrlhf','transformers','ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_one_range_warning(caplog):
+    """adapters/_support.warn_if_unsupported, the range warning verl's and OpenRLHF's adapters share: silent in range
+    and for an absent framework; otherwise one RuntimeWarning (and log record) naming version, range and tested."""
+    import logging
+    import warnings
+
+    from cfpo_loss.adapters._support import tested_versions, warn_if_unsupported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_unsupported("verl", "0.9.1", "x") is None and warn_if_unsupported("verl", None, "x") is None
+    logger = logging.getLogger("cfpo_loss.test_range_warning")
+    with pytest.warns(RuntimeWarning) as caught, caplog.at_level(logging.WARNING, logger=logger.name):
+        msg = warn_if_unsupported("openrlhf", "0.12.0", "the consequence.", logger=logger, stacklevel=1)
+    assert [str(w.message) for w in caught] == [msg] and caplog.messages == [msg]
+    assert msg == (f"cfpo_loss: openrlhf 0.12.0 is outside the supported range: the openrlhf adapter supports "
+                   f"openrlhf>=0.10.4,<0.12 (tested: {tested_versions('openrlhf')}), found 0.12.0; the consequence.")
+    assert caught[0].filename == __file__  # stacklevel 1: this line, as warnings.warn's own stacklevel counts

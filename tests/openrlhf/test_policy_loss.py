@@ -425,3 +425,24 @@ def test_the_installed_api_is_the_one_tested(patched_policy_loss):
     from cfpo_loss.adapters.openrlhf import _patch_info
 
     assert _patch_info(patched_policy_loss)["api"] == API
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_every_openrlhf_return_value_of_the_metric_table_carries_its_core_metric(patched_policy_loss, objective):
+    """The adapters' one metric table (adapters/_metric_names.py) says which PolicyLoss.forward return value carries
+    which core metric; each is the core's value on the same tensors."""
+    from cfpo_loss.adapters._metric_names import framework_keys
+    from cfpo_loss.adapters.openrlhf import cfpo_policy_loss_forward
+
+    batch = make_batch(4)
+    loss_fn = patched_policy_loss(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type="cfpo")
+    out = cfpo_policy_loss_forward(loss_fn, batch["log_probs"], batch["old_log_probs"], batch["advantages"],
+                                   batch["action_mask"], objective=objective)  # fmt: skip
+    returned = dict(zip(["loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"], out))
+    core = cfpo_loss.compute_policy_loss(batch["log_probs"], batch["old_log_probs"], batch["advantages"],
+                                         batch["action_mask"], objective=objective, eps_low=0.2, eps_high=0.28)
+    keys = framework_keys("openrlhf")
+    assert keys and set(keys.values()) <= set(returned)
+    for name, key in keys.items():
+        torch.testing.assert_close(returned[key], core.metrics[name])
+    assert 0.05 < returned["clip_ratio"] < 0.95

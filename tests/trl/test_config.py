@@ -13,7 +13,7 @@ import trl
 from trl import GRPOConfig
 
 import cfpo_loss.adapters.trl as adapter
-from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer
+from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer, _guard
 from trl_helpers import prompt_dataset, reward_digits
 
 BASE = dict(per_device_train_batch_size=4, num_generations=4, report_to="none", use_cpu=True)
@@ -92,7 +92,7 @@ def test_trainer_rejects_config_mutated_after_construction(tmp_path):
 
 def test_guard_accepts_installed_trl():
     assert trl.__version__ == "1.16.0"
-    adapter._check_trl_version()  # no error
+    _guard.check_trl_version()  # no error
 
 
 @pytest.mark.parametrize("version", ["1.17.0", "1.15.2", "2.0.0"])
@@ -100,17 +100,17 @@ def test_guard_rejects_other_versions(monkeypatch, version):
     monkeypatch.setattr(adapter.trl, "__version__", version)
     monkeypatch.delenv("CFPO_LOSS_ALLOW_UNSUPPORTED_TRL", raising=False)
     with pytest.raises(ImportError, match=f"trl=={version} is outside the supported range"):
-        adapter._check_trl_version()
+        _guard.check_trl_version()
     monkeypatch.setenv("CFPO_LOSS_ALLOW_UNSUPPORTED_TRL", "1")
     with pytest.warns(RuntimeWarning, match="outside the supported range"):
-        adapter._check_trl_version()
+        _guard.check_trl_version()
 
 
 def test_guard_rejects_changed_loss_method(monkeypatch):
-    monkeypatch.setattr(adapter, "_MIRRORED_SHA256", "0" * 64)
+    monkeypatch.setitem(_guard.MIRRORED_SHA256, "GRPOTrainer", "0" * 64)
     monkeypatch.delenv("CFPO_LOSS_ALLOW_UNSUPPORTED_TRL", raising=False)
     with pytest.raises(ImportError, match="_compute_loss differs"):
-        adapter._check_trl_version()
+        _guard.check_trl_version()
 
 
 def test_import_fails_on_unsupported_trl():

@@ -316,3 +316,142 @@ def test_async_grpo_is_not_reached_and_refused(tmp_path):
     for cls, cfg in ((CFPOTrainer, "CFPOConfig or GRPOConfig"), (CFPORLOOTrainer, "CFPORLOOConfig or RLOOConfig")):
         with pytest.raises(TypeError, match=f"args must be a {cfg}, got AsyncGRPOConfig"):
             cls(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=args)
+
+
+# ---- sequence_ratio="mean": GSPO's length-normalised ratio, opt-in ---------------------------------------------------
+
+
+def _hand_objective(r, adv, objective, eps_low, eps_high):
+    """J(r, A) and dJ/dr in float64, written out here: cfpo r A - |A| / (2 eps) (r - 1)^2; clip min(r A, clip(r) A)."""
+    if objective == "cfpo":
+        eps = torch.where(adv > 0, torch.full_like(adv, eps_high), torch.full_like(adv, eps_low))
+        return r * adv - adv.abs() / (2 * eps) * (r - 1) ** 2, adv - adv.abs() / eps * (r - 1)
+    clipped = r.clamp(1 - eps_low, 1 + eps_high)
+    flat = ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & (r < 1 - eps_low))  # the clip bound is the minimum
+    return torch.minimum(r * adv, clipped * adv), torch.where(flat, 0.0, adv)
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_mean_sequence_ratio_is_gspo_the_core_and_the_paper_equation(tiny_model_dir, tokenizer, tmp_path, objective):
+    """sequence_ratio="mean": r_i = exp((sum_t m_it log pi_it - old_i) / |y_i|), GSPO's ratio, written out in float64;
+    it equals the core's ratio_level="sequence" ratio (compute_policy_loss with per-token old log-probs whose sum is
+    old_i), and the loss, its gradient w.r.t. TRL's per-token log-probs and the metrics are the objective's equation
+    on it, mean over sequences (for clip: GSPO's clipped objective on RLOO's advantages, not RLOOTrainer's loss)."""
+    from cfpo_loss import compute_policy_loss
+
+    trainer = _make(CFPORLOOTrainer, CFPORLOOConfig, tiny_model_dir, tokenizer, tmp_path, policy_objective=objective,
+                    sequence_ratio="mean")  # fmt: skip
+    assert trainer.sequence_ratio == "mean"
+    inputs = make_rloo_inputs(trainer, seed=8, noise=3.0)  # noise 3 on sums of up to 6 tokens: means on both sides
+    # the empty completion as RLOOTrainer leaves it (old sum 0, so r = 1); A = 0 there, because RLOO's mean over
+    # sequences counts its J(1, A) = A while the core's aggregation has no token for it
+    inputs["old_logps"][4], inputs["advantages"][4] = 0.0, 0.0
+    loss, logps, _ = _loss_step(trainer, inputs)
+    m = inputs["completion_mask"].double()
+    adv = inputs["advantages"].double()
+    n = m.sum(1).clamp(min=1)
+    r = torch.exp(((logps.detach().double() * m).sum(1) - inputs["old_logps"].double()) / n)
+    objective_value, djdr = _hand_objective(r, adv, objective, EPS_LOW, EPS_HIGH)
+    assert loss.item() == pytest.approx(-objective_value.mean().item(), rel=1e-6, abs=1e-7)
+    grad = -(djdr * r / n)[:, None] * m / len(r)
+    torch.testing.assert_close(logps.grad.double(), grad, atol=1e-6, rtol=1e-5)
+    # the core's sequence ratio on per-token old log-probs that sum to old_logps: the same r, loss and gradient
+    spread = ((logps.detach() * inputs["completion_mask"]).sum(1) - inputs["old_logps"]) / n.float()
+    old_per_token = logps.detach() - spread[:, None]
+    leaf = logps.detach().clone().requires_grad_(True)
+    core = compute_policy_loss(leaf, old_per_token, inputs["advantages"], inputs["completion_mask"].bool(),
+                               objective=objective, eps_low=EPS_LOW, eps_high=EPS_HIGH, ratio_level="sequence",
+                               agg="seq-mean-token-mean", global_batch_size=len(r))  # fmt: skip
+    core.loss.backward()
+    torch.testing.assert_close(core.ratio[:, 0].double(), r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(core.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, logps.grad, rtol=1e-4, atol=1e-6)
+    # metrics: on the mean ratio, per sequence
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    low, high = ((r < 1 - EPS_LOW) & (adv < 0)).double(), ((r > 1 + EPS_HIGH) & (adv > 0)).double()
+    expected = {"clip_ratio/low_mean": low.mean(), "clip_ratio/high_mean": high.mean(),
+                "clip_ratio/region_mean": (low + high).mean(), "cfpo/ratio_dev": (r - 1).abs().mean(),
+                "cfpo/ratio_max": r.max(), "cfpo/ratio_min": r.min()}  # fmt: skip
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert low.sum() > 0 and high.sum() > 0, "the mean ratio should leave the trust region on both sides here"
+    assert ("cfpo/penalty" in logged) == (objective == "cfpo")
+
+
+def test_every_trl_key_of_the_metric_table_carries_its_core_metric(tiny_model_dir, tokenizer, tmp_path):
+    """The adapters' one metric table (adapters/_metric_names.py) names the TRL key of each core metric: CFPORLOOTrainer
+    logs each of them as the core's metric of that name on its per-sequence ratios (the core run on one "token" per
+    sequence: log r_i against 0)."""
+    from cfpo_loss import compute_policy_loss
+    from cfpo_loss.adapters._metric_names import framework_keys
+
+    trainer = _make(CFPORLOOTrainer, CFPORLOOConfig, tiny_model_dir, tokenizer, tmp_path)
+    inputs = make_rloo_inputs(trainer, seed=7, noise=1.0)
+    _, logps, _ = _loss_step(trainer, inputs)
+    log_r = ((logps.detach() * inputs["completion_mask"]).sum(1) - inputs["old_logps"])[:, None]
+    core = compute_policy_loss(log_r, torch.zeros_like(log_r), inputs["advantages"], torch.ones_like(log_r).bool(),
+                               eps_low=EPS_LOW, eps_high=EPS_HIGH).metric_floats()  # fmt: skip
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    keys = framework_keys("trl")
+    assert set(keys) <= set(core) and set(keys.values()) <= set(logged)
+    for name, key in keys.items():
+        assert logged[key] == pytest.approx(core[name], rel=1e-5, abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("kw,warns", [
+    (dict(max_completion_length=8), True),  # cfpo on the summed ratio, beyond 4 tokens: the caveat
+    (dict(max_completion_length=None), True),  # as long as the model generates
+    (dict(max_completion_length=4), False),
+    (dict(max_completion_length=512, sequence_ratio="mean"), False),  # the opt-in
+    (dict(max_completion_length=512, policy_objective="clip"), False),  # RLOOTrainer's own loss
+], ids=["sum-8", "sum-None", "sum-4", "mean-512", "clip-512"])  # fmt: skip
+def test_long_completions_on_the_summed_ratio_warn_at_construction(tiny_model_dir, tokenizer, tmp_path, kw, warns):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _make(CFPORLOOTrainer, CFPORLOOConfig, tiny_model_dir, tokenizer, tmp_path, **kw)
+    ours = [w for w in caught if "summed sequence ratio" in str(w.message)]
+    assert len(ours) == warns, [str(w.message) for w in caught]
+    if warns:
+        (w,) = ours
+        assert w.category is UserWarning and "sequence_ratio='mean'" in str(w.message)
+        assert f"max_completion_length={kw['max_completion_length']}" in str(w.message)
+        assert w.filename == __file__ or "trl_helpers" in w.filename  # the user's line, not ours
+
+
+def test_plain_rloo_config_means_the_summed_ratio_and_warns(tiny_model_dir, tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="summed sequence ratio"):
+        trainer = _make(CFPORLOOTrainer, RLOOConfig, tiny_model_dir, tokenizer, tmp_path, max_completion_length=6)
+    assert trainer.sequence_ratio == "sum"
+
+
+@pytest.mark.parametrize("value", ["token", "SUM", "", None, 1])
+def test_bad_sequence_ratio_is_refused_by_name(tmp_path, value):
+    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
+        _cfg(tmp_path, sequence_ratio=value)
+    c = _cfg(tmp_path)
+    c.sequence_ratio = value  # mutated after construction: checked again by the trainer, before any model loads
+    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
+        CFPORLOOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=c)
+
+
+def test_the_switch_is_a_hunk_of_the_stored_patch():
+    """sequence_ratio="mean" lives in the mirrored method as a marked departure, so it is in the stored patch (which
+    test_trl_check holds to the code: TRL's text + patch == our method)."""
+    from cfpo_loss.adapters import trl_check
+
+    patch = trl_check.patch_path("RLOOTrainer").read_text(encoding="utf-8")
+    assert '+        if self.sequence_ratio == "mean":\n' in patch
+    assert "+            log_ratio = log_ratio / completion_mask.sum(1).clamp(min=1.0)\n" in patch
+
+
+def test_mean_ratio_trains(tiny_model_dir, tokenizer, tmp_path):
+    """A real train() with the opt-in: finite, the (mean) ratio leaves 1, and cfpo trains differently from the sum."""
+    trainer, logs = _train(CFPORLOOTrainer, CFPORLOOConfig, tiny_model_dir, tokenizer, tmp_path / "mean",
+                           sequence_ratio="mean", num_iterations=4)  # fmt: skip
+    assert trainer.sequence_ratio == "mean" and len(logs) == 8
+    for h in logs:
+        assert math.isfinite(h["loss"]) and all(math.isfinite(h[k]) for k in (*CFPO_METRICS, "cfpo/penalty")), h
+    assert max(h["cfpo/ratio_dev"] for h in logs) > 1e-3
+    _, sum_logs = _train(CFPORLOOTrainer, CFPORLOOConfig, tiny_model_dir, tokenizer, tmp_path / "sum", num_iterations=4)
+    assert logs[0]["loss"] == pytest.approx(sum_logs[0]["loss"], rel=1e-5, abs=1e-7)  # on-policy: r = 1 for both
+    assert any(h["loss"] != s["loss"] for h, s in zip(logs, sum_logs))

@@ -5,6 +5,7 @@ a TRL bump is a reviewed diff); the RLOO copy's departures from TRL's text are t
 from __future__ import annotations
 
 import inspect
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import pytest
 import trl
 from trl import GRPOTrainer, RLOOTrainer
 
-from cfpo_loss.adapters import trl as adapter
 from cfpo_loss.adapters import trl_check
+from cfpo_loss.adapters.trl import _guard
 from cfpo_loss.adapters._support import SUPPORTED
 
 
@@ -26,14 +27,14 @@ def _cli(*args):
 
 def test_stored_mirror_is_what_the_guard_pins_and_what_trl_ships():
     stored = trl_check.mirrored_source()
-    assert trl_check.sha256(stored) == adapter._MIRRORED_SHA256
+    assert trl_check.sha256(stored) == _guard.MIRRORED_SHA256["GRPOTrainer"]
     assert trl_check.MIRRORED_TRL_VERSION == trl.__version__ == SUPPORTED["trl"][0]
     assert stored == inspect.getsource(GRPOTrainer._compute_loss)
 
 
 def test_stored_rloo_mirror_is_what_the_guard_pins_and_what_trl_ships():
     stored = trl_check.mirrored_source("RLOOTrainer")
-    assert trl_check.sha256(stored) == adapter._RLOO_MIRRORED_SHA256
+    assert trl_check.sha256(stored) == _guard.MIRRORED_SHA256["RLOOTrainer"]
     assert stored == inspect.getsource(RLOOTrainer._compute_loss)
 
 
@@ -41,10 +42,10 @@ def test_installed_trl_matches():
     proc = _cli()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"MATCH: installed trl {trl.__version__} GRPOTrainer._compute_loss: sha256 "
-                                  f"{adapter._MIRRORED_SHA256}")  # fmt: skip
+                                  f"{_guard.MIRRORED_SHA256['GRPOTrainer']}")  # fmt: skip
     assert (f"\nMATCH: installed trl {trl.__version__} RLOOTrainer._compute_loss: sha256 "
-            f"{adapter._RLOO_MIRRORED_SHA256}\n  is exactly the trl 1.16.0 text that CFPORLOOTrainer._compute_loss "
-            "mirrors") in proc.stdout  # fmt: skip
+            f"{_guard.MIRRORED_SHA256['RLOOTrainer']}\n  is exactly the trl 1.16.0 text that "
+            "CFPORLOOTrainer._compute_loss mirrors") in proc.stdout  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", [GRPOTrainer, RLOOTrainer])
@@ -126,12 +127,12 @@ def test_a_trl_folder_checks_both_methods(tmp_path):
 
 
 def test_stored_rloo_patch_is_the_code():
-    """trl_mirror/RLOOTrainer._compute_loss.patch is exactly the diff from TRL's text to CFPORLOOTrainer._compute_loss:
+    """mirror/RLOOTrainer._compute_loss.patch is exactly the diff from TRL's text to CFPORLOOTrainer._compute_loss:
     a departure added to the code without the patch (or the reverse) fails here."""
     stored = trl_check.patch_path("RLOOTrainer").read_text(encoding="utf-8")
     assert stored == trl_check.departures_patch("RLOOTrainer")
     assert stored.count("\n@@ ") + stored.startswith("@@ ") == 3  # three small hunks: docstring, objective, metrics
-    code = Path(adapter.__file__).read_text(encoding="utf-8")
+    code = (Path(_guard.__file__).parent / "_rloo_mirror.py").read_text(encoding="utf-8")
     changed = code.replace("        loss = per_sequence_loss.mean()\n", "        loss = per_sequence_loss.sum()\n", 1)
     assert changed != code and trl_check.departures_patch("RLOOTrainer", changed) != stored
 
@@ -143,13 +144,75 @@ def test_update_stores_the_installed_texts(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "RLOOTrainer._compute_loss.txt").read_text() == inspect.getsource(RLOOTrainer._compute_loss)
     assert (tmp_path / "RLOOTrainer._compute_loss.patch").read_text() == trl_check.departures_patch("RLOOTrainer")
     out = capsys.readouterr().out
-    assert adapter._MIRRORED_SHA256 in out and adapter._RLOO_MIRRORED_SHA256 in out
+    assert all(pin in out for pin in _guard.MIRRORED_SHA256.values())
 
 
-@pytest.mark.parametrize("pin,method", [("_MIRRORED_SHA256", "GRPOTrainer"), ("_RLOO_MIRRORED_SHA256", "RLOOTrainer")])
-def test_guard_error_points_at_the_check(monkeypatch, pin, method):
-    monkeypatch.setattr(adapter, pin, "0" * 64)
+@pytest.mark.parametrize("method", ["GRPOTrainer", "RLOOTrainer"])
+def test_guard_error_points_at_the_check(monkeypatch, method):
+    monkeypatch.setitem(_guard.MIRRORED_SHA256, method, "0" * 64)
     monkeypatch.delenv("CFPO_LOSS_ALLOW_UNSUPPORTED_TRL", raising=False)
     expected = rf"trl\.{method}\._compute_loss differs .*python -m cfpo_loss.adapters.trl_check"
     with pytest.raises(ImportError, match=expected):
-        adapter._check_trl_version()
+        _guard.check_trl_version()
+
+
+# ---- the patches: our method is TRL's text plus the stored patch -----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,hunks", [("GRPOTrainer", 3), ("RLOOTrainer", 3)])
+def test_our_method_is_trl_text_plus_the_stored_patch(cls, hunks):
+    """mirror/<Class>._compute_loss.patch applied to TRL's stored text gives exactly the adapter's method (read from
+    its module, not imported), and is the canonical diff --update writes: a line changed in the method without the
+    patch, or the reverse, fails here. GRPO: docstring + fused hand-over, objective, metrics; RLOO: docstring,
+    objective, metrics."""
+    stored = trl_check.patch_path(cls).read_text(encoding="utf-8")
+    ours = trl_check.adapter_source(cls)
+    assert ours.startswith("    def _compute_loss(self, model, inputs):\n")
+    assert trl_check.apply_patch(trl_check.mirrored_source(cls), stored) == ours
+    assert trl_check.apply_patch(inspect.getsource(getattr(trl, cls)._compute_loss), stored) == ours
+    assert stored == trl_check.departures_patch(cls)
+    assert len(re.findall(r"^@@ ", stored, flags=re.M)) == hunks
+    # every line we add says why: a "# CFPO:" comment or the docstring pointing at them sits in each hunk
+    for hunk in re.split(r"^@@ .*\n", stored, flags=re.M)[1:]:
+        assert "CFPO" in hunk, hunk
+
+
+def test_apply_patch_finds_moved_hunks_and_names_one_that_does_not_apply():
+    """The bump step: TRL's new text with lines inserted above a hunk still takes the patch (the hunk is found where
+    its lines moved, as `patch` does); a change inside a hunk's lines makes it fail by name, never a silent merge."""
+    cls = "RLOOTrainer"
+    patch = trl_check.patch_path(cls).read_text(encoding="utf-8")
+    text = trl_check.mirrored_source(cls)
+    anchor = "        logps = (per_token_logps * completion_mask).sum(1)"
+    inserted = "        # a new TRL comment\n        # over two lines\n"
+    shifted = text.replace(anchor, inserted + anchor, 1)
+    assert shifted != text
+    ours = trl_check.apply_patch(shifted, patch)
+    assert ours == trl_check.adapter_source(cls).replace(anchor, inserted + anchor, 1)
+    old_line = "        coef_1 = torch.exp(log_ratio)\n"
+    conflicting = text.replace(old_line, "        coef_1 = torch.exp(log_ratio.clamp(max=20))\n")
+    assert conflicting != text
+    with pytest.raises(ValueError, match=r"hunk 2 \(@@ -\d+,\d+ \+\d+,\d+ @@\) does not apply"):
+        trl_check.apply_patch(conflicting, patch)
+
+
+def test_apply_cli_prints_the_new_method(tmp_path):
+    """--apply on a newer TRL (simulated: two lines inserted into GRPOTrainer._compute_loss): the new CFPOTrainer
+    method, exit 0; with a line changed inside a hunk: DOES NOT APPLY naming the hunk, exit 1."""
+    with open(inspect.getsourcefile(GRPOTrainer), encoding="utf-8") as f:
+        text = f.read()
+    anchor = "        if self.top_entropy_quantile < 1.0:\n"
+    assert text.count(anchor) == 1
+    new_file = tmp_path / "grpo_trainer.py"
+    new_file.write_text(text.replace(anchor, "        x = 1  # new in TRL\n" + anchor))
+    proc = _cli("--source", str(new_file), "--apply")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = trl_check.adapter_source("GRPOTrainer").replace(anchor, "        x = 1  # new in TRL\n" + anchor)
+    assert proc.stdout == (f"APPLIED: {new_file} GRPOTrainer._compute_loss + GRPOTrainer._compute_loss.patch, the new "
+                           "CFPOTrainer._compute_loss (for cfpo_loss/adapters/trl/_grpo_mirror.py):\n" + expected)
+    old = "        # Log the metrics\n        def masked_seq_mean(x):\n"
+    assert text.count(old) == 1
+    new_file.write_text(text.replace(old, "        # Log the metrics (new)\n        def masked_seq_mean(x):\n"))
+    proc = _cli("--source", str(new_file), "--apply")
+    assert proc.returncode == 1 and proc.stdout.startswith(f"DOES NOT APPLY: {new_file} GRPOTrainer._compute_loss")
+    assert "hunk 3" in proc.stdout and "_grpo_mirror.py" in proc.stdout

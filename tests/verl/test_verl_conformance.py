@@ -194,3 +194,23 @@ def test_bad_arguments_are_named():
         fn(old, new, adv, mask, "token-mean", actor_config(global_batch_info={"dp": 2}), None)
     with pytest.raises(ValueError, match="advantages"):
         fn(old, new, adv[:, :2], mask, "token-mean", actor_config(), None)
+
+
+@pytest.mark.parametrize("objective", ["cfpo", "clip"])
+def test_every_verl_key_of_the_metric_table_carries_its_core_metric(objective):
+    """The adapters' one metric table (adapters/_metric_names.py) says which verl key carries which core metric: the
+    loss returns exactly those keys plus every core metric under actor/cfpo/, each the core's value on the same
+    tensors (a key the objective has no metric for, pg_clipfrac_lower with cfpo, is 0.0)."""
+    from cfpo_loss import compute_policy_loss
+    from cfpo_loss.adapters._metric_names import EVERY_CORE_METRIC, framework_keys
+
+    old, new, adv, mask, _ = make_batch(seed=1)
+    cfg = actor_config("vanilla")
+    _, m = make_policy_loss(objective)(old, new, adv, mask, "token-mean", cfg, None)
+    core = compute_policy_loss(new, old, adv, mask, objective=objective, eps_low=cfg.clip_ratio_low,
+                               eps_high=cfg.clip_ratio_high, dual_clip=cfg.clip_ratio_c).metric_floats()  # fmt: skip
+    keys = framework_keys("verl")
+    assert set(m) == set(keys.values()) | {EVERY_CORE_METRIC["verl"] + name for name in core}
+    for name, key in keys.items():
+        assert m[key] == core.get(name, 0.0), (name, key)
+    assert m["actor/pg_clipfrac"] > 0 and (m["actor/pg_clipfrac_lower"] > 0) == (objective == "clip")

@@ -1,14 +1,17 @@
 """Which framework versions each adapter is written and tested against (one table for all adapters).
 
 The adapters hook into framework internals (TRL's `_compute_loss`, verl's loss registry, OpenRLHF's
-`PolicyLoss`), so a version outside these ranges is refused or warned about, never silently trusted.
+`PolicyLoss`), so a version outside these ranges is refused or warned about, never silently trusted:
+`warn_if_unsupported` is the one warning (verl, OpenRLHF); TRL's import guard refuses with the same range.
 `TESTED` lists the releases CI runs the adapter tests against (noxfile.py reads it): every supported
-minor line has at least its latest patch there.
+minor line has at least its latest patch there. Standard library only (noxfile.py loads this file alone).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from importlib import metadata
 
 #: distribution name -> (lowest supported version, first unsupported version)
@@ -62,3 +65,19 @@ def supported_range(dist: str) -> str:
 
 def tested_versions(dist: str) -> str:
     return ", ".join(TESTED[dist])
+
+
+def warn_if_unsupported(dist: str, version: str | None, consequence: str, *, logger: logging.Logger | None = None,
+                        stacklevel: int = 2) -> str | None:
+    """Warn (RuntimeWarning, and on ``logger`` at WARNING) when ``version`` of ``dist`` (the installed one, passed by
+    the adapter) lies outside ``SUPPORTED``, naming the range, the tested releases and ``consequence`` (what the
+    adapter does anyway). Returns the message; None for a supported or absent (None) version. ``stacklevel`` counts
+    as ``warnings.warn``'s does, from the caller of this function (2: the caller's caller)."""
+    if version is None or is_supported(dist, version):
+        return None
+    msg = (f"cfpo_loss: {dist} {version} is outside the supported range: the {dist} adapter supports "
+           f"{dist}{supported_range(dist)} (tested: {tested_versions(dist)}), found {version}; {consequence}")
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
+    if logger is not None:
+        logger.warning(msg)
+    return msg

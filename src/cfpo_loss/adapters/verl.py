@@ -97,6 +97,8 @@ import traceback
 import warnings
 from typing import Any, Callable
 
+from ._metric_names import EVERY_CORE_METRIC, framework_keys
+
 __all__ = [
     "LOSS_NAMES",
     "ENTRY_POINT_NAME",
@@ -132,6 +134,9 @@ HYDRA_OVERRIDE = f"+ray_kwargs.ray_init.runtime_env.env_vars.{EXTERNAL_MODULES_E
 #: attribute set on our loss functions, so re-registration can tell ours from someone else's
 _MARK = "__cfpo_loss_plugin__"
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+#: core metric -> verl's key (actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower), and the prefix of the rest
+_VERL_KEYS = framework_keys("verl")
+_EVERY_CORE_METRIC = EVERY_CORE_METRIC["verl"]
 
 _state: dict[str, Any] = {"error": None}
 
@@ -223,12 +228,9 @@ def make_policy_loss(objective: str = "cfpo", ratio_level: str = "token", name: 
         # floats already on the host: the loss's one device sync (its finite check) brought them along
         # (verl's own losses call .item() on each)
         values = out.metric_floats()
-        metrics = {
-            "actor/pg_clipfrac": values["tr_exit_frac"],
-            "actor/ppo_kl": values["approx_kl_k1"],
-            "actor/pg_clipfrac_lower": values.get("dual_clip_frac", 0.0),
-        }
-        metrics.update({f"actor/cfpo/{k}": v for k, v in values.items()})
+        # verl's own keys (0.0 for one the objective does not compute: cfpo has no dual clip), then every core metric
+        metrics = {key: values.get(name, 0.0) for name, key in _VERL_KEYS.items()}
+        metrics.update({f"{_EVERY_CORE_METRIC}{k}": v for k, v in values.items()})
         metrics.update(rollout_metrics)
         return out.loss, metrics
 
@@ -517,17 +519,10 @@ def registration_error() -> str | None:
 
 
 def _register_at_import() -> None:
-    from ._support import is_supported, supported_range, tested_versions
+    from ._support import supported_range, tested_versions, warn_if_unsupported
 
-    version = _verl_version()
-    if version is not None and not is_supported("verl", version):
-        msg = (
-            f"cfpo_loss: verl {version} is outside the range the verl adapter supports "
-            f"(verl{supported_range('verl')}; tested: {tested_versions('verl')}); registering {LOSS_NAMES} anyway, "
-            "but its loss signature and agg_loss are not known to match."
-        )
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        _LOG.warning(msg)
+    consequence = f"registering {LOSS_NAMES} anyway, but its loss signature and agg_loss are not known to match."
+    warn_if_unsupported("verl", _verl_version(), consequence, logger=_LOG)
     try:
         register()
         _state["error"] = None

@@ -65,7 +65,8 @@ import torch
 
 from ... import compute_policy_loss
 from ..._checks import check_eps
-from .._support import installed_version, is_supported, supported_range, tested_versions
+from .._metric_names import framework_keys
+from .._support import installed_version, supported_range, tested_versions, warn_if_unsupported
 
 __all__ = [
     "CFPO_LOSS_TYPES",
@@ -79,6 +80,8 @@ __all__ = [
 #: the policy_loss_type values this adapter adds -> the core's ratio_level
 CFPO_LOSS_TYPES = {"cfpo": "token", "cfpo_seq": "sequence"}
 
+#: core metric -> the name of the PolicyLoss.forward return value that carries it (the adapters' one table)
+_RETURN_VALUES = framework_keys("openrlhf")
 _MARK = "__cfpo_loss_patch__"
 # PolicyLoss's parameters this adapter reads; a PolicyLoss without them is a different OpenRLHF API
 _INIT_PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip", "token_level_loss", "policy_loss_type")
@@ -107,15 +110,8 @@ def install() -> None:
 
     Imports ``openrlhf.models`` (and so DeepSpeed) now; ``install_on_import()`` waits for that import.
     """
-    version = installed_version("openrlhf")
-    if version is not None and not is_supported("openrlhf", version):
-        warnings.warn(
-            f"cfpo_loss's OpenRLHF adapter supports openrlhf{supported_range('openrlhf')} (tested: "
-            f"{tested_versions('openrlhf')}), found {version}; PolicyLoss's signature is checked, its semantics "
-            "are not",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_unsupported("openrlhf", installed_version("openrlhf"), "PolicyLoss's signature is checked, its semantics "
+                        "are not")
     from openrlhf.models import loss as loss_module
 
     patch_policy_loss_class(loss_module.PolicyLoss)
@@ -289,7 +285,8 @@ def cfpo_policy_loss_forward(
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
     )
-    clip_ratio = out.metrics["tr_exit_frac"]
+    returned = {key: out.metrics[name] for name, key in _RETURN_VALUES.items()}
+    clip_ratio = returned["clip_ratio"]
     ppo_kl = _masked_mean((old_log_probs - log_probs).detach().float(), mask)
     loss_fn.cfpo_metrics = dict(out.metrics)
     if info["api"] == "vllm_is":  # OpenRLHF < 0.11.2 returns four values
