@@ -68,7 +68,7 @@ __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 #: logits matmul (tokens × H) @ (H × V) measurably less efficient on CPU (short M dimension).
 _CPU_TILE_ELEMENTS = 2**25
 #: CUDA: the tile (input dtype) may take this share of the free device memory, at most _GPU_TILE_BYTES;
-#: 4096 tokens × the whole vocabulary measured fastest on an H100 (1.2 GB at V=152k bf16; benchmarks/README.md)
+#: at most 4096 tokens × the whole vocabulary (1.2 GB at V=152k bf16): the block benchmarks/README.md measured on an H200
 _GPU_TILE_SHARE, _GPU_TILE_BYTES = 1 / 16, 1536 * 2**20
 
 

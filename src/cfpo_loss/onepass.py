@@ -47,8 +47,8 @@ class Select:
     """``torch.where(mask, x, fill)``; on CPU as integer bit operations on float32/float64 bits.
 
     Like ``where`` (and unlike ``x * mask``), NaN or inf at masked positions cannot leak through: the bits
-    there are replaced, not multiplied. On CPU ``where`` with a bool condition measured about 20x slower
-    than one vectorised AND (226 µs against 17 µs on 64x4096 fp32), and a policy loss needs several selects.
+    there are replaced, not multiplied. On CPU ``where`` with a bool condition is much slower than one
+    vectorised AND (benchmarks/README.md, "What made the eager path fast"), and a policy loss needs several selects.
     On a GPU both are one memory-bound kernel, and the bit mask costs extra launches (and a host-to-device
     copy per fill value), so there, and under torch.compile (whose fused kernel selects for free), it is
     plain ``where``. No autograd (used inside the forward below).
@@ -177,8 +177,8 @@ class CompiledResult(NamedTuple):
 
 def loss_and_grad(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> CompiledResult:
     """policy_terms with the aggregation's row weight folded in: the loss and its gradient w.r.t. log_prob.
-    ``mask`` may come as floats (0/1): compiled CPU kernels load a float mask several times faster than a
-    bool one (measured 0.10 against 0.28 ms for the same loss at 64x4096), so ``compiled_policy_loss`` passes one."""
+    ``mask`` may come as floats (0/1): compiled CPU kernels load a float mask faster than a bool one
+    (benchmarks/README.md), so ``compiled_policy_loss`` passes one."""
     if mask.dtype != torch.bool:
         mask = mask > 0
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
