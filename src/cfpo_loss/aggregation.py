@@ -14,12 +14,32 @@ Sequences with no valid token are excluded from N_seqs; an all-masked batch give
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ._checks import check_choice
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """What a data-parallel loss must know about the whole batch, beyond its own shard (all optional).
+
+    dp_size             data-parallel ranks whose gradients are averaged (the loss is multiplied by it)
+    batch_num_tokens    valid tokens in the global batch (token-mean)
+    global_batch_size   sequences in the global batch (seq-mean-* modes)
+    loss_scale_factor   the divisor of seq-mean-token-sum-norm (default: T, the padded length)
+
+    verl passes these as ``config.global_batch_info``, OpenRLHF as ``PolicyLoss.forward`` arguments.
+    """
+
+    dp_size: int = 1
+    batch_num_tokens: float | Tensor | None = None
+    global_batch_size: float | Tensor | None = None
+    loss_scale_factor: float | None = None
 
 
 def aggregate_loss(
@@ -42,46 +62,34 @@ def aggregate_loss(
             f"{tuple(per_token_loss.shape)} and {tuple(mask.shape)}"
         )
     mask = mask.bool() if mask.dtype != torch.bool else mask
-    scale = aggregation_scale(
-        mask,
-        mode,
-        dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size,
-        loss_scale_factor=loss_scale_factor,
-        dtype=per_token_loss.dtype,
-    )
+    global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    row_weight = row_weights(mask, mode, global_batch, dtype=per_token_loss.dtype)
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=mask.device)
-    return weighted_row_sum(torch.where(mask, per_token_loss, zero), scale)
+    return weighted_row_sum(torch.where(mask, per_token_loss, zero), row_weight)
 
 
-def weighted_row_sum(per_token_loss: Tensor, scale: Tensor) -> Tensor:
-    """Σ_b w_b · Σ_t ℓ_bt for a per-token loss already 0 at masked positions, w from ``aggregation_scale``."""
-    return (per_token_loss.sum(-1, keepdim=True) * scale).sum()
+def weighted_row_sum(per_token_loss: Tensor, row_weight: Tensor) -> Tensor:
+    """Σ_b w_b · Σ_t ℓ_bt for a per-token loss already 0 at masked positions, w from ``row_weights``."""
+    return (per_token_loss.sum(-1, keepdim=True) * row_weight).sum()
 
 
-def aggregation_scale(
-    mask: Tensor,
-    mode: str,
-    *,
-    dp_size: int = 1,
-    batch_num_tokens: float | Tensor | None = None,
-    global_batch_size: float | Tensor | None = None,
-    loss_scale_factor: float | None = None,
-    dtype: torch.dtype = torch.float32,
+def row_weights(
+    mask: Tensor, mode: str, global_batch: GlobalBatch = GlobalBatch(), *, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """The weight w (B, 1) with loss = Σ_valid ℓ_bt · w_b: every mode above is a per-row weight.
+    """The row weight w (B, 1) with loss = Σ_b w_b Σ_t ℓ_bt over valid tokens: every mode above is one.
 
-    Known before any per-token loss is, which is what lets the fast and fused paths write each
+    Known before any per-token loss is, which is what lets the compiled and fused paths write each
     token's gradient in one pass.
     """
     check_choice("agg", mode, AGG_MODES)
+    dp_size = global_batch.dp_size
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
     ones = torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device)
     if mode == "token-sum":
         return ones * dp_size
     if mode == "token-mean":
+        batch_num_tokens = global_batch.batch_num_tokens
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
@@ -90,21 +98,23 @@ def aggregation_scale(
             batch_num_tokens = _check_positive("batch_num_tokens", batch_num_tokens, dtype)
         return ones * (dp_size / batch_num_tokens)
     tokens_per_seq = mask.sum(dim=-1, keepdim=True).to(dtype)
+    global_batch_size = global_batch.global_batch_size
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError("global_batch_size (the global count of sequences) is required when dp_size > 1")
         global_batch_size = (tokens_per_seq > 0).sum().clamp(min=1).to(dtype)
     else:
         global_batch_size = _check_positive("global_batch_size", global_batch_size, dtype)
-    scale = ones * (dp_size / global_batch_size)
+    row_weight = ones * (dp_size / global_batch_size)
     if mode == "seq-mean-token-mean":
-        scale = scale / tokens_per_seq.clamp(min=1)
+        row_weight = row_weight / tokens_per_seq.clamp(min=1)
     elif mode == "seq-mean-token-sum-norm":
+        loss_scale_factor = global_batch.loss_scale_factor
         if loss_scale_factor is None:
             loss_scale_factor = mask.shape[-1]
         _check_positive("loss_scale_factor", loss_scale_factor)
-        scale = scale / loss_scale_factor
-    return scale
+        row_weight = row_weight / loss_scale_factor
+    return row_weight
 
 
 def _check_positive(name: str, value, dtype: torch.dtype = torch.float32):

@@ -8,10 +8,10 @@ equals, in value and in gradient w.r.t. ``hidden``, ``lm_head_weight`` and ``lm_
     log_prob = log_softmax(logits.float()).gather(-1, target_ids)
     compute_policy_loss(log_prob, old_log_prob, advantages, mask, ...)   (+ beta · k3 KL, as TRL)
 
-How (one pass, three GEMMs, no recompute). The aggregation is linear in the per-token loss, L = Σ c_t ℓ_t,
-and its coefficients c_t depend only on the mask (and the global counts the caller passes), so they are
-known before the pass (``aggregation.aggregation_scale``). Then, for each block of valid tokens (padding
-is skipped entirely), with no host synchronisation inside the loop:
+How (one pass, three GEMMs, no recompute). The aggregation is linear in the per-token loss,
+L = Σ_b w_b Σ_t ℓ_bt, and its row weights w_b depend only on the mask and the global counts the caller passes
+(``aggregation.row_weights``), so they are known before the pass. Then, for each block of valid tokens
+(padding is skipped entirely), with no host synchronisation inside the loop:
 
     z = h_blk @ W.T (+ b)                                  GEMM 1: one (n, V) tile
     log-softmax statistics, target log-probs               the fold's forward, in fp32
@@ -22,7 +22,12 @@ is skipped entirely), with no host synchronisation inside the loop:
 
 The returned loss, metrics and ratio are the core's ``compute_policy_loss`` on the gathered log-probs.
 
-Two folds, one per device, each a small class with the same two methods (``TileFold``):
+The file reads top-down: the entry point; the plan (every check, once, before the pass); the layout (which
+valid tokens form each block); the pass and one block's step; the folds; the fp32 accumulation; the KL term;
+the autograd wrapper that hands the precomputed gradients back.
+
+Two folds, one per device, behind one protocol (``Fold``: ``forward`` gives a tile's log-softmax statistics,
+``backward_`` writes dL/dz over the tile, ``policy_grad`` is the per-token pass the device runs):
 
 * ``InPlaceFold`` (CPU): an fp32 tile; exp(z − max) is written over the tile in the forward and turned
   into dL/dz in the backward, in place. Fewest passes over memory, which is what a CPU is bound by.
@@ -47,14 +52,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_float, check_positive_int, check_tensor
-from .aggregation import AGG_MODES, aggregate_loss, aggregation_scale
-from .loss import PolicyLossOutput, check_batch, compute_policy_loss, pass_options
+from .aggregation import AGG_MODES, GlobalBatch, aggregate_loss, row_weights
+from .loss import Batch, PolicyLossOutput, check_batch, compute_policy_loss, pass_options
 from .onepass import PassOptions, compiled_policy_grad, policy_grad
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
@@ -63,200 +68,11 @@ __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 #: logits matmul (tokens × H) @ (H × V) measurably less efficient on CPU (short M dimension).
 _CPU_TILE_ELEMENTS = 2**25
 #: CUDA: the tile (input dtype) may take this share of the free device memory, at most _GPU_TILE_BYTES;
-#: 4096 tokens × the whole vocabulary was the fastest block in DESIGN §4c's prototype (1.2 GB at V=152k bf16)
+#: at most 4096 tokens × the whole vocabulary (1.2 GB at V=152k bf16): the block benchmarks/README.md measured on an H200
 _GPU_TILE_SHARE, _GPU_TILE_BYTES = 1 / 16, 1536 * 2**20
 
 
-def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu") -> int:
-    """Valid tokens per block. CPU: one fp32 (tokens × V) tile of about 128 MiB, clamped to [64, 4096].
-    CUDA: a tile in ``dtype`` of at most 1.5 GiB and 1/16 of the free device memory, clamped to
-    [128, 4096] and rounded down to a multiple of 128 (GEMM-friendly)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return int(min(4096, max(64, _CPU_TILE_ELEMENTS // max(1, vocab_size))))
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = min(_GPU_TILE_BYTES, free * _GPU_TILE_SHARE)
-    tokens = int(budget // (max(1, vocab_size) * torch.finfo(dtype).bits // 8))
-    return max(128, min(4096, tokens) // 128 * 128)
-
-
-# ---- the tile step: log-softmax statistics forward, dL/dz backward ----------------------------------------
-
-
-class TileStats(NamedTuple):
-    log_prob: Tensor  # (n,) log softmax(z / T)[target], compute dtype
-    entropy: Tensor | None  # (n,) entropy of softmax(z / T), if asked for
-    aux: Tensor  # what the backward needs: Σ exp(z/T − max) (in-place fold) or logsumexp(z/T) (compiled)
-
-
-def fold_forward(z: Tensor, target: Tensor, temperature: float, entropy: bool):
-    """(logsumexp(z/T), (z/T)[target], entropy or None) per row, in fp32 (fp64 for fp64 z); z unchanged."""
-    zf = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32) / temperature
-    lse = torch.logsumexp(zf, -1)
-    z_target = zf.gather(-1, target[:, None])[:, 0]
-    ent = lse - (torch.exp(zf - lse[:, None]) * zf).sum(-1) if entropy else None
-    return lse, z_target, ent
-
-
-def fold_backward_(z: Tensor, target: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor:
-    """z := g · (onehot(target) − softmax(z/T)) / T, computed in fp32, stored in z's dtype, in place."""
-    zf = z.to(lse.dtype) / temperature
-    p = torch.exp(zf - lse[:, None])
-    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == target[:, None]
-    return z.copy_(((onehot.to(p.dtype) - p) * (g / temperature)[:, None]).to(z.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=None)
-
-
-class CompiledFold:
-    """The tile in the input dtype; the two folds compiled (``compile=False``: their eager torch twins)."""
-
-    def __init__(self, compile: bool = True):
-        self.compile = compile
-
-    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return input_dtype
-
-    def forward(self, z, target, temperature, entropy) -> TileStats:
-        fn = _compiled(fold_forward) if self.compile else fold_forward
-        lse, z_target, ent = fn(z, target, temperature, entropy)
-        return TileStats(z_target - lse, ent, lse)
-
-    def backward_(self, z, target, stats: TileStats, g, temperature) -> Tensor:
-        fn = _compiled(fold_backward_) if self.compile else fold_backward_
-        return fn(z, target, stats.aux, g.to(stats.aux.dtype), temperature)
-
-
-class InPlaceFold:
-    """The tile in fp32 (fp64 for fp64 inputs); softmax and its gradient written over it in place."""
-
-    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if input_dtype == torch.float64 else torch.float32
-
-    def forward(self, z, target, temperature, entropy) -> TileStats:
-        if temperature != 1.0:
-            z.div_(temperature)
-        z_target = z.gather(1, target[:, None])[:, 0]
-        z_max = z.amax(1)
-        z.sub_(z_max[:, None]).exp_()  # z := exp(z − max)
-        sum_exp = z.sum(1)
-        log_sum = sum_exp.log()
-        ent = log_sum - torch.xlogy(z, z).sum(1) / sum_exp if entropy else None  # H = log Σe − Σ e·log e / Σe
-        return TileStats(z_target - z_max - log_sum, ent, sum_exp)
-
-    def backward_(self, z, target, stats: TileStats, g, temperature) -> Tensor:
-        g = g.to(z.dtype) / temperature
-        z.mul_((-g / stats.aux)[:, None])  # −g·softmax
-        return z.scatter_add_(1, target[:, None], g[:, None])  # + g·onehot
-
-
-def default_fold(device: torch.device):
-    """CUDA: compiled folds on an input-dtype tile; elsewhere the in-place fp32 fold (measured faster on CPU)."""
-    return CompiledFold() if device.type == "cuda" else InPlaceFold()
-
-
-# ---- fp32 accumulation of a low-precision GEMM (GPU branch + its CPU twin) ----------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def has_out_dtype_addmm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` runs for ``dtype`` a, b here
-    (torch >= 2.8 on CUDA for bf16/fp16; not on CPU)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
-        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool(acc[0, 0] == 2)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with the product accumulated in acc's dtype, never rounded to a's dtype first.
-    GPU: one low-precision GEMM writing fp32 (``out_dtype``); elsewhere: the same GEMM on fp32 copies."""
-    if a.dtype == b.dtype != acc.dtype and has_out_dtype_addmm(acc.device.type, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-# ---- the plan: every check, once, before the pass ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FusedPlan:
-    bsz: int
-    seq: int
-    options: PassOptions  # the per-block pass (no metrics)
-    policy_kw: dict  # objective / eps / dual_clip / ratio_level / agg / weights / global info for the final call
-    agg_kw: dict
-    old_log_prob: Tensor | None
-    advantages: Tensor  # (B, T)
-    mask: Tensor  # bool (B, T)
-    weights: Tensor | None
-    ref_log_prob: Tensor | None  # only when beta > 0
-    beta: float
-    temperature: float
-    chunk_size: int
-    check_finite: bool
-    compute_entropy: bool
-    compute_dtype: torch.dtype
-
-
-def _plan(hidden, weight, bias, target_ids, old_log_prob, advantages, mask, *, objective, eps_low, eps_high, dual_clip,
-          agg, ratio_level, weights, chunk_size, temperature, ref_log_prob, beta, check_finite, compute_entropy,
-          agg_kw) -> FusedPlan:
-    """Validate every argument (shape, dtype, device, range) without touching the vocabulary dimension."""
-    options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
-    check_choice("agg", agg, AGG_MODES)
-    check_tensor("hidden", hidden)
-    check_tensor("lm_head_weight", weight)
-    check_tensor("target_ids", target_ids, floating=False)
-    if weight.dim() != 2:
-        raise ValueError(f"lm_head_weight must be (V, H), got shape {tuple(weight.shape)}")
-    vocab, width = weight.shape
-    if target_ids.dim() != 2:
-        raise ValueError(f"target_ids must be (B, T), got shape {tuple(target_ids.shape)}")
-    if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
-        raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
-    bsz, seq = target_ids.shape
-    want = {3: (bsz, seq, width), 2: (bsz * seq, width)}.get(hidden.dim())
-    if want is None or hidden.shape != want:
-        raise ValueError(f"hidden must be (B, T, H) = {(bsz, seq, width)} or (B*T, H) = {(bsz * seq, width)} to match "
-                         f"target_ids (B, T) and lm_head_weight (V, H), got {tuple(hidden.shape)}")
-    device = hidden.device
-    for name, t in (("lm_head_weight", weight), ("lm_head_bias", bias)):
-        if t is not None and (t.dtype != hidden.dtype or t.device != device):
-            raise TypeError(f"{name} must match hidden's dtype/device ({hidden.dtype}, {device}), "
-                            f"got ({t.dtype}, {t.device})")
-    if target_ids.device != device:
-        raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {device}")
-    if bias is not None and bias.shape != (vocab,):
-        raise ValueError(f"lm_head_bias must be (V,) = ({vocab},), got {tuple(bias.shape)}")
-    chunk_size = default_chunk_size(vocab, hidden.dtype, device) if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
-    temperature = check_float("temperature", temperature, above=0.0)
-    beta = check_float("beta", beta, at_least=0.0)
-    if beta > 0:
-        if ref_log_prob is None:
-            raise ValueError("ref_log_prob is required when beta > 0")
-        check_tensor("ref_log_prob", ref_log_prob)
-        if ref_log_prob.shape != (bsz, seq) or ref_log_prob.device != device:
-            raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
-                             f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}")
-    old_log_prob, advantages, mask, weights, dtype, _ = check_batch(
-        (bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
-    aggregation_scale(mask, agg, **agg_kw)  # validates dp_size and the global counts
-    policy_kw = dict(objective=options.objective, eps_low=options.eps_low, eps_high=options.eps_high,
-                     dual_clip=options.dual_clip, ratio_level=ratio_level, agg=agg, weights=weights, **agg_kw)
-    return FusedPlan(bsz, seq, options, policy_kw, agg_kw, old_log_prob, advantages, mask, weights,
-                     ref_log_prob.to(dtype) if beta > 0 else None, beta, temperature, chunk_size,
-                     bool(check_finite), bool(compute_entropy), dtype)
+# ---- the entry point ----------------------------------------------------------------------------------------
 
 
 def fused_linear_policy_loss(
@@ -314,170 +130,552 @@ def fused_linear_policy_loss(
         ``compute_policy_loss`` on the same log-probs; ``per_token_loss`` is the (B, T) per-token term
         that was aggregated (policy + beta·KL), **detached** (only ``loss`` carries a gradient).
     """
-    agg_kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                  loss_scale_factor=loss_scale_factor)
-    plan = _plan(hidden, lm_head_weight, lm_head_bias, target_ids, old_log_prob, advantages, mask, objective=objective,
-                 eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, agg=agg, ratio_level=ratio_level,
-                 weights=weights, chunk_size=chunk_size, temperature=temperature, ref_log_prob=ref_log_prob, beta=beta,
-                 check_finite=check_finite, compute_entropy=compute_entropy, agg_kw=agg_kw)
-    hidden2d = hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1])
-    need = (hidden.requires_grad, lm_head_weight.requires_grad, lm_head_bias is not None and lm_head_bias.requires_grad)
-    need = need if torch.is_grad_enabled() else (False,) * 3
+    config = FusedConfig.build(
+        objective=objective, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, agg=agg,
+        ratio_level=ratio_level, temperature=temperature, beta=beta, check_finite=check_finite,
+        compute_entropy=compute_entropy,
+        global_batch=GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
+    )  # fmt: skip
+    plan = make_plan(config, hidden, lm_head_weight, lm_head_bias, target_ids, old_log_prob, advantages, mask,
+                     weights, ref_log_prob, chunk_size)
+    head = LMHead(hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1]), lm_head_weight, lm_head_bias)
+    wanted = Wanted.of(head) if torch.is_grad_enabled() else Wanted(False, False, False)
     with torch.no_grad():
-        log_prob, entropy_sum, grads = _one_pass(plan, hidden2d.detach(), lm_head_weight.detach(),
-                                                 None if lm_head_bias is None else lm_head_bias.detach(), target_ids,
-                                                 default_fold(hidden.device), need)
-    out = _loss_and_metrics(plan, log_prob, entropy_sum)
-    loss = _FusedLoss.apply(out.loss.detach(), grads, hidden2d, lm_head_weight, lm_head_bias)
+        result = run_pass(plan, head.detached(), target_ids, default_fold(hidden.device), wanted)
+    out = loss_and_metrics(plan, result.log_prob, result.entropy_sum)
+    loss = _FusedLoss.apply(out.loss.detach(), result.grads, head.hidden, head.weight, head.bias)
     return PolicyLossOutput(loss=loss, metrics=out.metrics, per_token_loss=out.per_token_loss, ratio=out.ratio)
 
 
-# ---- the pass ---------------------------------------------------------------------------------------------
+class LMHead(NamedTuple):
+    hidden: Tensor  # (B·T, H)
+    weight: Tensor  # (V, H)
+    bias: Tensor | None  # (V,)
+
+    def detached(self) -> LMHead:
+        return LMHead(*(None if t is None else t.detach() for t in self))
 
 
-class Blocks(NamedTuple):
-    valid: Tensor | None  # flat positions of the valid tokens, row-major (None: every token is valid)
-    n_valid: int
-    spans: list  # (start, end) into the valid list; sequence level: (start, end, first row, last row + 1)
+class Wanted(NamedTuple):
+    """Which gradients the pass computes (those whose tensor requires one, with grad mode on)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @staticmethod
+    def of(head: LMHead) -> Wanted:
+        return Wanted(head.hidden.requires_grad, head.weight.requires_grad,
+                      head.bias is not None and head.bias.requires_grad)
 
 
-def _blocks(plan: FusedPlan, target_ids: Tensor, vocab: int) -> Blocks:
-    """The block layout, from the only host synchronisations of the pass (all before the loop)."""
+class Gradients(NamedTuple):
+    hidden: Tensor | None  # (B·T, H), input dtype, 0 at padding
+    weight: Tensor | None  # (V, H), accumulated in fp32, cast to the weight's dtype at the end
+    bias: Tensor | None  # (V,), likewise
+
+
+# ---- the plan: the configuration, once, and every check before the pass ----------------------------------
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """The scalar options of one call, validated: the one copy of the configuration."""
+
+    options: PassOptions  # objective record, eps_low, eps_high, dual_clip, ratio_level (no metrics per block)
+    agg: str
+    global_batch: GlobalBatch
+    temperature: float
+    beta: float
+    check_finite: bool
+    compute_entropy: bool
+
+    @staticmethod
+    def build(*, objective, eps_low, eps_high, dual_clip, agg, ratio_level, temperature, beta, check_finite,
+              compute_entropy, global_batch: GlobalBatch) -> FusedConfig:
+        options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
+        check_choice("agg", agg, AGG_MODES)
+        return FusedConfig(options, agg, global_batch, check_float("temperature", temperature, above=0.0),
+                           check_float("beta", beta, at_least=0.0), bool(check_finite), bool(compute_entropy))
+
+    def policy_loss_kwargs(self, weights: Tensor | None) -> dict:
+        """The keyword arguments of the final ``compute_policy_loss`` call (which computes the metrics)."""
+        o, g = self.options, self.global_batch
+        return dict(objective=o.objective, eps_low=o.eps_low, eps_high=o.eps_high, dual_clip=o.dual_clip,
+                    ratio_level=o.ratio_level, agg=self.agg, weights=weights, check_finite=self.check_finite,
+                    dp_size=g.dp_size, batch_num_tokens=g.batch_num_tokens, global_batch_size=g.global_batch_size,
+                    loss_scale_factor=g.loss_scale_factor)
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """The configuration and the (B, T) tensors checked and cast to the compute dtype."""
+
+    config: FusedConfig
+    bsz: int
+    seq: int
+    chunk_size: int  # valid tokens per block
+    batch: Batch  # old_log_prob (None: on-policy), advantages (B, T), mask (bool), weights, compute dtype
+    ref_log_prob: Tensor | None  # only when beta > 0
+
+    @property
+    def mask(self) -> Tensor:
+        return self.batch.mask
+
+    @property
+    def token_level(self) -> bool:
+        return self.config.options.ratio_level == "token"
+
+
+def make_plan(config: FusedConfig, hidden, weight, bias, target_ids, old_log_prob, advantages, mask, weights,
+              ref_log_prob, chunk_size) -> FusedPlan:
+    """Validate every tensor (shape, dtype, device) without touching the vocabulary dimension."""
+    check_tensor("hidden", hidden)
+    check_tensor("lm_head_weight", weight)
+    check_tensor("target_ids", target_ids, floating=False)
+    if weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be (V, H), got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if target_ids.dim() != 2:
+        raise ValueError(f"target_ids must be (B, T), got shape {tuple(target_ids.shape)}")
+    if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
+        raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
+    bsz, seq = target_ids.shape
+    want = {3: (bsz, seq, width), 2: (bsz * seq, width)}.get(hidden.dim())
+    if want is None or hidden.shape != want:
+        raise ValueError(f"hidden must be (B, T, H) = {(bsz, seq, width)} or (B*T, H) = {(bsz * seq, width)} to match "
+                         f"target_ids (B, T) and lm_head_weight (V, H), got {tuple(hidden.shape)}")
+    device = hidden.device
+    for name, t in (("lm_head_weight", weight), ("lm_head_bias", bias)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != device):
+            raise TypeError(f"{name} must match hidden's dtype/device ({hidden.dtype}, {device}), "
+                            f"got ({t.dtype}, {t.device})")
+    if target_ids.device != device:
+        raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {device}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must be (V,) = ({vocab},), got {tuple(bias.shape)}")
+    chunk_size = default_chunk_size(vocab, hidden.dtype, device) if chunk_size is None else chunk_size
+    check_positive_int("chunk_size", chunk_size)
+    if config.beta > 0:
+        if ref_log_prob is None:
+            raise ValueError("ref_log_prob is required when beta > 0")
+        check_tensor("ref_log_prob", ref_log_prob)
+        if ref_log_prob.shape != (bsz, seq) or ref_log_prob.device != device:
+            raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
+                             f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}")
+    batch = check_batch((bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
+    row_weights(batch.mask, config.agg, config.global_batch)  # validates dp_size and the global counts
+    ref = ref_log_prob.to(batch.dtype) if config.beta > 0 else None
+    return FusedPlan(config, bsz, seq, chunk_size, batch, ref)
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu") -> int:
+    """Valid tokens per block. CPU: one fp32 (tokens × V) tile of about 128 MiB, clamped to [64, 4096].
+    CUDA: a tile in ``dtype`` of at most 1.5 GiB and 1/16 of the free device memory, clamped to
+    [128, 4096] and rounded down to a multiple of 128 (GEMM-friendly)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return int(min(4096, max(64, _CPU_TILE_ELEMENTS // max(1, vocab_size))))
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = min(_GPU_TILE_BYTES, free * _GPU_TILE_SHARE)
+    tokens = int(budget // (max(1, vocab_size) * torch.finfo(dtype).bits // 8))
+    return max(128, min(4096, tokens) // 128 * 128)
+
+
+# ---- the layout: which valid tokens form each block ----------------------------------------------------------
+
+
+class Block(NamedTuple):
+    start: int  # [start, end) into the row-major list of valid tokens
+    end: int
+    rows: slice | None  # sequence level: the whole rows the block holds; None at token level
+
+    @property
+    def tokens(self) -> slice:
+        return slice(self.start, self.end)
+
+
+class ValidTokens:
+    """The valid (mask=True) tokens of a (B, T) batch, flat and row-major.
+
+    When every token is valid, ``index`` is None and each gather / scatter below is a plain slice or view (no
+    index kernel): the common case of an unpadded batch, kept in this one class rather than at every use.
+    """
+
+    def __init__(self, mask: Tensor):
+        self.device, self.total = mask.device, mask.numel()
+        self.count = int(mask.sum())  # host sync 1
+        self.index = None if self.count == self.total else mask.reshape(-1).nonzero().squeeze(1)  # host sync 2
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The valid entries of a (B, T) tensor, as a flat (count,) tensor."""
+        return x.reshape(-1) if self.index is None else x.reshape(-1)[self.index]
+
+    def take_rows(self, x2d: Tensor, block: Block) -> Tensor:
+        """The block's rows of a (B·T, ·) tensor."""
+        return x2d[block.tokens] if self.index is None else x2d.index_select(0, self.index[block.tokens])
+
+    def mm_into_rows(self, out2d: Tensor, block: Block, a: Tensor, b: Tensor) -> None:
+        """out2d[the block's rows] = a @ b."""
+        if self.index is None:
+            torch.mm(a, b, out=out2d[block.tokens])
+        else:
+            out2d.index_copy_(0, self.index[block.tokens], a @ b)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """A flat (B·T,) tensor holding ``values`` at the valid tokens and 0 elsewhere."""
+        if self.index is None:
+            return values.clone()
+        return values.new_zeros(self.total).index_copy_(0, self.index, values)
+
+    def block_positions(self, block: Block) -> Tensor:
+        """Flat (B·T) positions of the block's tokens."""
+        if self.index is None:
+            return torch.arange(block.start, block.end, device=self.device)
+        return self.index[block.tokens]
+
+
+class Layout(NamedTuple):
+    tokens: ValidTokens
+    blocks: list[Block]
+
+
+def make_layout(plan: FusedPlan, target_ids: Tensor, vocab: int) -> Layout:
+    """The blocks, from the only host synchronisations of the pass (all before the loop): the valid count and
+    positions, one combined range / finiteness check, and (sequence level) the row lengths."""
     mask = plan.mask
-    n_valid = int(mask.sum())
-    valid = None if n_valid == mask.numel() else mask.reshape(-1).nonzero().squeeze(1)
-    if n_valid:
-        targets = target_ids.reshape(-1) if valid is None else target_ids.reshape(-1)[valid]
+    tokens = ValidTokens(mask)
+    if tokens.count:
+        targets = tokens.gather(target_ids)
         checks = [((targets < 0) | (targets >= vocab)).any()]
-        if plan.ref_log_prob is not None and plan.check_finite:
+        if plan.ref_log_prob is not None and plan.config.check_finite:
             checks.append((~torch.isfinite(plan.ref_log_prob) & mask).any())
-        bad = torch.stack(checks).tolist()
+        bad = torch.stack(checks).tolist()  # host sync 3
         if bad[0]:
             raise ValueError(f"target_ids must lie in [0, {vocab}) at valid (mask=True) positions")
         if len(bad) > 1 and bad[1]:
             raise ValueError("ref_log_prob holds non-finite value(s) at valid (mask=True) positions")
     size = plan.chunk_size
-    if plan.options.ratio_level == "token":
-        return Blocks(valid, n_valid, [(s, min(s + size, n_valid)) for s in range(0, n_valid, size)])
-    spans, start, filled, first = [], 0, 0, 0  # sequence ratio: whole rows per block
-    for row, count in enumerate(mask.sum(-1).tolist()):
+    if plan.token_level:
+        return Layout(tokens, [Block(s, min(s + size, tokens.count), None) for s in range(0, tokens.count, size)])
+    blocks, start, filled, first = [], 0, 0, 0  # sequence ratio: whole rows per block
+    for row, count in enumerate(mask.sum(-1).tolist()):  # host sync 4
         if filled and filled + count > size:
-            spans.append((start, start + filled, first, row))
+            blocks.append(Block(start, start + filled, slice(first, row)))
             start, filled, first = start + filled, 0, row
         filled += count
     if filled:
-        spans.append((start, start + filled, first, plan.bsz))
-    return Blocks(valid, n_valid, spans)
+        blocks.append(Block(start, start + filled, slice(first, plan.bsz)))
+    return Layout(tokens, blocks)
 
 
-def _one_pass(plan: FusedPlan, hidden2d, weight, bias, target_ids, fold, need):
-    """Log-probs of the valid tokens, the entropy sum and (if asked) the three gradients, block by block."""
-    need_h, need_w, need_b = need
-    device, low, fp = hidden2d.device, hidden2d.dtype, plan.compute_dtype
-    vocab = weight.shape[0]
-    blocks = _blocks(plan, target_ids, vocab)
-    gather = (lambda x: x.reshape(-1)) if blocks.valid is None else (lambda x: x.reshape(-1)[blocks.valid])
-    token_level = plan.options.ratio_level == "token"
-    grad_fn = compiled_policy_grad(plan.options) if isinstance(fold, CompiledFold) and fold.compile else \
-        functools.partial(policy_grad, options=plan.options)
-    coef = aggregation_scale(plan.mask, plan.policy_kw["agg"], **plan.agg_kw, dtype=fp)  # dL/dℓ per row (B, 1)
-    # per-valid-token inputs of the block step, gathered once (slices per block are free)
-    targets = gather(target_ids)
-    lp_valid = torch.zeros(blocks.n_valid, dtype=fp, device=device)
-    ref_valid = None if plan.ref_log_prob is None else gather(plan.ref_log_prob)
-    coef_valid = gather(coef.expand(plan.bsz, plan.seq)) if token_level or ref_valid is not None else None
-    if token_level:
-        flat = [None if x is None else gather(x) for x in (plan.old_log_prob, plan.advantages, plan.weights)]
-        ones = torch.ones(1, min(plan.chunk_size, max(blocks.n_valid, 1)), dtype=torch.bool, device=device)
-    entropy_sum = torch.zeros((), dtype=fp, device=device) if plan.compute_entropy else None
-    grad_h = torch.zeros(hidden2d.shape, dtype=low, device=device) if need_h else None
+# ---- the pass: the loop over blocks, and one block's step ----------------------------------------------------
+
+
+class PassResult(NamedTuple):
+    log_prob: Tensor  # (B, T) in the compute dtype, 0 at padding
+    entropy_sum: Tensor | None  # Σ entropy over the valid tokens, if asked for
+    grads: Gradients
+
+
+class TokenInputs(NamedTuple):
+    """The per-valid-token inputs of the block step, gathered once (a block's are slices of them: free)."""
+
+    targets: Tensor  # (count,) token ids
+    row_weight: Tensor | None  # (count,) each token's row weight (token level, or with the KL term)
+    every: Tensor | None  # (1, largest block) all True: the mask of a token-level block laid out as one row
+    old_log_prob: Tensor | None  # token level only (None: on-policy)
+    advantages: Tensor | None  # token level only
+    weights: Tensor | None  # token level only
+    ref_log_prob: Tensor | None  # with the KL term
+
+
+class Buffers(NamedTuple):
+    """What the loop writes: the log-probs of the valid tokens, the entropy sum, the gradient accumulators and
+    the one logits tile of the whole pass (``low`` holds the GEMM output when the tile is in another dtype)."""
+
+    log_prob: Tensor
+    entropy_sum: Tensor | None
+    grads: Gradients
+    tile: Tensor
+    low: Tensor | None
+
+
+def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> PassResult:
+    """Log-probs of the valid tokens, the entropy sum and the wanted gradients, block by block."""
+    vocab = head.weight.shape[0]
+    layout = make_layout(plan, target_ids, vocab)
+    row_weight = row_weights(plan.mask, plan.config.agg, plan.config.global_batch, dtype=plan.batch.dtype)
+    inputs = gather_inputs(plan, layout.tokens, target_ids, row_weight)
+    buffers = allocate(plan, layout, head, fold, wanted)
+    grad_fn = fold.policy_grad(plan.config.options)
+    for block in layout.blocks:
+        block_step(plan, layout.tokens, block, head, fold, grad_fn, inputs, row_weight, buffers, wanted)
+    grads = buffers.grads
+    grads = Gradients(grads.hidden,
+                      None if grads.weight is None else grads.weight.to(head.weight.dtype),
+                      None if grads.bias is None else grads.bias.to(head.bias.dtype))
+    log_prob = layout.tokens.scatter(buffers.log_prob).view(plan.bsz, plan.seq)
+    return PassResult(log_prob, buffers.entropy_sum, grads)
+
+
+def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor, row_weight: Tensor) -> TokenInputs:
+    batch = plan.batch
+    token_level, kl = plan.token_level, plan.ref_log_prob is not None
+    gather = lambda x: None if x is None else tokens.gather(x)  # noqa: E731
+    return TokenInputs(
+        targets=gather(target_ids),
+        row_weight=gather(row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
+        every=torch.ones(1, min(plan.chunk_size, max(tokens.count, 1)), dtype=torch.bool, device=target_ids.device)
+        if token_level else None,
+        old_log_prob=gather(batch.old_log_prob) if token_level else None,
+        advantages=gather(batch.advantages) if token_level else None,
+        weights=gather(batch.weights) if token_level else None,
+        ref_log_prob=gather(plan.ref_log_prob),
+    )
+
+
+def allocate(plan: FusedPlan, layout: Layout, head: LMHead, fold: Fold, wanted: Wanted) -> Buffers:
+    device, low, fp = head.hidden.device, head.hidden.dtype, plan.batch.dtype
+    vocab = head.weight.shape[0]
     acc = torch.float64 if low == torch.float64 else torch.float32  # the weight / bias gradients' accumulators
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+    grads = Gradients(
+        hidden=torch.zeros(head.hidden.shape, dtype=low, device=device) if wanted.hidden else None,
+        weight=torch.zeros(head.weight.shape, dtype=acc, device=device) if wanted.weight else None,
+        bias=torch.zeros(vocab, dtype=acc, device=device) if wanted.bias else None,
+    )
+    rows = max((block.end - block.start for block in layout.blocks), default=0)
     tile_dtype = fold.tile_dtype(low)
-    rows_max = max((span[1] - span[0] for span in blocks.spans), default=0)
-    tile_buf = torch.empty(rows_max, vocab, dtype=tile_dtype, device=device)  # one tile for the whole pass
-    low_buf = torch.empty(rows_max, vocab, dtype=low, device=device) if tile_dtype != low else None
+    return Buffers(
+        log_prob=torch.zeros(layout.tokens.count, dtype=fp, device=device),
+        entropy_sum=torch.zeros((), dtype=fp, device=device) if plan.config.compute_entropy else None,
+        grads=grads,
+        tile=torch.empty(rows, vocab, dtype=tile_dtype, device=device),  # one tile for the whole pass
+        low=torch.empty(rows, vocab, dtype=low, device=device) if tile_dtype != low else None,
+    )
 
-    for span in blocks.spans:
-        start, end = span[0], span[1]
-        n = end - start
-        idx = None if blocks.valid is None else blocks.valid[start:end]
-        h_blk = hidden2d[start:end] if idx is None else hidden2d.index_select(0, idx)
-        tgt = targets[start:end]
-        z = tile_buf[:n]
-        gemm_out = z if low_buf is None else low_buf[:n]
-        if bias is not None:  # GEMM 1, in the input dtype
-            torch.addmm(bias, h_blk, weight.t(), out=gemm_out)
-        else:
-            torch.mm(h_blk, weight.t(), out=gemm_out)
-        if low_buf is not None:
-            z.copy_(gemm_out)
-        stats = fold.forward(z, tgt, plan.temperature, entropy_sum is not None)
-        lp_valid[start:end] = stats.log_prob
-        if entropy_sum is not None:
-            entropy_sum += stats.entropy.sum()
-        if not any(need):
-            continue
 
-        lp = stats.log_prob.detach()
-        if token_level:
-            old, adv, wts = (None if x is None else x[start:end][None] for x in flat)
-            g = grad_fn(lp[None], lp[None] if old is None else old, adv, ones[:, :n], coef_valid[start:end][None],
-                        wts)[0]
-        else:
-            g = _row_block_grad(plan, grad_fn, lp, blocks.valid, start, end, span[2], span[3], coef)
-        if ref_valid is not None:  # TRL's KL: d/dlogp β·c·k3 = β·c·(1 − exp(ref − logp))
-            g = g + plan.beta * coef_valid[start:end] * -torch.expm1(ref_valid[start:end] - lp)
-        dz = fold.backward_(z, tgt, stats, g, plan.temperature)
-        if need_h:  # GEMM 2, in the input dtype
-            dz_low = dz if dz.dtype == low else low_buf[:n].copy_(dz)
-            if idx is None:
-                torch.mm(dz_low, weight, out=grad_h[start:end])
-            else:
-                grad_h.index_copy_(0, idx, dz_low @ weight)
-        if need_w:  # GEMM 3, accumulated in fp32
-            accumulate_fp32(grad_w, dz.t(), h_blk)
-        if need_b:
-            grad_b += dz.sum(0, dtype=grad_b.dtype)
-    del tile_buf, low_buf
-
-    log_prob = torch.zeros(plan.bsz * plan.seq, dtype=fp, device=device)
-    if blocks.valid is None:
-        log_prob.copy_(lp_valid)
+def block_step(plan: FusedPlan, tokens: ValidTokens, block: Block, head: LMHead, fold: Fold, grad_fn,
+               inputs: TokenInputs, row_weight: Tensor, buffers: Buffers, wanted: Wanted) -> None:
+    """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
+    n, config = block.end - block.start, plan.config
+    h_blk = tokens.take_rows(head.hidden, block)
+    target = inputs.targets[block.tokens]
+    z, gemm_out = buffers.tile[:n], (buffers.tile if buffers.low is None else buffers.low)[:n]
+    if head.bias is not None:  # GEMM 1, in the input dtype
+        torch.addmm(head.bias, h_blk, head.weight.t(), out=gemm_out)
     else:
-        log_prob.index_copy_(0, blocks.valid, lp_valid)
-    grads = (grad_h,
-             None if grad_w is None else grad_w.to(weight.dtype),
-             None if grad_b is None else grad_b.to(bias.dtype))
-    return log_prob.view(plan.bsz, plan.seq), entropy_sum, grads
+        torch.mm(h_blk, head.weight.t(), out=gemm_out)
+    if buffers.low is not None:
+        z.copy_(gemm_out)
+    stats = fold.forward(z, target, config.temperature, buffers.entropy_sum is not None)
+    buffers.log_prob[block.tokens] = stats.log_prob
+    if buffers.entropy_sum is not None:
+        buffers.entropy_sum.add_(stats.entropy.sum())
+    if not any(wanted):
+        return
+
+    g = log_prob_grad(plan, tokens, block, grad_fn, inputs, row_weight, stats.log_prob)
+    dz = fold.backward_(z, target, stats, g, config.temperature)
+    grads = buffers.grads
+    if wanted.hidden:  # GEMM 2, in the input dtype
+        low = head.hidden.dtype
+        tokens.mm_into_rows(grads.hidden, block, dz if dz.dtype == low else buffers.low[:n].copy_(dz), head.weight)
+    if wanted.weight:  # GEMM 3, accumulated in fp32
+        accumulate_fp32(grads.weight, dz.t(), h_blk)
+    if wanted.bias:
+        grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
 
 
-def _row_block_grad(plan, grad_fn, lp, valid, start, end, row0, row1, coef) -> Tensor:
-    """dL/dlog π for a block of whole rows (sequence ratio): the block's log-probs laid out as its rows."""
-    rows = slice(row0, row1)
-    seq = plan.seq
-    local = torch.arange(start, end, device=lp.device) - row0 * seq if valid is None else valid[start:end] - row0 * seq
-    lp_rows = torch.zeros((row1 - row0) * seq, dtype=lp.dtype, device=lp.device).index_copy_(0, local, lp)
-    lp_rows = lp_rows.view(row1 - row0, seq)
-    old = lp_rows if plan.old_log_prob is None else plan.old_log_prob[rows]
-    wts = None if plan.weights is None else plan.weights[rows]
-    g_rows = grad_fn(lp_rows, old, plan.advantages[rows], plan.mask[rows], coef[rows], wts)
-    return g_rows.reshape(-1).index_select(0, local)
+def log_prob_grad(plan: FusedPlan, tokens: ValidTokens, block: Block, grad_fn, inputs: TokenInputs,
+                  row_weight: Tensor, log_prob: Tensor) -> Tensor:
+    """dL/dlog π of the block's tokens: the core's per-token pass (+ the KL term's derivative)."""
+    sl, batch = block.tokens, plan.batch
+    if block.rows is None:  # token level: the block's tokens laid out as one row, each with its row's weight
+        lp = log_prob[None]
+        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
+        weights = None if inputs.weights is None else inputs.weights[sl][None]
+        every = inputs.every[:, : lp.shape[1]]
+        g = grad_fn(lp, old, inputs.advantages[sl][None], every, inputs.row_weight[sl][None], weights)[0]
+    else:  # sequence level: the block's whole rows, laid out as rows
+        rows, seq = block.rows, plan.seq
+        local = tokens.block_positions(block) - rows.start * seq
+        lp = log_prob.new_zeros((rows.stop - rows.start) * seq).index_copy_(0, local, log_prob)
+        lp = lp.view(rows.stop - rows.start, seq)
+        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
+        weights = None if batch.weights is None else batch.weights[rows]
+        g = grad_fn(lp, old, batch.advantages[rows], batch.mask[rows], row_weight[rows], weights)
+        g = g.reshape(-1).index_select(0, local)
+    if inputs.ref_log_prob is not None:  # TRL's KL term, β·w·k3 per token
+        g = g + plan.config.beta * inputs.row_weight[sl] * kl_k3_grad(inputs.ref_log_prob[sl] - log_prob)
+    return g
 
 
-def _loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | None) -> PolicyLossOutput:
+# ---- the folds: one tile's log-softmax statistics forward, dL/dz backward -----------------------------------
+
+
+class Fold(Protocol):
+    """How a device works on one (n, V) logits tile (see the module docstring)."""
+
+    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the tile the pass allocates for inputs of ``input_dtype``."""
+
+    def forward(self, z: Tensor, target: Tensor, temperature: float, entropy: bool):
+        """Statistics of softmax(z / T) per row: ``.log_prob`` of the target, ``.entropy`` (or None) and
+        whatever the fold's own ``backward_`` needs. May overwrite ``z``."""
+
+    def backward_(self, z: Tensor, target: Tensor, stats, g: Tensor, temperature: float) -> Tensor:
+        """Write dL/dz = g · (onehot(target) − softmax(z / T)) / T over ``z`` (in its dtype) and return it."""
+
+    def policy_grad(self, options: PassOptions) -> Callable[..., Tensor]:
+        """The per-token pass giving dL/dlog π (``onepass.policy_grad``, eager or compiled)."""
+
+
+class InPlaceStats(NamedTuple):
+    log_prob: Tensor  # (n,) log softmax(z / T)[target], compute dtype
+    entropy: Tensor | None  # (n,)
+    sum_exp: Tensor  # (n,) Σ exp(z/T − max): the tile holds exp(z/T − max) after the forward
+
+
+class InPlaceFold:
+    """CPU: the tile in fp32 (fp64 for fp64 inputs); softmax and its gradient written over it in place."""
+
+    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+    def forward(self, z, target, temperature, entropy) -> InPlaceStats:
+        if temperature != 1.0:
+            z.div_(temperature)
+        z_target = z.gather(1, target[:, None])[:, 0]
+        z_max = z.amax(1)
+        z.sub_(z_max[:, None]).exp_()  # z := exp(z − max)
+        sum_exp = z.sum(1)
+        log_sum = sum_exp.log()
+        ent = log_sum - torch.xlogy(z, z).sum(1) / sum_exp if entropy else None  # H = log Σe − Σ e·log e / Σe
+        return InPlaceStats(z_target - z_max - log_sum, ent, sum_exp)
+
+    def backward_(self, z, target, stats: InPlaceStats, g, temperature) -> Tensor:
+        g = g.to(z.dtype) / temperature
+        z.mul_((-g / stats.sum_exp)[:, None])  # −g·softmax
+        return z.scatter_add_(1, target[:, None], g[:, None])  # + g·onehot
+
+    def policy_grad(self, options: PassOptions):
+        return functools.partial(policy_grad, options=options)
+
+
+class CompiledStats(NamedTuple):
+    log_prob: Tensor  # (n,) log softmax(z / T)[target], fp32
+    entropy: Tensor | None  # (n,)
+    logsumexp: Tensor  # (n,) logsumexp(z / T) in fp32; the tile is left unchanged by the forward
+
+
+def fold_forward(z: Tensor, target: Tensor, temperature: float, entropy: bool):
+    """(logsumexp(z/T), (z/T)[target], entropy or None) per row, in fp32 (fp64 for fp64 z); z unchanged."""
+    zf = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32) / temperature
+    lse = torch.logsumexp(zf, -1)
+    z_target = zf.gather(-1, target[:, None])[:, 0]
+    ent = lse - (torch.exp(zf - lse[:, None]) * zf).sum(-1) if entropy else None
+    return lse, z_target, ent
+
+
+def fold_backward_(z: Tensor, target: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor:
+    """z := g · (onehot(target) − softmax(z/T)) / T, computed in fp32, stored in z's dtype, in place."""
+    zf = z.to(lse.dtype) / temperature
+    p = torch.exp(zf - lse[:, None])
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == target[:, None]
+    return z.copy_(((onehot.to(p.dtype) - p) * (g / temperature)[:, None]).to(z.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=None)
+
+
+class CompiledFold:
+    """CUDA: the tile in the input dtype; the two folds and the per-token pass compiled (``compile=False``:
+    their eager torch twins, which the tests hold the compiled ones to)."""
+
+    def __init__(self, compile: bool = True):
+        self.compile = compile
+
+    def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return input_dtype
+
+    def forward(self, z, target, temperature, entropy) -> CompiledStats:
+        fn = _compiled(fold_forward) if self.compile else fold_forward
+        lse, z_target, ent = fn(z, target, temperature, entropy)
+        return CompiledStats(z_target - lse, ent, lse)
+
+    def backward_(self, z, target, stats: CompiledStats, g, temperature) -> Tensor:
+        fn = _compiled(fold_backward_) if self.compile else fold_backward_
+        return fn(z, target, stats.logsumexp, g.to(stats.logsumexp.dtype), temperature)
+
+    def policy_grad(self, options: PassOptions):
+        return compiled_policy_grad(options) if self.compile else functools.partial(policy_grad, options=options)
+
+
+def default_fold(device: torch.device) -> Fold:
+    """CUDA: compiled folds on an input-dtype tile; elsewhere the in-place fp32 fold (measured faster on CPU)."""
+    return CompiledFold() if device.type == "cuda" else InPlaceFold()
+
+
+# ---- fp32 accumulation of a low-precision GEMM (GPU branch + its CPU twin) ----------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def has_out_dtype_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` runs for ``dtype`` a, b here
+    (torch >= 2.8 on CUDA for bf16/fp16; not on CPU)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0] == 2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with the product accumulated in acc's dtype, never rounded to a's dtype first.
+    GPU: one low-precision GEMM writing fp32 (``out_dtype``); elsewhere: the same GEMM on fp32 copies."""
+    if a.dtype == b.dtype != acc.dtype and has_out_dtype_addmm(acc.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# ---- TRL's k3 KL to a reference policy: its value and its derivative, side by side ------------------------
+
+
+def kl_k3(delta: Tensor) -> Tensor:
+    """k3 = exp(δ) − δ − 1 with δ = log π_ref − log π (TRL's per-token KL; ≥ 0, 0 at δ = 0)."""
+    return torch.expm1(delta) - delta
+
+
+def kl_k3_grad(delta: Tensor) -> Tensor:
+    """d k3 / d log π = 1 − exp(δ) (δ = log π_ref − log π, so dδ/dlog π = −1)."""
+    return -torch.expm1(delta)
+
+
+# ---- the loss and metrics of the gathered log-probs; the autograd wrapper -------------------------------------
+
+
+def loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | None) -> PolicyLossOutput:
     """The core's compute_policy_loss on the gathered log-probs (+ the KL term and the entropy metric)."""
-    old = log_prob if plan.old_log_prob is None else plan.old_log_prob
-    out = compute_policy_loss(log_prob, old, plan.advantages, plan.mask, check_finite=plan.check_finite,
-                              **plan.policy_kw)
+    config, batch = plan.config, plan.batch
+    old = log_prob if batch.old_log_prob is None else batch.old_log_prob
+    out = compute_policy_loss(log_prob, old, batch.advantages, batch.mask, **config.policy_loss_kwargs(batch.weights))
     loss, per_token, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
-    count = plan.mask.sum().clamp(min=1)
+    count = batch.mask.sum().clamp(min=1)
     if plan.ref_log_prob is not None:
-        delta = torch.where(plan.mask, plan.ref_log_prob - log_prob, 0.0)
-        kl = torch.expm1(delta) - delta  # TRL's k3 = exp(ref − logp) − (ref − logp) − 1
-        per_token = per_token + plan.beta * kl
-        loss = aggregate_loss(per_token, plan.mask, plan.policy_kw["agg"], **plan.agg_kw)
+        kl = kl_k3(torch.where(batch.mask, plan.ref_log_prob - log_prob, 0.0))
+        per_token = per_token + config.beta * kl
+        g = config.global_batch
+        loss = aggregate_loss(per_token, batch.mask, config.agg, dp_size=g.dp_size,
+                              batch_num_tokens=g.batch_num_tokens, global_batch_size=g.global_batch_size,
+                              loss_scale_factor=g.loss_scale_factor)
         metrics["kl"] = (kl.sum() / count).float()
     if entropy_sum is not None:
         metrics["entropy"] = (entropy_sum / count).float()
@@ -489,7 +687,7 @@ class _FusedLoss(torch.autograd.Function):
     gradient (nothing is recomputed) and frees them (a second backward raises)."""
 
     @staticmethod
-    def forward(ctx, loss: Tensor, grads, hidden2d, weight, bias) -> Tensor:
+    def forward(ctx, loss: Tensor, grads: Gradients, hidden2d, weight, bias) -> Tensor:
         ctx.grads = grads
         return loss.clone()
 

@@ -8,6 +8,7 @@ evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the redu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,9 +25,9 @@ from ._checks import (
     compute_dtype,
     raise_if_mask_invalid,
 )
-from .aggregation import AGG_MODES, aggregation_scale, weighted_row_sum
+from .aggregation import AGG_MODES, GlobalBatch, row_weights, weighted_row_sum
 from .metrics import metric_names, metrics_dict, read_metrics
-from .onepass import PassOptions, eager_policy_loss, fast_policy_loss
+from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
@@ -92,7 +93,8 @@ def compute_policy_loss(
     batch_num_tokens: float | Tensor | None = None,
     global_batch_size: float | Tensor | None = None,
     loss_scale_factor: float | None = None,
-    fast: bool = False,
+    compile: bool = False,
+    fast: bool | None = None,
 ) -> PolicyLossOutput:
     """Policy-gradient loss for ``objective`` "cfpo" (clipping-free) or "clip" (PPO/GRPO).
 
@@ -111,13 +113,20 @@ def compute_policy_loss(
         check_finite: raise on NaN/inf at valid positions. Costs the call's one device sync, which also
             brings every metric to the host (``metric_floats()`` then costs none); off: no sync at all.
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: see ``aggregate_loss``.
-        fast: True compiles the per-token pass and the aggregation with ``torch.compile`` (the first
-            call per shape family compiles: tens of seconds on a CPU; afterwards several times faster than
-            the default eager pass). Same loss, gradient and metrics; no ``per_token_loss`` is returned.
+        compile: True runs the per-token pass and the aggregation through ``torch.compile`` (the first
+            call per shape family compiles: seconds to tens of seconds; afterwards faster than the default
+            eager pass: benchmarks/README.md). Same loss, gradient and metrics; no ``per_token_loss``.
+        fast: the old name of ``compile`` (until 0.2); deprecated, warns.
     """
+    if fast is not None:
+        warnings.warn("compute_policy_loss(fast=...) is deprecated: use compile=... (fast= goes in the release "
+                      "after 0.2)", DeprecationWarning, stacklevel=2)
+        if compile and not fast:
+            raise ValueError("compute_policy_loss: pass compile=..., not both compile= and the deprecated fast=")
+        compile = fast
     options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
     check_choice("agg", agg, AGG_MODES)
-    check_choice("fast", fast, (False, True))
+    check_choice("compile", compile, (False, True))
     check_tensor("log_prob", log_prob)
     check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() != 2:
@@ -126,16 +135,16 @@ def compute_policy_loss(
         log_prob.shape, log_prob.device, old_log_prob, advantages, mask, weights, log_prob=log_prob,
         defer_mask_check=check_finite)
     log_prob = log_prob.to(dtype)
-    scale = aggregation_scale(mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, dtype=dtype)
-    if fast:
-        loss, _, ratio, metrics, checksum = fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights,
+    row_weight = row_weights(mask, agg, GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
+                             dtype=dtype)
+    if compile:
+        loss, _, ratio, metrics, checksum = compiled_policy_loss(log_prob, old_log_prob, advantages, mask, row_weight, weights,
                                                              options)
         per_token_loss = None
     else:
         per_token_loss, ratio, metrics, checksum = eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights,
                                                                      options)
-        loss = weighted_row_sum(per_token_loss, scale)  # per_token_loss is exactly 0 at masked positions
+        loss = weighted_row_sum(per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None

@@ -8,7 +8,7 @@ and a checksum for the finiteness check. Autograd then needs one multiply to go 
 
 Three callers, one pass:
   eager      ``_PerTokenLoss`` (compute_policy_loss's default)
-  compiled   ``fast_policy_loss``: the pass with the aggregation folded in, under ``torch.compile``
+  compiled   ``compiled_policy_loss``: the pass with the aggregation folded in, under ``torch.compile``
   fused      ``policy_grad``: dL/dlog π only, per block of tokens, inside cfpo_loss.fused
 
 The pass is configured by a typed, hashable ``PassOptions`` (one compiled kernel per distinct options).
@@ -47,8 +47,8 @@ class Select:
     """``torch.where(mask, x, fill)``; on CPU as integer bit operations on float32/float64 bits.
 
     Like ``where`` (and unlike ``x * mask``), NaN or inf at masked positions cannot leak through: the bits
-    there are replaced, not multiplied. On CPU ``where`` with a bool condition measured about 20x slower
-    than one vectorised AND (226 µs against 17 µs on 64x4096 fp32), and a policy loss needs several selects.
+    there are replaced, not multiplied. On CPU ``where`` with a bool condition is much slower than one
+    vectorised AND (benchmarks/README.md, "What made the eager path fast"), and a policy loss needs several selects.
     On a GPU both are one memory-bound kernel, and the bit mask costs extra launches (and a host-to-device
     copy per fill value), so there, and under torch.compile (whose fused kernel selects for free), it is
     plain ``where``. No autograd (used inside the forward below).
@@ -164,10 +164,10 @@ def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, options
     return _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, options)
 
 
-# ---- compiled: compute_policy_loss(fast=True) ---------------------------------------------------------
+# ---- compiled: compute_policy_loss(compile=True) ---------------------------------------------------------
 
 
-class FastResult(NamedTuple):
+class CompiledResult(NamedTuple):
     loss: Tensor
     grad: Tensor  # dL/dlog_prob
     ratio: Tensor
@@ -175,21 +175,21 @@ class FastResult(NamedTuple):
     checksum: Tensor
 
 
-def fast_forward(log_prob, old_log_prob, advantages, mask, scale, weights, options: PassOptions) -> FastResult:
-    """policy_terms with the aggregation weight folded in: the loss and its gradient w.r.t. log_prob.
-    ``mask`` may come as floats (0/1): compiled CPU kernels load a float mask several times faster than a
-    bool one (measured 0.10 against 0.28 ms for the same loss at 64x4096), so ``fast_policy_loss`` passes one."""
+def loss_and_grad(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> CompiledResult:
+    """policy_terms with the aggregation's row weight folded in: the loss and its gradient w.r.t. log_prob.
+    ``mask`` may come as floats (0/1): compiled CPU kernels load a float mask faster than a bool one
+    (benchmarks/README.md), so ``compiled_policy_loss`` passes one."""
     if mask.dtype != torch.bool:
         mask = mask > 0
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
-    loss = weighted_row_sum(terms.per_token_loss, scale)
-    grad = log_prob_grad(terms.dloss_dratio * scale, terms, options.ratio_level)
-    return FastResult(loss, grad, terms.ratio, terms.metrics, terms.checksum)
+    loss = weighted_row_sum(terms.per_token_loss, row_weight)
+    grad = log_prob_grad(terms.dloss_dratio * row_weight, terms, options.ratio_level)
+    return CompiledResult(loss, grad, terms.ratio, terms.metrics, terms.checksum)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_forward(options: PassOptions):
-    return torch.compile(functools.partial(fast_forward, options=options), dynamic=None)
+    return torch.compile(functools.partial(loss_and_grad, options=options), dynamic=None)
 
 
 class _WithGradient(torch.autograd.Function):
@@ -206,11 +206,11 @@ class _WithGradient(torch.autograd.Function):
         return None, grad_value * grad, None
 
 
-def fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, options: PassOptions) -> FastResult:
+def compiled_policy_loss(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> CompiledResult:
     """Run the compiled pass and attach its analytic gradient to log_prob (``loss`` carries the graph)."""
     with torch.no_grad():
-        out = _compiled_forward(options)(log_prob.detach(), old_log_prob, advantages, mask.to(log_prob.dtype), scale,
-                                         weights)
+        out = _compiled_forward(options)(log_prob.detach(), old_log_prob, advantages, mask.to(log_prob.dtype),
+                                         row_weight, weights)
     if log_prob.requires_grad:
         out = out._replace(loss=_WithGradient.apply(out.loss, log_prob, out.grad.to(log_prob.dtype)))
     return out
@@ -219,10 +219,11 @@ def fast_policy_loss(log_prob, old_log_prob, advantages, mask, scale, weights, o
 # ---- fused: dL/dlog π per block ------------------------------------------------------------------------
 
 
-def policy_grad(log_prob, old_log_prob, advantages, mask, scale, weights, options: PassOptions) -> Tensor:
-    """dL/dlog π for L = Σ scale·per_token_loss, ``scale`` per row (B, 1) or per token (B, T); no metrics."""
+def policy_grad(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> Tensor:
+    """dL/dlog π for L = Σ row_weight·per_token_loss; ``row_weight`` (B, 1), or (B, T) holding each token's row
+    weight (the fused path lays a block of tokens from many rows out as one row); no metrics."""
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
-    return log_prob_grad(terms.dloss_dratio * scale, terms, options.ratio_level)
+    return log_prob_grad(terms.dloss_dratio * row_weight, terms, options.ratio_level)
 
 
 @functools.lru_cache(maxsize=64)
