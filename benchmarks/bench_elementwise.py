@@ -11,7 +11,7 @@ Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back c
                       checks and all ten metrics, read as a logger reads them: with
                       cfpo_loss.read_metrics (one device-to-host transfer) where the installed cfpo_loss
                       has it, else one float() per metric; the output says which
-  fast (compiled)     compute_policy_loss(fast=True): the same pass plus aggregation, torch.compile'd
+  fast (compiled)     compute_policy_loss(compile=True): the same pass plus aggregation, torch.compile'd
   copy floor          copying the same input and gradient bytes once into preallocated buffers:
                       memory bandwidth's floor (cache-resident at this size, steady state); on CUDA
                       also "copy floor (device)": the same copies captured in a CUDA graph and replayed,
@@ -175,10 +175,10 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
     mask = (torch.rand(shape, generator=g) > 0.2).to(dev)
     verl_mask = mask.float()  # verl's response_mask is numeric (it multiplies by it)
 
-    def ours(objective, fast=False):
+    def ours(objective, compile=False):
         def run():
             out = compute_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective,
-                                      dual_clip=3.0 if objective == "clip" else None, fast=fast)
+                                      dual_clip=3.0 if objective == "clip" else None, compile=compile)
             torch.autograd.grad(out.loss, log_prob)
             read_metrics(out.metrics)  # metrics reach the logger (see METRICS_READER)
             return out

@@ -120,20 +120,3 @@ def clipped_surrogate(
     """J_clip = min(r·A, clip(r, 1−eps_low, 1+eps_high)·A); with dual_clip=c, max(J_clip, c·A) where A < 0."""
     eps_low, eps_high = check_eps(eps_low, eps_high)
     return clipped_terms(ratio, advantages, eps_low, eps_high, check_dual_clip(dual_clip)).objective
-
-
-def cfpo_penalty(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """The quadratic trust-region term |A|/(2ε)·(r−1)² (the part CFPO subtracts from r·A)."""
-    return cfpo_terms(ratio, advantages, eps_low, eps_high).penalty
-
-
-def cfpo_surrogate_grad(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """dJ_CFPO/dr = A − |A|/ε·(r − 1): zero at r* = 1 + sign(A)·ε, pointing back towards it outside."""
-    return cfpo_terms(ratio, advantages, eps_low, eps_high).derivative
-
-
-def clipped_surrogate_grad(
-    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None
-) -> Tensor:
-    """dJ_clip/dr = A where the unclipped branch is active, 0 where clipping (or dual-clip) holds."""
-    return clipped_terms(ratio, advantages, eps_low, eps_high, dual_clip).derivative

@@ -281,7 +281,7 @@ def test_every_metric_by_hand_with_padding(objective, dual_clip, ratio_level, fa
     olp_dirty = torch.where(mask, olp, torch.tensor(float("nan"), dtype=olp.dtype))
     eps_low, eps_high = 0.2, 0.28
     out = compute_policy_loss(lp, olp_dirty, adv, mask, objective=objective, eps_low=eps_low, eps_high=eps_high,
-                              dual_clip=dual_clip, ratio_level=ratio_level, fast=fast)
+                              dual_clip=dual_clip, ratio_level=ratio_level, compile=fast)
     rows = []
     for b in range(6):
         logr = [(lp[b, t] - olp[b, t]).item() for t in range(9) if mask[b, t]]
@@ -370,7 +370,7 @@ def test_any_float64_input_makes_the_loss_float64(fp64):
 
 def test_fast_path_returns_no_per_token_loss_and_aggregate_loss_defaults_to_token_mean():
     lp, olp, adv, mask = make_batch()
-    assert compute_policy_loss(lp, olp, adv, mask, fast=True).per_token_loss is None
+    assert compute_policy_loss(lp, olp, adv, mask, compile=True).per_token_loss is None
     x = torch.randn(mask.shape, dtype=torch.float64)
     assert aggregate_loss(x, mask).item() == aggregate_loss(x, mask, "token-mean").item()
     assert aggregate_loss(x, mask).item() == pytest.approx(x[mask].mean().item(), rel=1e-12)

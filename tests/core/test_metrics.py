@@ -7,7 +7,7 @@ valid log-ratios lie all above 0, all below 0, and on both sides; and on log-rat
 clamp (the metrics see the clamped log-ratio, as verl's do); and k3 where fp32 rounding would make it
 negative. Expected values come from plain-Python float64 loops or hand derivations written here.
 
-Paths: eager (``compute_policy_loss``), compiled (``fast=True``) and fused (``fused_linear_policy_loss``, whose
+Paths: eager (``compute_policy_loss``), compiled (``compile=True``) and fused (``fused_linear_policy_loss``, whose
 log-probs come from an LM head here); token and sequence ratio level; cfpo, clip and clip with dual_clip.
 The (6, 9) float64 batches and the eps of ``test_loss.test_every_metric_by_hand_with_padding`` are reused on
 purpose: the compiled path then compiles nothing new for them.
@@ -46,7 +46,7 @@ def run(path, log_prob, old_log_prob, advantages, mask, head=None, **kw):
         target = head["target"].masked_fill(~mask, -100)  # padding holds garbage ids too
         return fused_linear_policy_loss(head["hidden"], head["weight"], target, old_log_prob, advantages, mask,
                                         chunk_size=7, **kw)
-    return compute_policy_loss(log_prob, old_log_prob, advantages, mask, fast=path == "fast", **kw)
+    return compute_policy_loss(log_prob, old_log_prob, advantages, mask, compile=path == "fast", **kw)
 
 
 def clamp(x):
@@ -293,7 +293,7 @@ def test_exit_fractions_count_neither_zero_advantages_nor_tokens_on_the_boundary
     on_boundary = torch.exp(lp - old)[[0, 0, 1], [0, 1, 0]]
     assert on_boundary.tolist() == [0.75, 1.5, 2.5]  # the fixture is exact
     out = compute_policy_loss(lp.requires_grad_(), old, adv, mask, objective="clip", eps_low=0.25, eps_high=0.5,
-                              dual_clip=2.5, fast=path == "fast")
+                              dual_clip=2.5, compile=path == "fast")
     floats = out.metric_floats()
     n = len(lr)
     assert floats["tr_exit_high"] == pytest.approx(1 / n)  # (5, 0) only

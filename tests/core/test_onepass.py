@@ -44,7 +44,7 @@ def compare(fast=False, **kw):
     lp, olp, adv, mask = batch()
     olp_dirty = torch.where(mask, olp, torch.tensor(float("nan")))  # garbage at masked positions
     ref = autograd_reference(lp, olp, adv, mask, **kw)
-    out = compute_policy_loss(lp, olp_dirty, adv, mask, fast=fast, **kw)
+    out = compute_policy_loss(lp, olp_dirty, adv, mask, compile=fast, **kw)
     g_ref = torch.autograd.grad(ref, lp)[0]
     g_out = torch.autograd.grad(out.loss, lp)[0]
     assert out.loss.dtype == torch.float32
@@ -95,10 +95,17 @@ def test_bf16_inputs():
     assert torch.allclose(g_out.float(), g_ref.float(), rtol=1e-2, atol=1e-6)  # one bf16 rounding apart at most
 
 
-def test_fast_flag_is_validated():
+def test_compile_flag_is_validated_and_fast_is_its_deprecated_alias():
     lp, olp, adv, mask = batch()
-    with pytest.raises(ValueError, match="unknown fast"):
-        compute_policy_loss(lp, olp, adv, mask, fast="yes")
+    with pytest.raises(ValueError, match="unknown compile"):
+        compute_policy_loss(lp, olp, adv, mask, compile="yes")
+    with pytest.warns(DeprecationWarning, match="fast=.*deprecated.*compile="):
+        old_name = compute_policy_loss(lp, olp, adv, mask, fast=True)
+    new_name = compute_policy_loss(lp, olp, adv, mask, compile=True)
+    assert old_name.per_token_loss is None is new_name.per_token_loss  # fast=True took the compiled path
+    torch.testing.assert_close(old_name.loss, new_name.loss)
+    with pytest.raises(ValueError, match="not both"):
+        compute_policy_loss(lp, olp, adv, mask, compile=True, fast=False)
 
 
 @pytest.mark.slow
@@ -113,7 +120,7 @@ def test_compiled_fast_path_equals_default(objective):
         assert torch.allclose(out.metrics[k], default.metrics[k], rtol=1e-6, atol=1e-7), k
     assert torch.allclose(out.ratio, default.ratio, rtol=1e-6)
     with pytest.raises(ValueError, match="old_log_prob holds"):
-        compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, fast=True, **kw)
+        compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, compile=True, **kw)
 
 
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
@@ -127,10 +134,10 @@ def test_gradient_scales_with_the_upstream_gradient(objective, ratio_level):
     (g_ref,) = torch.autograd.grad(autograd_reference(lp, olp, adv, mask, **kw), lp)
     for fast in (True, False):
         for c in (3.0, -0.5):
-            (g,) = torch.autograd.grad(c * compute_policy_loss(lp, olp, adv, mask, fast=fast, **kw).loss, lp)
+            (g,) = torch.autograd.grad(c * compute_policy_loss(lp, olp, adv, mask, compile=fast, **kw).loss, lp)
             assert torch.allclose(g, c * g_ref, rtol=1e-5, atol=1e-6 * abs(c) * g_ref.abs().max().item()), (fast, c)
         leaf = lp.detach().clone().requires_grad_()
-        compute_policy_loss(leaf, olp, adv, mask, fast=fast, **kw).loss.backward(torch.tensor(0.25))
+        compute_policy_loss(leaf, olp, adv, mask, compile=fast, **kw).loss.backward(torch.tensor(0.25))
         assert torch.allclose(leaf.grad, 0.25 * g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item()), fast
 
 
@@ -154,7 +161,7 @@ def test_sequence_ratio_with_per_token_advantages_weights_and_a_one_token_row(ob
     j = cfpo_surrogate(ratio, a, 0.2, 0.28) if objective == "cfpo" else clipped_surrogate(ratio, a, 0.2, 0.28)
     ref = aggregate_loss(-j * torch.where(mask, weights, 0.0), mask, "seq-mean-token-mean")
     (g_ref,) = torch.autograd.grad(ref, lp)
-    out = compute_policy_loss(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", fast=fast, **kw)
+    out = compute_policy_loss(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", compile=fast, **kw)
     (g_out,) = torch.autograd.grad(out.loss, lp)
     assert torch.allclose(out.loss, ref, rtol=1e-6, atol=1e-7)
     assert torch.allclose(g_out, g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item())

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from cfpo_loss import cfpo_surrogate, clipped_surrogate
-from cfpo_loss.surrogates import cfpo_surrogate_grad, clipped_surrogate_grad
+from cfpo_loss.surrogates import cfpo_terms, clipped_terms
+
+
+def cfpo_surrogate_grad(ratio, advantages, eps_low, eps_high):
+    """The analytic dJ/dr every loss path runs (``cfpo_terms(...).derivative``)."""
+    return cfpo_terms(ratio, advantages, eps_low, eps_high).derivative
+
+
+def clipped_surrogate_grad(ratio, advantages, eps_low, eps_high, dual_clip=None):
+    return clipped_terms(ratio, advantages, eps_low, eps_high, dual_clip).derivative
 
 
 def paper_cfpo(r: float, a: float, eps_low: float, eps_high: float) -> float:

@@ -48,7 +48,7 @@ def call(**over):
     (dict(old_log_prob=[[0.0] * 3] * 2), TypeError, r"old_log_prob must be a torch.Tensor"),
     (dict(weights=[[1.0] * 3] * 2), TypeError, r"weights must be a torch.Tensor"),
     (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, r"weights must be a floating-point"),
-    (dict(fast="yes"), ValueError, r"unknown fast 'yes'"),
+    (dict(compile="yes"), ValueError, r"unknown compile 'yes'"),
     (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
     (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
     (dict(dp_size=True), ValueError, r"dp_size must be a positive int"),
@@ -112,7 +112,7 @@ def test_aggregate_loss_checks_shapes_and_mode():
 def test_a_bad_01_mask_raises_with_and_without_the_finite_check(fast):
     for check_finite in (True, False):
         with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
-            call(mask=torch.tensor([[1, 0, 2], [1, 1, 1]]), check_finite=check_finite, fast=fast)
+            call(mask=torch.tensor([[1, 0, 2], [1, 1, 1]]), check_finite=check_finite, compile=fast)
     # a valid 0/1 mask of another dtype is the bool mask
     a = call(mask=torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]), log_prob=torch.randn(2, 3))
     assert torch.isfinite(a.loss)
@@ -148,10 +148,10 @@ def test_one_device_sync_per_call_metrics_included(monkeypatch, mask_dtype, fast
     mask = (torch.rand(4, 5, generator=g) > 0.3).to(mask_dtype)
     reference = compute_policy_loss(lp, old, adv, mask, check_finite=False)
     expected = {k: v.item() for k, v in reference.metrics.items()}
-    compute_policy_loss(lp, old, adv, mask, fast=fast)  # warm-up (compilation)
+    compute_policy_loss(lp, old, adv, mask, compile=fast)  # warm-up (compilation)
     for check_finite, in_call, in_read in ((True, 1, 0), (False, 0 if mask_dtype == torch.bool else 1, 1)):
         with _Syncs(monkeypatch) as probe:
-            out = compute_policy_loss(lp, old, adv, mask, check_finite=check_finite, fast=fast)
+            out = compute_policy_loss(lp, old, adv, mask, check_finite=check_finite, compile=fast)
             out.loss.backward()
             assert probe.count == in_call, (check_finite, probe.count)
             floats = out.metric_floats()
