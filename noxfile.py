@@ -308,8 +308,15 @@ def mutation(session: nox.Session) -> None:
         with open(os.path.join(work, "mutants", "src", "cfpo_loss", f"{module}.py.meta")) as f:
             codes = json.load(f)["exit_code_by_key"]
         for name, code in codes.items():  # mutmut's exit codes (mutmut/stats.py)
-            key = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
-                   None: "not checked"}.get(code)
+            key = {
+                1: "killed",
+                3: "killed",
+                0: "survived",
+                5: "no tests",
+                33: "no tests",
+                34: "skipped",
+                None: "not checked",
+            }.get(code)
             key = key or ("timeout" if code in (24, -24, 36, 152, 255) else "survived")  # suspicious: not killed
             counts[key] += 1
             if key == "survived":

@@ -16,8 +16,12 @@ DEVICES = ("cpu", "cuda")
 
 
 def add_device_arg(parser) -> None:
-    parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="cpu (default): wall + process CPU time; cuda: CUDA-event time, torch.cuda memory")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="cpu (default): wall + process CPU time; cuda: CUDA-event time, torch.cuda memory",
+    )
 
 
 def require_device(device: str) -> None:
@@ -30,7 +34,8 @@ def require_device(device: str) -> None:
         raise SystemExit(
             f"--device cuda: no CUDA GPU is visible to this process (torch {torch.__version__}, built for CUDA "
             f"{torch.version.cuda}; torch.cuda.is_available() is False). Run it on a CUDA machine, or use "
-            "--device cpu.")
+            "--device cpu."
+        )
 
 
 def _version(dist: str) -> str:
@@ -57,13 +62,17 @@ def machine_header(device: str) -> str:
 
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        where = (f"{torch.cuda.get_device_name(0)} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
-                 f"sm_{p.major}{p.minor}), CUDA {torch.version.cuda}")
+        where = (
+            f"{torch.cuda.get_device_name(0)} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+            f"sm_{p.major}{p.minor}), CUDA {torch.version.cuda}"
+        )
     else:
         where = f"{_cpu_model()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
     vers = ", ".join(f"{d} {_version(d)}" for d in ("triton", "transformers", "trl", "liger-kernel"))
-    return (f"# {where} | {platform.platform()} | python {platform.python_version()} | torch {torch.__version__}, "
-            f"{vers}, cfpo_loss {_cfpo_version()}")
+    return (
+        f"# {where} | {platform.platform()} | python {platform.python_version()} | torch {torch.__version__}, "
+        f"{vers}, cfpo_loss {_cfpo_version()}"
+    )
 
 
 def _cfpo_version() -> str:
@@ -75,10 +84,12 @@ def _cfpo_version() -> str:
     except ImportError:
         return "not importable"
     try:
-        rev = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "", ""
     return f"{version} ({rev}{' + uncommitted changes' if dirty else ''})" if rev else version

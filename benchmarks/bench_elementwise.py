@@ -47,6 +47,7 @@ from _bench_common import add_device_arg, machine_header, require_device, sync  
 if hasattr(cfpo_loss, "read_metrics"):
     read_metrics, METRICS_READER = cfpo_loss.read_metrics, "cfpo_loss.read_metrics (one transfer)"
 else:
+
     def read_metrics(metrics):
         return {k: float(v) for k, v in metrics.items()}
 
@@ -80,7 +81,11 @@ def verl_style_clip(old_log_prob, log_prob, advantages, response_mask, clip_rati
     )
     pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
     loss = verl_masked_sum(pg_losses, response_mask) / response_mask.sum()  # agg_loss token-mean, dp_size 1
-    metrics = {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": pg_clipfrac_lower.item()}
+    metrics = {
+        "pg_clipfrac": pg_clipfrac.item(),
+        "ppo_kl": ppo_kl.item(),
+        "pg_clipfrac_lower": pg_clipfrac_lower.item(),
+    }
     return loss, metrics
 
 
@@ -150,8 +155,9 @@ def main() -> None:
     add_device_arg(parser)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--shapes", nargs="+", type=_shape,
-                        help="BxT ... (default: cpu --batch x --seq; cuda 64x4096 256x8192)")
+    parser.add_argument(
+        "--shapes", nargs="+", type=_shape, help="BxT ... (default: cpu --batch x --seq; cuda 64x4096 256x8192)"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
@@ -160,8 +166,10 @@ def main() -> None:
     dev = args.device
     shapes = args.shapes or ([(args.batch, args.seq)] if dev == "cpu" else [(64, 4096), (256, 8192)])
     print(machine_header(dev))
-    print(f"device {dev}, shapes {', '.join(f'{b}x{t}' for b, t in shapes)}, metrics read by ours: {METRICS_READER}; "
-          f"verl-style: .item() per metric (as verl 0.9.1)")
+    print(
+        f"device {dev}, shapes {', '.join(f'{b}x{t}' for b, t in shapes)}, metrics read by ours: {METRICS_READER}; "
+        f"verl-style: .item() per metric (as verl 0.9.1)"
+    )
     for (batch, seq), dtype in [(s, getattr(torch, d)) for s in shapes for d in args.dtypes.split(",")]:
         _run_shape(args, dev, batch, seq, dtype)
 
@@ -177,11 +185,19 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
 
     def ours(objective, compile=False):
         def run():
-            out = compute_policy_loss(log_prob, old_log_prob, advantages, mask, objective=objective,
-                                      dual_clip=3.0 if objective == "clip" else None, compile=compile)
+            out = compute_policy_loss(
+                log_prob,
+                old_log_prob,
+                advantages,
+                mask,
+                objective=objective,
+                dual_clip=3.0 if objective == "clip" else None,
+                compile=compile,
+            )
             torch.autograd.grad(out.loss, log_prob)
             read_metrics(out.metrics)  # metrics reach the logger (see METRICS_READER)
             return out
+
         return run
 
     def verl_ref():

@@ -63,12 +63,16 @@ from _bench_common import add_device_arg, machine_header, require_device, timed_
 
 METHODS = ("naive-cfpo", "naive-clip", "fused-cfpo", "fused-clip", "liger-clip", "trl-cfpo", "gemm3")
 DEFAULT_METHODS = {"cpu": METHODS[:5], "cuda": ("naive-cfpo", "fused-cfpo", "trl-cfpo", "liger-clip", "gemm3")}
-DEFAULT_CONFIGS = {"cpu": ("8x512x1024x32768", "8x512x1024x131072"),
-                   "cuda": ("8x1024x2048x151936:ragged", "16x1024x4096x151936")}
+DEFAULT_CONFIGS = {
+    "cpu": ("8x512x1024x32768", "8x512x1024x131072"),
+    "cuda": ("8x1024x2048x151936:ragged", "16x1024x4096x151936"),
+}
 CHECK_CONFIGS = ("3x50x64x5000:ragged", "2x40x32x40000:ragged")  # the second spans two of TRL's vocab tiles
 # per device: rounds, timed runs per subprocess, warm-up runs, dtype
-DEVICE_DEFAULTS = {"cpu": dict(rounds=3, repeats=1, warmup=1, dtype="float32"),
-                   "cuda": dict(rounds=1, repeats=10, warmup=2, dtype="bfloat16")}
+DEVICE_DEFAULTS = {
+    "cpu": dict(rounds=3, repeats=1, warmup=1, dtype="float32"),
+    "cuda": dict(rounds=1, repeats=10, warmup=2, dtype="bfloat16"),
+}
 TRL_CHUNK_SIZE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE in trl 1.16.0 (read from trl if it has it)
 
 
@@ -170,7 +174,11 @@ def _step_fn(torch, method, hidden, weight, targets, old, adv, mask, liger_compi
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         loss_fn = LigerFusedLinearGRPOLoss(
-            beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
+            beta=0.0,
+            use_ref_model=False,
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            loss_type="dapo",
             compiled=liger_compiled,
         )
         attention_mask = mask.long()
@@ -197,12 +205,21 @@ def _step_fn(torch, method, hidden, weight, targets, old, adv, mask, liger_compi
         def step():  # trl/trainer/utils.py add_fused_lm_head._fused_forward, trl 1.16.0 (no softcap, scale 1)
             if compact:
                 lp, _entropy, *_ = ChunkedLogProbFunction.apply(
-                    hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ("log_probs", "entropy"))
+                    hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ("log_probs", "entropy")
+                )
                 lp = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
             else:
                 lp, _entropy, *_ = ChunkedLogProbFunction.apply(
-                    hidden.reshape(-1, H), weight, None, labels.clamp(min=0).reshape(-1), 1.0, chunk, None, 1.0,
-                    ("log_probs", "entropy"))
+                    hidden.reshape(-1, H),
+                    weight,
+                    None,
+                    labels.clamp(min=0).reshape(-1),
+                    1.0,
+                    chunk,
+                    None,
+                    1.0,
+                    ("log_probs", "entropy"),
+                )
                 lp = lp.view(B, T).masked_fill(~mask, 0)
             out = compute_policy_loss(lp, old, adv, mask, objective="cfpo", agg="token-mean")
             out.loss.backward()
@@ -247,13 +264,27 @@ def worker(method, cfg, repeats, warmup, device, dtype_name, liger_compiled) -> 
             times.append(dt)
             cpus.append(dc)
     return {
-        "method": method, "B": B, "T": T, "H": H, "V": V, "ragged": ragged, "valid_tokens": int(mask.sum()),
-        "device": device, "dtype": dtype_name, "times_s": times, "cpu_times_s": cpus,
-        "time_s": statistics.median(times), "cpu_s": statistics.median(cpus), "first_s": first,
+        "method": method,
+        "B": B,
+        "T": T,
+        "H": H,
+        "V": V,
+        "ragged": ragged,
+        "valid_tokens": int(mask.sum()),
+        "device": device,
+        "dtype": dtype_name,
+        "times_s": times,
+        "cpu_times_s": cpus,
+        "time_s": statistics.median(times),
+        "cpu_s": statistics.median(cpus),
+        "first_s": first,
         # CUDA: the timed runs' peak (the warm-ups' compilation and autotuning allocate scratch memory once);
         # CPU: every run's, as in the published CPU tables
-        "peak_mib": max(peaks[n_warm:] if device == "cuda" else peaks), "peaks_mib": peaks,
-        "loss": None if loss is None else float(loss), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "peak_mib": max(peaks[n_warm:] if device == "cuda" else peaks),
+        "peaks_mib": peaks,
+        "loss": None if loss is None else float(loss),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -280,8 +311,10 @@ def check(methods, configs, device, dtype_name, liger_compiled) -> int:
             w32 = weight.detach().float().requires_grad_(True)
             loss = _step_fn(torch, "naive-" + objective, h32, w32, targets, old, adv, mask, False)()
             refs[objective] = (loss.item(), h32.grad, w32.grad)
-        print(f"## check {B}x{T}x{H}x{V}{' ragged' if ragged else ''} ({int(mask.sum())} valid tokens), "
-              f"{device} {dtype_name}, vs naive in fp32, tolerance {tol:g}")
+        print(
+            f"## check {B}x{T}x{H}x{V}{' ragged' if ragged else ''} ({int(mask.sum())} valid tokens), "
+            f"{device} {dtype_name}, vs naive in fp32, tolerance {tol:g}"
+        )
         for m in methods:
             if m == "gemm3":
                 print(f"  {m:<11} skipped: no loss (the GEMM floor)")
@@ -300,8 +333,10 @@ def check(methods, configs, device, dtype_name, liger_compiled) -> int:
             e_w = ((w.grad.float() - ref_w).norm() / ref_w.norm()).item()
             ok = max(e_loss, e_h, e_w) <= tol
             failures += not ok
-            print(f"  {m:<11} {'ok  ' if ok else 'FAIL'} loss {loss.item():+.6f} (ref {ref_loss:+.6f}, err {e_loss:.1e}) "
-                  f"grad_h err {e_h:.1e} grad_W err {e_w:.1e}")
+            print(
+                f"  {m:<11} {'ok  ' if ok else 'FAIL'} loss {loss.item():+.6f} (ref {ref_loss:+.6f}, err {e_loss:.1e}) "
+                f"grad_h err {e_h:.1e} grad_W err {e_w:.1e}"
+            )
     print(f"check: {'all passed' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0
 
@@ -323,11 +358,27 @@ def _available_gib() -> float:
 def _run_one(method, cfg_text, args) -> dict:
     cfg = parse_config(cfg_text)
     if args.device == "cpu" and method.startswith("naive") and _estimate_naive_gib(*cfg[:4]) * 1.25 > _available_gib():
-        return {"method": method, "skipped": f"needs ~{_estimate_naive_gib(*cfg[:4]):.1f} GiB, "
-                f"{_available_gib():.1f} GiB available"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--configs", cfg_text,
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
-           "--dtype", args.dtype, "--liger-compiled" if args.liger_compiled else "--no-liger-compiled"]
+        return {
+            "method": method,
+            "skipped": f"needs ~{_estimate_naive_gib(*cfg[:4]):.1f} GiB, {_available_gib():.1f} GiB available",
+        }
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        method,
+        "--configs",
+        cfg_text,
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--liger-compiled" if args.liger_compiled else "--no-liger-compiled",
+    ]
     # Tensors >= 1 MiB get their own mmap and go back to the OS when freed, so RSS tracks live tensors
     # (glibc would otherwise keep freed blocks up to 32 MiB on its heap and hide them from later peaks).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
@@ -351,15 +402,25 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", help="BxTxHxV[:ragged] ... (default: per device, see the docstring)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="default: per device")
     p.add_argument("--rounds", type=int, help="rounds over all methods, interleaved (default: cpu 3, cuda 1)")
-    p.add_argument("--repeats", type=int, help="timed runs per subprocess (default: cpu 1, cuda 10; "
-                   "0: one run, no warm-up, timed cold)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed runs per subprocess (default: cpu 1, cuda 10; 0: one run, no warm-up, timed cold)",
+    )
     p.add_argument("--warmup", type=int, help="untimed runs first (default: cpu 1, cuda 2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: cpu float32, cuda bfloat16")
-    p.add_argument("--liger-compiled", action=argparse.BooleanOptionalAction, default=None,
-                   help="Liger with compiled=True (torch.compile); default: on for cuda, off for cpu")
-    p.add_argument("--check", action="store_true",
-                   help="run each method once on small configurations (or --configs) and compare loss and "
-                   "gradients with naive; exit 1 on a mismatch")
+    p.add_argument(
+        "--liger-compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Liger with compiled=True (torch.compile); default: on for cuda, off for cpu",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run each method once on small configurations (or --configs) and compare loss and "
+        "gradients with naive; exit 1 on a mismatch",
+    )
     p.add_argument("--json", help="also write all results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -377,8 +438,11 @@ def main(argv=None) -> int:
 
     require_device(args.device)
     if args.worker:
-        print(json.dumps(worker(args.worker, configs[0], args.repeats, args.warmup, args.device, args.dtype,
-                                args.liger_compiled)))
+        print(
+            json.dumps(
+                worker(args.worker, configs[0], args.repeats, args.warmup, args.device, args.dtype, args.liger_compiled)
+            )
+        )
         return 0
 
     print(machine_header(args.device), flush=True)
@@ -386,9 +450,12 @@ def main(argv=None) -> int:
         return check(args.methods, configs, args.device, args.dtype, args.liger_compiled)
 
     unit, mul = ("ms", 1e3) if args.device == "cuda" else ("s", 1.0)
-    print(f"# {args.device} {args.dtype} | {args.rounds} rounds x "
-          f"({'%d warm-up + %d timed' % (args.warmup, args.repeats) if args.repeats else '1 cold timed run'}) | "
-          f"liger compiled={args.liger_compiled} | {_load()}", flush=True)
+    print(
+        f"# {args.device} {args.dtype} | {args.rounds} rounds x "
+        f"({'%d warm-up + %d timed' % (args.warmup, args.repeats) if args.repeats else '1 cold timed run'}) | "
+        f"liger compiled={args.liger_compiled} | {_load()}",
+        flush=True,
+    )
     results = []
     for cfg_text, cfg in zip(args.configs, configs):
         runs = {m: [] for m in args.methods}
@@ -399,10 +466,12 @@ def main(argv=None) -> int:
                 runs[m].append(r)
                 results.append({"config": cfg_text, **r})
                 if "time_s" in r:
-                    print(f"  [{cfg_text} round {rnd}] {m}: {r['time_s'] * mul:.2f} {unit} "
-                          f"{'event' if args.device == 'cuda' else 'wall'}, {r['cpu_s']:.2f} s cpu, "
-                          f"{r['peak_mib']:.0f} MiB, first call {r['first_s'] * mul:.2f} {unit}  ({_load()})",
-                          flush=True)
+                    print(
+                        f"  [{cfg_text} round {rnd}] {m}: {r['time_s'] * mul:.2f} {unit} "
+                        f"{'event' if args.device == 'cuda' else 'wall'}, {r['cpu_s']:.2f} s cpu, "
+                        f"{r['peak_mib']:.0f} MiB, first call {r['first_s'] * mul:.2f} {unit}  ({_load()})",
+                        flush=True,
+                    )
                 else:
                     print(f"  [{cfg_text} round {rnd}] {m}: {r.get('skipped') or r.get('failed')}", flush=True)
         _report(cfg_text, runs, unit, mul, "event" if args.device == "cuda" else "wall")
@@ -419,8 +488,10 @@ def _report(cfg_text, runs, unit, mul, clock) -> None:
     valid = next((r["valid_tokens"] for rs in runs.values() for r in rs if "valid_tokens" in r), None)
     print(f"\n## B={B} T={T} H={H} V={V}{' ragged' if ragged else ''} ({valid} valid tokens)")
     t_col = f"{clock} {unit}"
-    print(f"{'method':<12} {t_col:>9} {'cpu s':>7} {'peak MiB':>9} {clock + '/naive':>11} {'cpu/naive':>10} "
-          f"{'mem/naive':>10} {'first ' + unit:>9}  per-round {clock} ({unit})")
+    print(
+        f"{'method':<12} {t_col:>9} {'cpu s':>7} {'peak MiB':>9} {clock + '/naive':>11} {'cpu/naive':>10} "
+        f"{'mem/naive':>10} {'first ' + unit:>9}  per-round {clock} ({unit})"
+    )
     ok = {m: [r for r in rs if "time_s" in r] for m, rs in runs.items()}
 
     def ratio(good, base, key, agg):
@@ -438,19 +509,23 @@ def _report(cfg_text, runs, unit, mul, clock) -> None:
         naive = (ok.get("naive-" + objective) if objective else None) or naive_any
         base = {r["round"]: r for r in naive}  # same objective's naive run; either (same cost) if only one ran
         per_round = ", ".join(f"{r['time_s'] * mul:.2f}" for r in good)
-        print(f"{m:<12} {statistics.median(r['time_s'] for r in good) * mul:>9.2f} "
-              f"{statistics.median(r['cpu_s'] for r in good):>7.2f} {max(r['peak_mib'] for r in good):>9.0f} "
-              f"{ratio(good, base, 'time_s', statistics.median):>11} {ratio(good, base, 'cpu_s', statistics.median):>10} "
-              f"{ratio(good, base, 'peak_mib', max):>10} {statistics.median(r['first_s'] for r in good) * mul:>9.2f}"
-              f"  {per_round}")
+        print(
+            f"{m:<12} {statistics.median(r['time_s'] for r in good) * mul:>9.2f} "
+            f"{statistics.median(r['cpu_s'] for r in good):>7.2f} {max(r['peak_mib'] for r in good):>9.0f} "
+            f"{ratio(good, base, 'time_s', statistics.median):>11} {ratio(good, base, 'cpu_s', statistics.median):>10} "
+            f"{ratio(good, base, 'peak_mib', max):>10} {statistics.median(r['first_s'] for r in good) * mul:>9.2f}"
+            f"  {per_round}"
+        )
     for num, den in (("fused-clip", "liger-clip"), ("fused-cfpo", "trl-cfpo"), ("fused-cfpo", "gemm3")):
         f, d = ok.get(num, []), ok.get(den, [])
         if f and d:
             by = {r["round"]: r for r in d}
             mem = "" if den == "gemm3" else f", peak memory {ratio(f, by, 'peak_mib', max)}"
-            print(f"{num} / {den}: {clock} {ratio(f, by, 'time_s', statistics.median)}, "
-                  f"cpu {ratio(f, by, 'cpu_s', statistics.median)}{mem} (medians of per-round ratios"
-                  f"{'' if den == 'gemm3' else '; memory: max'})")
+            print(
+                f"{num} / {den}: {clock} {ratio(f, by, 'time_s', statistics.median)}, "
+                f"cpu {ratio(f, by, 'cpu_s', statistics.median)}{mem} (medians of per-round ratios"
+                f"{'' if den == 'gemm3' else '; memory: max'})"
+            )
     print(flush=True)
 
 

@@ -36,8 +36,24 @@ from bench_elementwise import verl_style_clip  # noqa: E402
 import cfpo_loss.onepass as onepass  # noqa: E402
 from cfpo_loss import compute_policy_loss  # noqa: E402
 
-NO_KERNEL = {"detach", "view", "expand", "unbind", "lift_fresh", "alias", "t", "transpose", "slice", "select",
-             "unsqueeze", "squeeze", "_unsafe_view", "reshape", "as_strided", "scalar_tensor"}
+NO_KERNEL = {
+    "detach",
+    "view",
+    "expand",
+    "unbind",
+    "lift_fresh",
+    "alias",
+    "t",
+    "transpose",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "_unsafe_view",
+    "reshape",
+    "as_strided",
+    "scalar_tensor",
+}
 SYNCS = {"_local_scalar_dense", "nonzero", "item"}
 
 
@@ -52,6 +68,7 @@ class Count(TorchDispatchMode):
         def counted(t):
             self.syncs += 1
             return tolist(t)
+
         torch.Tensor.tolist = counted
         return super().__enter__()
 
@@ -86,10 +103,12 @@ def main() -> None:
 
     def ours(objective):
         def step():
-            out = compute_policy_loss(lp, old, adv, mask, objective=objective,
-                                      dual_clip=3.0 if objective == "clip" else None)
+            out = compute_policy_loss(
+                lp, old, adv, mask, objective=objective, dual_clip=3.0 if objective == "clip" else None
+            )
             out.loss.backward()
             out.metric_floats()
+
         return step
 
     rows = [("verl-style clip (baseline)", verl, None)]
@@ -102,10 +121,12 @@ def main() -> None:
     base = None
     for name, fn, where in rows:
         if where is not None:
+
             def init(self, m, dtype, _where=where):
                 original(self, m, dtype)
                 if _where and self.bitwise:
                     self.bitwise = False
+
             onepass.Select.__init__ = init
         try:
             fn()  # warm-up (lazy init, caches)

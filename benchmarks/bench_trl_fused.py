@@ -53,8 +53,9 @@ SIZES = {
 ROWS = ("grpo", "cfpo", "cfpo-fused")
 PROMPT_LEN = 32
 DEVICE_DEFAULTS = {
-    "cpu": dict(sizes=["cpu-v32k", "cpu-v131k"], rows=["cfpo", "cfpo-fused"], precisions=["fp32", "bf16"],
-                repeats=3, warmup=1),
+    "cpu": dict(
+        sizes=["cpu-v32k", "cpu-v131k"], rows=["cfpo", "cfpo-fused"], precisions=["fp32", "bf16"], repeats=3, warmup=1
+    ),
     "cuda": dict(sizes=["1.5b", "4l-h1024", "4l-h2048"], rows=list(ROWS), precisions=["bf16"], repeats=5, warmup=2),
 }
 
@@ -78,32 +79,59 @@ def child(size, row, precision, device, repeats, warmup, grad_ckpt) -> dict:
         torch.set_num_threads(2)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>")),
-        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    config = Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=inter, num_hidden_layers=L,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=max(4096, P + T), tie_word_embeddings=False)
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    config = Qwen2Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=inter,
+        num_hidden_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max(4096, P + T),
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         model = Qwen2ForCausalLM(config)  # fp32, TRL's default dtype for a model it loads
     d = tempfile.mkdtemp()
-    common = dict(output_dir=d + "/o", per_device_train_batch_size=B, num_generations=4, max_completion_length=T,
-                  report_to="none", use_cpu=device == "cpu", bf16=precision == "bf16", disable_tqdm=True)
+    common = dict(
+        output_dir=d + "/o",
+        per_device_train_batch_size=B,
+        num_generations=4,
+        max_completion_length=T,
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        disable_tqdm=True,
+    )
     if row == "grpo":
         cls, args = GRPOTrainer, GRPOConfig(**common)
     else:
         cls, args = CFPOTrainer, CFPOConfig(**common, use_fused_loss=row == "cfpo-fused")
-    tr = cls(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
-             train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}), processing_class=tok)
+    tr = cls(
+        model=model,
+        reward_funcs=lambda completions, **k: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}),
+        processing_class=tok,
+    )
     if grad_ckpt and getattr(args, "gradient_checkpointing", False) and not tr.model.is_gradient_checkpointing:
         tr.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     dev = tr.accelerator.device
     g = torch.Generator().manual_seed(0)
-    inputs = dict(prompt_ids=torch.randint(3, V, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.long),
-                  completion_ids=torch.randint(3, V, (B, T), generator=g),
-                  completion_mask=torch.ones(B, T, dtype=torch.long),
-                  advantages=torch.randn(B, generator=g), num_items_in_batch=torch.tensor(B * T),
-                  old_per_token_logps=-math.log(V) + 0.1 * torch.randn(B, T, generator=g))
+    inputs = dict(
+        prompt_ids=torch.randint(3, V, (B, P), generator=g),
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
+        completion_ids=torch.randint(3, V, (B, T), generator=g),
+        completion_mask=torch.ones(B, T, dtype=torch.long),
+        advantages=torch.randn(B, generator=g),
+        num_items_in_batch=torch.tensor(B * T),
+        old_per_token_logps=-math.log(V) + 0.1 * torch.randn(B, T, generator=g),
+    )
     inputs = {k: v.to(dev) for k, v in inputs.items()}
 
     def step():
@@ -127,10 +155,23 @@ def child(size, row, precision, device, repeats, warmup, grad_ckpt) -> dict:
             first = dt
         if i >= warmup:
             times.append(dt)
-    out = dict(size=size, row=row, precision=precision, device=device, layers=L, hidden=H, vocab=V, batch=B,
-               completion_len=T, s_per_step=statistics.median(times), times_s=times, first_s=first,
-               loss=float(loss), grad_ckpt=bool(tr.model.is_gradient_checkpointing),
-               attn=getattr(tr.model.config, "_attn_implementation", None))
+    out = dict(
+        size=size,
+        row=row,
+        precision=precision,
+        device=device,
+        layers=L,
+        hidden=H,
+        vocab=V,
+        batch=B,
+        completion_len=T,
+        s_per_step=statistics.median(times),
+        times_s=times,
+        first_s=first,
+        loss=float(loss),
+        grad_ckpt=bool(tr.model.is_gradient_checkpointing),
+        attn=getattr(tr.model.config, "_attn_implementation", None),
+    )
     if device == "cuda":
         out.update(peak_above_mib=max(peaks_above), peak_total_mib=max(peaks_total))
     else:
@@ -141,15 +182,21 @@ def child(size, row, precision, device, repeats, warmup, grad_ckpt) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arg(p)
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: cpu cpu-v32k cpu-v131k; cuda all three "
-                   "Qwen2 shapes")
+    p.add_argument(
+        "--sizes", nargs="+", choices=list(SIZES), help="default: cpu cpu-v32k cpu-v131k; cuda all three Qwen2 shapes"
+    )
     p.add_argument("--rows", nargs="+", choices=ROWS, help="default: cpu cfpo cfpo-fused; cuda all three")
-    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), help="TRL bf16=False / True "
-                   "(default: cpu both, cuda bf16)")
+    p.add_argument(
+        "--precisions", nargs="+", choices=("fp32", "bf16"), help="TRL bf16=False / True (default: cpu both, cuda bf16)"
+    )
     p.add_argument("--repeats", type=int, help="timed steps (default: cpu 3, cuda 5)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: cpu 1, cuda 2)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="enable it when the config asks for it, as Trainer.train does (default: on)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enable it when the config asks for it, as Trainer.train does (default: on)",
+    )
     p.add_argument("--json", help="also write all results to this file")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -164,17 +211,31 @@ def main(argv=None) -> int:
     print(machine_header(args.device), flush=True)
     unit, mul = ("ms", 1e3) if args.device == "cuda" else ("s", 1.0)
     mem_key = "peak_above_mib" if args.device == "cuda" else "peak_rss_mib"
-    print(f"# {args.device} | {args.warmup} warm-up + {args.repeats} timed steps per process, median | "
-          f"memory: {'max_memory_allocated above the step start' if args.device == 'cuda' else 'peak RSS'}",
-          flush=True)
+    print(
+        f"# {args.device} | {args.warmup} warm-up + {args.repeats} timed steps per process, median | "
+        f"memory: {'max_memory_allocated above the step start' if args.device == 'cuda' else 'peak RSS'}",
+        flush=True,
+    )
     results = []
     for size in args.sizes:
         for precision in args.precisions:
             got = {}
             for row in args.rows:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", size, row, precision, "--device",
-                       args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                       "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    size,
+                    row,
+                    precision,
+                    "--device",
+                    args.device,
+                    "--repeats",
+                    str(args.repeats),
+                    "--warmup",
+                    str(args.warmup),
+                    "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode == 0:
                     got[row] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -195,17 +256,25 @@ def _report(size, precision, got, unit, mul, mem_key) -> None:
     if not got:
         return
     any_row = next(iter(got.values()))
-    print(f"\n## {size}: {L} layers, H={H}, V={V}, {B}x{T} completion tokens, TRL bf16={precision == 'bf16'}, "
-          f"gradient checkpointing {any_row['grad_ckpt']}, attention {any_row['attn']}")
-    print(f"{'row':<11} {unit + '/step':>9} {'x ' + ('grpo' if 'grpo' in got else 'cfpo'):>7} {'peak MiB':>9} "
-          f"{'x mem':>6} {'first ' + unit:>9}  loss")
+    print(
+        f"\n## {size}: {L} layers, H={H}, V={V}, {B}x{T} completion tokens, TRL bf16={precision == 'bf16'}, "
+        f"gradient checkpointing {any_row['grad_ckpt']}, attention {any_row['attn']}"
+    )
+    print(
+        f"{'row':<11} {unit + '/step':>9} {'x ' + ('grpo' if 'grpo' in got else 'cfpo'):>7} {'peak MiB':>9} "
+        f"{'x mem':>6} {'first ' + unit:>9}  loss"
+    )
     for row, r in got.items():
         t, m = r["s_per_step"], r[mem_key]
-        print(f"{row:<11} {t * mul:>9.2f} {t / base['s_per_step']:>6.2f}x {m:>9.0f} {m / base[mem_key]:>5.2f}x "
-              f"{r['first_s'] * mul:>9.2f}  {r['loss']:+.6f}")
+        print(
+            f"{row:<11} {t * mul:>9.2f} {t / base['s_per_step']:>6.2f}x {m:>9.0f} {m / base[mem_key]:>5.2f}x "
+            f"{r['first_s'] * mul:>9.2f}  {r['loss']:+.6f}"
+        )
     if "cfpo-fused" in got and "cfpo" in got:
-        print(f"cfpo-fused / cfpo: time {got['cfpo-fused']['s_per_step'] / got['cfpo']['s_per_step']:.2f}x, "
-              f"memory {got['cfpo-fused'][mem_key] / got['cfpo'][mem_key]:.2f}x")
+        print(
+            f"cfpo-fused / cfpo: time {got['cfpo-fused']['s_per_step'] / got['cfpo']['s_per_step']:.2f}x, "
+            f"memory {got['cfpo-fused'][mem_key] / got['cfpo'][mem_key]:.2f}x"
+        )
     print(flush=True)
 
 

@@ -47,8 +47,13 @@ import torch  # noqa: E402
 from cfpo_loss import compute_policy_loss  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)] + [str(i) for i in range(10)] + ["a", "b", "c", "+", "=", "say", "count"]
-VARIANTS = ("clip (TRL RLOO)", "cfpo, RLOO sequence ratio", "cfpo, token ratio", "cfpo, GSPO mean ratio",
-            "cfpo, sequence_ratio='mean'")
+VARIANTS = (
+    "clip (TRL RLOO)",
+    "cfpo, RLOO sequence ratio",
+    "cfpo, token ratio",
+    "cfpo, GSPO mean ratio",
+    "cfpo, sequence_ratio='mean'",
+)
 
 
 def build_tokenizer():
@@ -226,10 +231,12 @@ def main(argv=None) -> int:
         for i in opts.variants:
             rs = [results[(length, VARIANTS[i], s)] for s in opts.seeds]
             cell = lambda key, fmt: " / ".join(format(r[key], fmt) for r in rs)  # noqa: E731
-            print(f"| {length} | {VARIANTS[i]} | {'yes' if all(r['finite'] for r in rs) else 'NO'} | "
-                  f"{cell('reward_first', '.2f')} | {cell('reward_final', '.2f')} | {cell('max_dev', '.3g')} | "
-                  f"{cell('grad_norm_max', '.3g')} | {cell('grad_norm_median', '.2g')} | "
-                  f"{cell('entropy_final', '.2f')} |")
+            print(
+                f"| {length} | {VARIANTS[i]} | {'yes' if all(r['finite'] for r in rs) else 'NO'} | "
+                f"{cell('reward_first', '.2f')} | {cell('reward_final', '.2f')} | {cell('max_dev', '.3g')} | "
+                f"{cell('grad_norm_max', '.3g')} | {cell('grad_norm_median', '.2g')} | "
+                f"{cell('entropy_final', '.2f')} |"
+            )
     return 0
 
 

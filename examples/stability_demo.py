@@ -511,9 +511,18 @@ def write_summary(runs: dict, path: str, header: str) -> str:
         "max \\|r-1\\|", "mean \\|r-1\\|", "mean exit fraction", "final entropy", "mean KL(pi_n \\|\\| pi_n+1)",
     ]  # fmt: skip
     body = [
-        [s["objective"], s["k"], s["steps"], f"{s['reward_first']:.3f}", f"{s['reward_final']:.3f}",
-         f"{s['max_abs_dev']:.3f}", f"{s['mean_dev']:.4f}", f"{s['mean_exit']:.4f}", f"{s['entropy_final']:.3f}",
-         f"{s['mean_kl_consecutive']:.2e}"]  # fmt: skip
+        [
+            s["objective"],
+            s["k"],
+            s["steps"],
+            f"{s['reward_first']:.3f}",
+            f"{s['reward_final']:.3f}",
+            f"{s['max_abs_dev']:.3f}",
+            f"{s['mean_dev']:.4f}",
+            f"{s['mean_exit']:.4f}",
+            f"{s['entropy_final']:.3f}",
+            f"{s['mean_kl_consecutive']:.2e}",
+        ]  # fmt: skip
         for s in summary_rows(runs)
     ]
     return write_table(path, header, columns, body)
@@ -745,10 +754,21 @@ def write_grid_summary(runs: dict, path: str, header: str) -> str:
     for (objective, k, b), rows in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         s = grid_stats(rows)
         body.append(
-            [objective, k, b, s["steps"], f"{s['reward_first']:.3f}", f"{s['reward_final']:.3f}",
-             f"{s['reward_drop']:.3f}", f"{s['exit_max']:.4f}", f"{s['exit_mean']:.4f}", f"{s['max_abs_dev']:.3f}",
-             "never" if s["entropy_collapse"] is None else s["entropy_collapse"], f"{s['entropy_final']:.3f}",
-             f"{s['kl_consecutive']:.2e}"]  # fmt: skip
+            [
+                objective,
+                k,
+                b,
+                s["steps"],
+                f"{s['reward_first']:.3f}",
+                f"{s['reward_final']:.3f}",
+                f"{s['reward_drop']:.3f}",
+                f"{s['exit_max']:.4f}",
+                f"{s['exit_mean']:.4f}",
+                f"{s['max_abs_dev']:.3f}",
+                "never" if s["entropy_collapse"] is None else s["entropy_collapse"],
+                f"{s['entropy_final']:.3f}",
+                f"{s['kl_consecutive']:.2e}",
+            ]  # fmt: skip
         )
     return write_table(path, header, columns, body)
 

@@ -24,8 +24,13 @@ import argparse
 import os
 import tempfile
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}.items():
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
@@ -54,9 +59,17 @@ def build_tiny_model(tokenizer, path: str) -> str:
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -109,7 +122,7 @@ def summarise(logs, key, first=False):
     values = [h[key] for h in logs if key in h]
     if not values:
         return float("nan")
-    tail = values[: max(len(values) // 4, 1)] if first else values[-max(len(values) // 4, 1):]
+    tail = values[: max(len(values) // 4, 1)] if first else values[-max(len(values) // 4, 1) :]
     return sum(tail) / len(tail)
 
 
@@ -140,8 +153,9 @@ def main():
     results = {}
     for obj in objectives:
         out_dir = os.path.join(work, obj)
-        results[obj] = train(obj, model_path, tokenizer, out_dir, args.steps, args.num_iterations, args.beta, args.lr,
-                             args.fused)
+        results[obj] = train(
+            obj, model_path, tokenizer, out_dir, args.steps, args.num_iterations, args.beta, args.lr, args.fused
+        )
 
     rows = [
         ("reward (first quarter)", "reward", True),
@@ -155,8 +169,10 @@ def main():
     print(f"\n{'metric (mean over the quarter of logged steps)':<48}" + "".join(f"{o:>12}" for o in objectives))
     for label, key, first in rows:
         print(f"{label:<48}" + "".join(f"{summarise(results[o], key, first):>12.4f}" for o in objectives))
-    print("\n(clip = TRL's GRPO objective through CFPOTrainer, identical to trl.GRPOTrainer; "
-          "cfpo = the clipping-free objective)")
+    print(
+        "\n(clip = TRL's GRPO objective through CFPOTrainer, identical to trl.GRPOTrainer; "
+        "cfpo = the clipping-free objective)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 
-def check_eps(eps_low: float, eps_high: float | None, *, names: tuple[str, str] = ("eps_low", "eps_high")
-              ) -> tuple[float, float]:
+def check_eps(
+    eps_low: float, eps_high: float | None, *, names: tuple[str, str] = ("eps_low", "eps_high")
+) -> tuple[float, float]:
     """Validate the trust-region half-widths; ``eps_high`` defaults to ``eps_low``. ``names``: how the errors
     name the two (an adapter passes its framework's option names)."""
     eps_low = _as_float(names[0], eps_low)
@@ -30,7 +31,9 @@ def check_dual_clip(dual_clip: float | None) -> float | None:
         return None
     dual_clip = _as_float("dual_clip", dual_clip)
     if not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (dual-clip PPO bounds A<0 tokens below by dual_clip*A), got {dual_clip}")
+        raise ValueError(
+            f"dual_clip must be > 1 (dual-clip PPO bounds A<0 tokens below by dual_clip*A), got {dual_clip}"
+        )
     return dual_clip
 
 

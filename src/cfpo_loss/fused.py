@@ -136,8 +136,19 @@ def fused_linear_policy_loss(
         compute_entropy=compute_entropy,
         global_batch=GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
     )  # fmt: skip
-    plan = make_plan(config, hidden, lm_head_weight, lm_head_bias, target_ids, old_log_prob, advantages, mask,
-                     weights, ref_log_prob, chunk_size)
+    plan = make_plan(
+        config,
+        hidden,
+        lm_head_weight,
+        lm_head_bias,
+        target_ids,
+        old_log_prob,
+        advantages,
+        mask,
+        weights,
+        ref_log_prob,
+        chunk_size,
+    )
     head = LMHead(hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1]), lm_head_weight, lm_head_bias)
     wanted = Wanted.of(head) if torch.is_grad_enabled() else Wanted(False, False, False)
     with torch.no_grad():
@@ -165,8 +176,9 @@ class Wanted(NamedTuple):
 
     @staticmethod
     def of(head: LMHead) -> Wanted:
-        return Wanted(head.hidden.requires_grad, head.weight.requires_grad,
-                      head.bias is not None and head.bias.requires_grad)
+        return Wanted(
+            head.hidden.requires_grad, head.weight.requires_grad, head.bias is not None and head.bias.requires_grad
+        )
 
 
 class Gradients(NamedTuple):
@@ -191,20 +203,49 @@ class FusedConfig:
     compute_entropy: bool
 
     @staticmethod
-    def build(*, objective, eps_low, eps_high, dual_clip, agg, ratio_level, temperature, beta, check_finite,
-              compute_entropy, global_batch: GlobalBatch) -> FusedConfig:
+    def build(
+        *,
+        objective,
+        eps_low,
+        eps_high,
+        dual_clip,
+        agg,
+        ratio_level,
+        temperature,
+        beta,
+        check_finite,
+        compute_entropy,
+        global_batch: GlobalBatch,
+    ) -> FusedConfig:
         options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
         check_choice("agg", agg, AGG_MODES)
-        return FusedConfig(options, agg, global_batch, check_float("temperature", temperature, above=0.0),
-                           check_float("beta", beta, at_least=0.0), bool(check_finite), bool(compute_entropy))
+        return FusedConfig(
+            options,
+            agg,
+            global_batch,
+            check_float("temperature", temperature, above=0.0),
+            check_float("beta", beta, at_least=0.0),
+            bool(check_finite),
+            bool(compute_entropy),
+        )
 
     def policy_loss_kwargs(self, weights: Tensor | None) -> dict:
         """The keyword arguments of the final ``compute_policy_loss`` call (which computes the metrics)."""
         o, g = self.options, self.global_batch
-        return dict(objective=o.objective, eps_low=o.eps_low, eps_high=o.eps_high, dual_clip=o.dual_clip,
-                    ratio_level=o.ratio_level, agg=self.agg, weights=weights, check_finite=self.check_finite,
-                    dp_size=g.dp_size, batch_num_tokens=g.batch_num_tokens, global_batch_size=g.global_batch_size,
-                    loss_scale_factor=g.loss_scale_factor)
+        return dict(
+            objective=o.objective,
+            eps_low=o.eps_low,
+            eps_high=o.eps_high,
+            dual_clip=o.dual_clip,
+            ratio_level=o.ratio_level,
+            agg=self.agg,
+            weights=weights,
+            check_finite=self.check_finite,
+            dp_size=g.dp_size,
+            batch_num_tokens=g.batch_num_tokens,
+            global_batch_size=g.global_batch_size,
+            loss_scale_factor=g.loss_scale_factor,
+        )
 
 
 @dataclass(frozen=True)
@@ -227,8 +268,19 @@ class FusedPlan:
         return self.config.options.ratio_level == "token"
 
 
-def make_plan(config: FusedConfig, hidden, weight, bias, target_ids, old_log_prob, advantages, mask, weights,
-              ref_log_prob, chunk_size) -> FusedPlan:
+def make_plan(
+    config: FusedConfig,
+    hidden,
+    weight,
+    bias,
+    target_ids,
+    old_log_prob,
+    advantages,
+    mask,
+    weights,
+    ref_log_prob,
+    chunk_size,
+) -> FusedPlan:
     """Validate every tensor (shape, dtype, device) without touching the vocabulary dimension."""
     check_tensor("hidden", hidden)
     check_tensor("lm_head_weight", weight)
@@ -243,13 +295,16 @@ def make_plan(config: FusedConfig, hidden, weight, bias, target_ids, old_log_pro
     bsz, seq = target_ids.shape
     want = {3: (bsz, seq, width), 2: (bsz * seq, width)}.get(hidden.dim())
     if want is None or hidden.shape != want:
-        raise ValueError(f"hidden must be (B, T, H) = {(bsz, seq, width)} or (B*T, H) = {(bsz * seq, width)} to match "
-                         f"target_ids (B, T) and lm_head_weight (V, H), got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must be (B, T, H) = {(bsz, seq, width)} or (B*T, H) = {(bsz * seq, width)} to match "
+            f"target_ids (B, T) and lm_head_weight (V, H), got {tuple(hidden.shape)}"
+        )
     device = hidden.device
     for name, t in (("lm_head_weight", weight), ("lm_head_bias", bias)):
         if t is not None and (t.dtype != hidden.dtype or t.device != device):
-            raise TypeError(f"{name} must match hidden's dtype/device ({hidden.dtype}, {device}), "
-                            f"got ({t.dtype}, {t.device})")
+            raise TypeError(
+                f"{name} must match hidden's dtype/device ({hidden.dtype}, {device}), got ({t.dtype}, {t.device})"
+            )
     if target_ids.device != device:
         raise ValueError(f"target_ids is on {target_ids.device} but hidden is on {device}")
     if bias is not None and bias.shape != (vocab,):
@@ -261,8 +316,10 @@ def make_plan(config: FusedConfig, hidden, weight, bias, target_ids, old_log_pro
             raise ValueError("ref_log_prob is required when beta > 0")
         check_tensor("ref_log_prob", ref_log_prob)
         if ref_log_prob.shape != (bsz, seq) or ref_log_prob.device != device:
-            raise ValueError(f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
-                             f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}")
+            raise ValueError(
+                f"ref_log_prob must be (B, T) = {(bsz, seq)} on {device}, "
+                f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}"
+            )
     batch = check_batch((bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
     row_weights(batch.mask, config.agg, config.global_batch)  # validates dp_size and the global counts
     ref = ref_log_prob.to(batch.dtype) if config.beta > 0 else None
@@ -412,9 +469,11 @@ def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, want
     for block in layout.blocks:
         block_step(plan, layout.tokens, block, head, fold, grad_fn, inputs, row_weight, buffers, wanted)
     grads = buffers.grads
-    grads = Gradients(grads.hidden,
-                      None if grads.weight is None else grads.weight.to(head.weight.dtype),
-                      None if grads.bias is None else grads.bias.to(head.bias.dtype))
+    grads = Gradients(
+        grads.hidden,
+        None if grads.weight is None else grads.weight.to(head.weight.dtype),
+        None if grads.bias is None else grads.bias.to(head.bias.dtype),
+    )
     log_prob = layout.tokens.scatter(buffers.log_prob).view(plan.bsz, plan.seq)
     return PassResult(log_prob, buffers.entropy_sum, grads)
 
@@ -427,7 +486,8 @@ def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor, row_
         targets=gather(target_ids),
         row_weight=gather(row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
         every=torch.ones(1, min(plan.chunk_size, max(tokens.count, 1)), dtype=torch.bool, device=target_ids.device)
-        if token_level else None,
+        if token_level
+        else None,
         old_log_prob=gather(batch.old_log_prob) if token_level else None,
         advantages=gather(batch.advantages) if token_level else None,
         weights=gather(batch.weights) if token_level else None,
@@ -455,8 +515,18 @@ def allocate(plan: FusedPlan, layout: Layout, head: LMHead, fold: Fold, wanted: 
     )
 
 
-def block_step(plan: FusedPlan, tokens: ValidTokens, block: Block, head: LMHead, fold: Fold, grad_fn,
-               inputs: TokenInputs, row_weight: Tensor, buffers: Buffers, wanted: Wanted) -> None:
+def block_step(
+    plan: FusedPlan,
+    tokens: ValidTokens,
+    block: Block,
+    head: LMHead,
+    fold: Fold,
+    grad_fn,
+    inputs: TokenInputs,
+    row_weight: Tensor,
+    buffers: Buffers,
+    wanted: Wanted,
+) -> None:
     """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
     n, config = block.end - block.start, plan.config
     h_blk = tokens.take_rows(head.hidden, block)
@@ -487,8 +557,15 @@ def block_step(plan: FusedPlan, tokens: ValidTokens, block: Block, head: LMHead,
         grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
 
 
-def log_prob_grad(plan: FusedPlan, tokens: ValidTokens, block: Block, grad_fn, inputs: TokenInputs,
-                  row_weight: Tensor, log_prob: Tensor) -> Tensor:
+def log_prob_grad(
+    plan: FusedPlan,
+    tokens: ValidTokens,
+    block: Block,
+    grad_fn,
+    inputs: TokenInputs,
+    row_weight: Tensor,
+    log_prob: Tensor,
+) -> Tensor:
     """dL/dlog π of the block's tokens: the core's per-token pass (+ the KL term's derivative)."""
     sl, batch = block.tokens, plan.batch
     if block.rows is None:  # token level: the block's tokens laid out as one row, each with its row's weight
@@ -673,9 +750,15 @@ def loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | No
         kl = kl_k3(torch.where(batch.mask, plan.ref_log_prob - log_prob, 0.0))
         per_token = per_token + config.beta * kl
         g = config.global_batch
-        loss = aggregate_loss(per_token, batch.mask, config.agg, dp_size=g.dp_size,
-                              batch_num_tokens=g.batch_num_tokens, global_batch_size=g.global_batch_size,
-                              loss_scale_factor=g.loss_scale_factor)
+        loss = aggregate_loss(
+            per_token,
+            batch.mask,
+            config.agg,
+            dp_size=g.dp_size,
+            batch_num_tokens=g.batch_num_tokens,
+            global_batch_size=g.global_batch_size,
+            loss_scale_factor=g.loss_scale_factor,
+        )
         metrics["kl"] = (kl.sum() / count).float()
     if entropy_sum is not None:
         metrics["entropy"] = (entropy_sum / count).float()

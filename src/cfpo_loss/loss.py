@@ -60,8 +60,11 @@ class PolicyLossOutput:
         if self._host_metrics is not None:
             items, version, floats = self._host_metrics
             now = tuple(self.metrics.items())
-            if (len(now) == len(items) and all(k == k0 and v is v0 for (k, v), (k0, v0) in zip(now, items))
-                    and now[0][1]._version == version):
+            if (
+                len(now) == len(items)
+                and all(k == k0 and v is v0 for (k, v), (k0, v0) in zip(now, items))
+                and now[0][1]._version == version
+            ):
                 return dict(floats)
         return read_metrics(self.metrics)
 
@@ -119,8 +122,11 @@ def compute_policy_loss(
         fast: the old name of ``compile`` (until 0.2); deprecated, warns.
     """
     if fast is not None:
-        warnings.warn("compute_policy_loss(fast=...) is deprecated: use compile=... (fast= goes in the release "
-                      "after 0.2)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "compute_policy_loss(fast=...) is deprecated: use compile=... (fast= goes in the release after 0.2)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if compile and not fast:
             raise ValueError("compute_policy_loss: pass compile=..., not both compile= and the deprecated fast=")
         compile = fast
@@ -132,18 +138,28 @@ def compute_policy_loss(
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
     old_log_prob, advantages, mask, weights, dtype, mask_invalid = check_batch(
-        log_prob.shape, log_prob.device, old_log_prob, advantages, mask, weights, log_prob=log_prob,
-        defer_mask_check=check_finite)
+        log_prob.shape,
+        log_prob.device,
+        old_log_prob,
+        advantages,
+        mask,
+        weights,
+        log_prob=log_prob,
+        defer_mask_check=check_finite,
+    )
     log_prob = log_prob.to(dtype)
-    row_weight = row_weights(mask, agg, GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
-                             dtype=dtype)
+    row_weight = row_weights(
+        mask, agg, GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), dtype=dtype
+    )
     if compile:
-        loss, _, ratio, metrics, checksum = compiled_policy_loss(log_prob, old_log_prob, advantages, mask, row_weight, weights,
-                                                             options)
+        loss, _, ratio, metrics, checksum = compiled_policy_loss(
+            log_prob, old_log_prob, advantages, mask, row_weight, weights, options
+        )
         per_token_loss = None
     else:
-        per_token_loss, ratio, metrics, checksum = eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights,
-                                                                     options)
+        per_token_loss, ratio, metrics, checksum = eager_policy_loss(
+            log_prob, old_log_prob, advantages, mask, weights, options
+        )
         loss = weighted_row_sum(per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
@@ -154,12 +170,14 @@ def compute_policy_loss(
         *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
         if not math.isfinite(total):
             raise_if_mask_invalid(mask_invalid)
-            check_finite_where(mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages,
-                               weights=weights)
+            check_finite_where(
+                mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages, weights=weights
+            )
         host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
-    return PolicyLossOutput(loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio,
-                            _host_metrics=host)
+    return PolicyLossOutput(
+        loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio, _host_metrics=host
+    )
 
 
 class Batch(NamedTuple):
@@ -171,8 +189,9 @@ class Batch(NamedTuple):
     mask_invalid: Tensor | None  # deferred check of a 0/1 mask's values (see _checks.check_mask)
 
 
-def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None,
-                defer_mask_check=False) -> Batch:
+def check_batch(
+    shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None, defer_mask_check=False
+) -> Batch:
     """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
     for a bool mask, nor with ``defer_mask_check``) and cast them to the compute dtype."""
     if old_log_prob is not None:  # None: on-policy (the fused path)
@@ -186,7 +205,9 @@ def check_batch(shape, device, old_log_prob, advantages, mask, weights, *, log_p
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
     if old_log_prob is not None and old_log_prob.shape != shape:
-        raise ValueError(f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}")
+        raise ValueError(
+            f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}"
+        )
     if advantages.shape in ((shape[0],), (shape[0], 1)):
         advantages = advantages.reshape(shape[0], 1).expand(shape)
     elif advantages.shape != shape:

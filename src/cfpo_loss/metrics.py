@@ -37,8 +37,17 @@ import torch
 from torch import Tensor
 
 #: the buffer's order; "dual_clip_frac" follows when dual_clip is set, "penalty" when the objective has one
-BASE_METRICS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_dev", "tr_exit_frac", "tr_exit_low", "tr_exit_high",
-                "approx_kl_k1", "approx_kl_k3")
+BASE_METRICS = (
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "ratio_dev",
+    "tr_exit_frac",
+    "tr_exit_low",
+    "tr_exit_high",
+    "approx_kl_k1",
+    "approx_kl_k3",
+)
 
 
 def metric_names(dual_clip: bool, penalty: bool) -> tuple[str, ...]:

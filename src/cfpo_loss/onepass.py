@@ -113,9 +113,18 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
         per_token_loss, dloss_dratio = per_token_loss * weights, dloss_dratio * weights
     metrics = None
     if options.with_metrics:
-        metrics = trust_region_metrics(ratio, log_ratio, advantages, mask, eps_low=options.eps_low,
-                                       eps_high=options.eps_high, dual_clip=options.dual_clip,
-                                       penalty=terms.penalty, ratio_level=options.ratio_level, select=valid)
+        metrics = trust_region_metrics(
+            ratio,
+            log_ratio,
+            advantages,
+            mask,
+            eps_low=options.eps_low,
+            eps_high=options.eps_high,
+            dual_clip=options.dual_clip,
+            penalty=terms.penalty,
+            ratio_level=options.ratio_level,
+            select=valid,
+        )
     return PolicyTerms(per_token_loss, dloss_dratio, ratio, passes, tokens_per_row, metrics, checksum)
 
 
@@ -175,7 +184,9 @@ class CompiledResult(NamedTuple):
     checksum: Tensor
 
 
-def loss_and_grad(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> CompiledResult:
+def loss_and_grad(
+    log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions
+) -> CompiledResult:
     """policy_terms with the aggregation's row weight folded in: the loss and its gradient w.r.t. log_prob.
     ``mask`` may come as floats (0/1): compiled CPU kernels load a float mask faster than a bool one
     (benchmarks/README.md), so ``compiled_policy_loss`` passes one."""
@@ -206,11 +217,14 @@ class _WithGradient(torch.autograd.Function):
         return None, grad_value * grad, None
 
 
-def compiled_policy_loss(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> CompiledResult:
+def compiled_policy_loss(
+    log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions
+) -> CompiledResult:
     """Run the compiled pass and attach its analytic gradient to log_prob (``loss`` carries the graph)."""
     with torch.no_grad():
-        out = _compiled_forward(options)(log_prob.detach(), old_log_prob, advantages, mask.to(log_prob.dtype),
-                                         row_weight, weights)
+        out = _compiled_forward(options)(
+            log_prob.detach(), old_log_prob, advantages, mask.to(log_prob.dtype), row_weight, weights
+        )
     if log_prob.requires_grad:
         out = out._replace(loss=_WithGradient.apply(out.loss, log_prob, out.grad.to(log_prob.dtype)))
     return out

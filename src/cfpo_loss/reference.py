@@ -29,8 +29,9 @@ def cfpo_objective(r: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high
     return r * advantages - advantages.abs() / (2 * eps) * (r - 1) ** 2
 
 
-def clip_objective(r: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float | None = None,
-                   dual_clip: float | None = None) -> Tensor:
+def clip_objective(
+    r: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None
+) -> Tensor:
     eps_high = eps_low if eps_high is None else eps_high
     objective = torch.min(r * advantages, r.clamp(1 - eps_low, 1 + eps_high) * advantages)
     if dual_clip is not None:
@@ -56,9 +57,19 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str = "token-mean") -> Tens
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
-def policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor, *, objective: str = "cfpo",
-                eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
-                agg: str = "token-mean", ratio_level: str = "token") -> Tensor:
+def policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    objective: str = "cfpo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    ratio_level: str = "token",
+) -> Tensor:
     """The loss to minimise; differentiate it with autograd. ``advantages``: (B,) or (B, T); ``mask`` bool."""
     mask = mask.bool()
     advantages = advantages.reshape(mask.shape[0], -1).expand(mask.shape)

@@ -50,7 +50,9 @@ def test_group_advantages_by_ids_in_any_order(scale):
     assert got.tolist() == pytest.approx(grpo_ref(REWARDS, groups, scale), rel=1e-9, abs=1e-12)
     # a tensor of integer ids gives the same
     int_ids = torch.tensor([int(g[1]) for g in ids])
-    assert torch.allclose(group_advantages(torch.tensor(REWARDS, dtype=torch.float64), group_ids=int_ids, scale=scale), got)
+    assert torch.allclose(
+        group_advantages(torch.tensor(REWARDS, dtype=torch.float64), group_ids=int_ids, scale=scale), got
+    )
 
 
 def test_rloo_contiguous_and_by_ids():

@@ -70,6 +70,8 @@ def test_the_one_range_warning(caplog):
     with pytest.warns(RuntimeWarning) as caught, caplog.at_level(logging.WARNING, logger=logger.name):
         msg = warn_if_unsupported("openrlhf", "0.12.0", "the consequence.", logger=logger, stacklevel=1)
     assert [str(w.message) for w in caught] == [msg] and caplog.messages == [msg]
-    assert msg == (f"cfpo_loss: openrlhf 0.12.0 is outside the supported range: the openrlhf adapter supports "
-                   f"openrlhf>=0.10.4,<0.12 (tested: {tested_versions('openrlhf')}), found 0.12.0; the consequence.")
+    assert msg == (
+        f"cfpo_loss: openrlhf 0.12.0 is outside the supported range: the openrlhf adapter supports "
+        f"openrlhf>=0.10.4,<0.12 (tested: {tested_versions('openrlhf')}), found 0.12.0; the consequence."
+    )
     assert caught[0].filename == __file__  # stacklevel 1: this line, as warnings.warn's own stacklevel counts

@@ -52,8 +52,9 @@ def make_inputs(b=4, t=9, h=24, v=97, *, seed=0, dtype=torch.float32, bias=True,
     old = old.masked_fill(~mask, float("nan"))
     ref = ref.masked_fill(~mask, float("inf"))
     cast = lambda x: None if x is None else x.to(dtype).requires_grad_()  # noqa: E731
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias_t), target=target, old=old, ref=ref,
-                adv=adv, mask=mask)
+    return dict(
+        hidden=cast(hidden), weight=cast(weight), bias=cast(bias_t), target=target, old=old, ref=ref, adv=adv, mask=mask
+    )
 
 
 def unfused(inp, *, temperature=1.0, beta=0.0, **kw):
@@ -67,8 +68,11 @@ def unfused(inp, *, temperature=1.0, beta=0.0, **kw):
         # TRL GRPOTrainer: per_token_kl = exp(ref - logp) - (ref - logp) - 1; per_token_loss += beta * kl
         delta = torch.where(inp["mask"], inp["ref"] - lp, 0)
         kl = torch.exp(delta) - delta - 1
-        agg_kw = {k: v for k, v in kw.items() if k in ("agg", "dp_size", "batch_num_tokens", "global_batch_size",
-                                                          "loss_scale_factor")}
+        agg_kw = {
+            k: v
+            for k, v in kw.items()
+            if k in ("agg", "dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+        }
         mode = agg_kw.pop("agg", "token-mean")
         loss = aggregate_loss(out.per_token_loss + beta * kl, inp["mask"], mode, **agg_kw)
     return loss, out, lp
@@ -76,8 +80,15 @@ def unfused(inp, *, temperature=1.0, beta=0.0, **kw):
 
 def fused(inp, **kw):
     return fused_linear_policy_loss(
-        inp["hidden"], inp["weight"], inp["target"], inp["old"], inp["adv"], inp["mask"],
-        lm_head_bias=inp["bias"], ref_log_prob=inp["ref"] if kw.get("beta") else None, **kw,
+        inp["hidden"],
+        inp["weight"],
+        inp["target"],
+        inp["old"],
+        inp["adv"],
+        inp["mask"],
+        lm_head_bias=inp["bias"],
+        ref_log_prob=inp["ref"] if kw.get("beta") else None,
+        **kw,
     )
 
 
@@ -136,10 +147,26 @@ def test_weights_dual_clip_eps_high_and_global_batch_info():
     inp = make_inputs(seed=4, spread=0.8)
     w = torch.rand(4, 9, generator=torch.Generator().manual_seed(9)) + 0.5
     for kw in (
-        dict(objective="clip", dual_clip=3.0, eps_low=0.2, eps_high=0.28, weights=w, agg="token-mean",
-             dp_size=2, batch_num_tokens=50),
-        dict(objective="cfpo", eps_low=0.1, eps_high=0.3, weights=w, agg="seq-mean-token-sum-norm",
-             dp_size=4, global_batch_size=7, loss_scale_factor=16),
+        dict(
+            objective="clip",
+            dual_clip=3.0,
+            eps_low=0.2,
+            eps_high=0.28,
+            weights=w,
+            agg="token-mean",
+            dp_size=2,
+            batch_num_tokens=50,
+        ),
+        dict(
+            objective="cfpo",
+            eps_low=0.1,
+            eps_high=0.3,
+            weights=w,
+            agg="seq-mean-token-sum-norm",
+            dp_size=4,
+            global_batch_size=7,
+            loss_scale_factor=16,
+        ),
         dict(objective="cfpo", agg="seq-mean-token-sum", global_batch_size=torch.tensor(5.0)),
         dict(objective="cfpo", ratio_level="sequence", weights=w, agg="seq-mean-token-mean"),  # blocks of rows
         dict(objective="clip", beta=0.05, agg="token-mean", dp_size=2, batch_num_tokens=50),  # KL + global count
@@ -153,8 +180,9 @@ def test_on_policy_and_check_finite_off(ratio_level):
     call: NaN at a valid old_log_prob gives a NaN loss instead of an error, as in compute_policy_loss."""
     inp = make_inputs(seed=17)
     kw = dict(objective="cfpo", ratio_level=ratio_level, chunk_size=5)
-    out = fused_linear_policy_loss(inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"],
-                                   lm_head_bias=inp["bias"], **kw)
+    out = fused_linear_policy_loss(
+        inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"], lm_head_bias=inp["bias"], **kw
+    )
     assert out.metrics["ratio_min"].item() == out.metrics["ratio_max"].item() == 1.0
     assert torch.isfinite(out.loss)
     old = inp["old"].clone()
@@ -182,8 +210,15 @@ def test_advantages_per_token_and_int_mask_and_2d_hidden():
     loss_u, _, _ = unfused(inp, objective="clip")
     gu = torch.autograd.grad(loss_u, params(inp))
     out = fused_linear_policy_loss(
-        inp["hidden"].reshape(36, -1), inp["weight"], inp["target"], inp["old"], adv_bt, inp["mask"].long(),
-        objective="clip", lm_head_bias=inp["bias"], chunk_size=8,
+        inp["hidden"].reshape(36, -1),
+        inp["weight"],
+        inp["target"],
+        inp["old"],
+        adv_bt,
+        inp["mask"].long(),
+        objective="clip",
+        lm_head_bias=inp["bias"],
+        chunk_size=8,
     )
     gf = torch.autograd.grad(out.loss, params(inp))
     torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
@@ -232,8 +267,17 @@ def test_on_policy_old_log_prob_none_is_detached_current_policy():
         lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
         want = compute_policy_loss(lp, lp.detach(), inp["adv"], inp["mask"], objective=objective)
         gw = torch.autograd.grad(want.loss, params(inp))
-        out = fused_linear_policy_loss(inp["hidden"], inp["weight"], inp["target"], None, inp["adv"], inp["mask"],
-                                       objective=objective, lm_head_bias=inp["bias"], chunk_size=7)
+        out = fused_linear_policy_loss(
+            inp["hidden"],
+            inp["weight"],
+            inp["target"],
+            None,
+            inp["adv"],
+            inp["mask"],
+            objective=objective,
+            lm_head_bias=inp["bias"],
+            chunk_size=7,
+        )
         gf = torch.autograd.grad(out.loss, params(inp))
         torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-5, atol=1e-7)
         assert_grads_close(gf, gw)
@@ -290,9 +334,15 @@ def test_cfpo_from_the_paper_equation_float64():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    b=st.integers(1, 4), t=st.integers(1, 6), h=st.integers(1, 8), v=st.integers(2, 40),
-    chunk=st.integers(1, 30), seed=st.integers(0, 10_000), objective=st.sampled_from(OBJECTIVES),
-    agg=st.sampled_from(AGG_MODES), ratio_level=st.sampled_from(["token", "sequence"]),
+    b=st.integers(1, 4),
+    t=st.integers(1, 6),
+    h=st.integers(1, 8),
+    v=st.integers(2, 40),
+    chunk=st.integers(1, 30),
+    seed=st.integers(0, 10_000),
+    objective=st.sampled_from(OBJECTIVES),
+    agg=st.sampled_from(AGG_MODES),
+    ratio_level=st.sampled_from(["token", "sequence"]),
     temperature=st.sampled_from([0.5, 1.0, 2.0]),
 )
 def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, temperature):
@@ -329,8 +379,10 @@ def test_bf16_within_the_unfused_paths_own_error(objective):
     error plus half a bf16 ulp (2**-9), for the loss and every gradient. The direct fused-vs-unfused
     bf16 difference is then bounded by ~2 bf16 ulps (1e-2 relative in norm)."""
     inp16 = make_inputs(b=4, t=16, h=32, v=300, seed=11, dtype=torch.bfloat16)
-    inp32 = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16
-                 else v) for k, v in inp16.items()}
+    inp32 = {
+        k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v)
+        for k, v in inp16.items()
+    }
     kw = dict(objective=objective, agg="token-mean")
     loss32, _, _ = unfused(inp32, **kw)
     g32 = torch.autograd.grad(loss32, params(inp32))
@@ -379,8 +431,15 @@ def test_largest_intermediate_is_one_tile():
 
 def _call(**over):
     inp = make_inputs(seed=13)
-    args = dict(hidden=inp["hidden"], lm_head_weight=inp["weight"], target_ids=inp["target"], old_log_prob=inp["old"],
-                advantages=inp["adv"], mask=inp["mask"], lm_head_bias=inp["bias"])
+    args = dict(
+        hidden=inp["hidden"],
+        lm_head_weight=inp["weight"],
+        target_ids=inp["target"],
+        old_log_prob=inp["old"],
+        advantages=inp["adv"],
+        mask=inp["mask"],
+        lm_head_bias=inp["bias"],
+    )
     args.update(over)
     return fused_linear_policy_loss(**args)
 
@@ -444,12 +503,14 @@ def compiled_fold(monkeypatch, request):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_gpu_fold_float32_matches_unfused(compiled_fold, objective):
     inp = make_inputs(seed=21)
-    for kw in (dict(objective=objective, temperature=0.7, beta=0.05, compute_entropy=True),
-               dict(objective=objective, ratio_level="sequence", agg="seq-mean-token-mean", eps_high=0.28)):
+    for kw in (
+        dict(objective=objective, temperature=0.7, beta=0.05, compute_entropy=True),
+        dict(objective=objective, ratio_level="sequence", agg="seq-mean-token-mean", eps_high=0.28),
+    ):
         u_kw = {k: v for k, v in kw.items() if k != "compute_entropy"}
         out = assert_same(inp, dict(kw, chunk_size=5), u_kw)
         if kw.get("compute_entropy"):
-            logits = (torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).double() / 0.7)
+            logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).double() / 0.7
             ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[inp["mask"]].mean()
             torch.testing.assert_close(out.metrics["entropy"].double(), ent, rtol=1e-5, atol=1e-6)
 

@@ -26,19 +26,27 @@ def batches(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(batches(), st.sampled_from(["cfpo", "clip"]), st.sampled_from(AGG_MODES),
-       st.sampled_from(["token", "sequence"]), st.floats(0.01, 0.99), st.floats(0.01, 5.0))
+@given(
+    batches(),
+    st.sampled_from(["cfpo", "clip"]),
+    st.sampled_from(AGG_MODES),
+    st.sampled_from(["token", "sequence"]),
+    st.floats(0.01, 0.99),
+    st.floats(0.01, 5.0),
+)
 def test_finite_loss_and_gradients(batch, objective, agg, ratio_level, eps_low, eps_high):
     lp, olp, adv, mask, junk = batch
     leaf = lp.clone().requires_grad_()
     dirty = [torch.where(mask, x, torch.full_like(x, junk)) for x in (leaf, olp, adv)]
-    out = compute_policy_loss(*dirty, mask, objective=objective, agg=agg, ratio_level=ratio_level,
-                              eps_low=eps_low, eps_high=eps_high)
+    out = compute_policy_loss(
+        *dirty, mask, objective=objective, agg=agg, ratio_level=ratio_level, eps_low=eps_low, eps_high=eps_high
+    )
     (g,) = torch.autograd.grad(out.loss, leaf)
     assert torch.isfinite(out.loss)
     assert torch.isfinite(g).all()
     assert torch.equal(g[~mask], torch.zeros_like(g[~mask]))
     assert all(torch.isfinite(v) for v in out.metrics.values())
-    clean = compute_policy_loss(leaf, olp, adv, mask, objective=objective, agg=agg, ratio_level=ratio_level,
-                                eps_low=eps_low, eps_high=eps_high)
+    clean = compute_policy_loss(
+        leaf, olp, adv, mask, objective=objective, agg=agg, ratio_level=ratio_level, eps_low=eps_low, eps_high=eps_high
+    )
     assert torch.equal(out.loss, clean.loss)

@@ -30,8 +30,19 @@ def paper_token_objective(r, a, objective, eps_low, eps_high, c=None):
     return max(j, c * a) if (c is not None and a < 0) else j
 
 
-def reference_loss(log_prob, old_log_prob, adv, mask, objective, agg, eps_low=0.2, eps_high=0.2, c=None,
-                   ratio_level="token", weights=None):
+def reference_loss(
+    log_prob,
+    old_log_prob,
+    adv,
+    mask,
+    objective,
+    agg,
+    eps_low=0.2,
+    eps_high=0.2,
+    c=None,
+    ratio_level="token",
+    weights=None,
+):
     """Loop-by-loop reference of −aggregate(J) with verl's agg_loss definitions."""
     b, t = mask.shape
     lp, olp = log_prob.tolist(), old_log_prob.tolist()
@@ -67,8 +78,9 @@ def reference_loss(log_prob, old_log_prob, adv, mask, objective, agg, eps_low=0.
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_loss_matches_reference(objective, agg, ratio_level):
     lp, olp, adv, mask = make_batch()
-    out = compute_policy_loss(lp, olp, adv, mask, objective=objective, agg=agg, eps_low=0.2, eps_high=0.28,
-                              ratio_level=ratio_level)
+    out = compute_policy_loss(
+        lp, olp, adv, mask, objective=objective, agg=agg, eps_low=0.2, eps_high=0.28, ratio_level=ratio_level
+    )
     ref = reference_loss(lp, olp, adv, mask, objective, agg, 0.2, 0.28, ratio_level=ratio_level)
     assert out.loss.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
 
@@ -99,8 +111,11 @@ def test_cfpo_gradient_matches_analytic_formula():
 def test_gradcheck_float64(objective, ratio_level):
     lp, olp, adv, mask = make_batch(b=3, t=4, spread=0.1)
     # keep ratios away from clip kinks where a finite difference is not a derivative
-    f = lambda x: compute_policy_loss(x, olp, adv, mask, objective=objective, ratio_level=ratio_level,
-                                      agg="seq-mean-token-mean").loss
+    f = lambda x: (
+        compute_policy_loss(
+            x, olp, adv, mask, objective=objective, ratio_level=ratio_level, agg="seq-mean-token-mean"
+        ).loss
+    )
     assert torch.autograd.gradcheck(f, (lp,), eps=1e-7, atol=1e-6)
 
 
@@ -146,9 +161,15 @@ def test_metrics_match_hand_computation():
     low = ((a < 0) & (r < 0.8)).double().mean()
     eps = torch.where(a > 0, 0.28, 0.2)
     expected = {
-        "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(), "ratio_dev": (r - 1).abs().mean(),
-        "tr_exit_high": high, "tr_exit_low": low, "tr_exit_frac": high + low,
-        "approx_kl_k1": (-(r.log())).mean(), "approx_kl_k3": (r - 1 - r.log()).mean(),
+        "ratio_mean": r.mean(),
+        "ratio_min": r.min(),
+        "ratio_max": r.max(),
+        "ratio_dev": (r - 1).abs().mean(),
+        "tr_exit_high": high,
+        "tr_exit_low": low,
+        "tr_exit_frac": high + low,
+        "approx_kl_k1": (-(r.log())).mean(),
+        "approx_kl_k3": (r - 1 - r.log()).mean(),
         "penalty": (a.abs() / (2 * eps) * (r - 1) ** 2).mean(),
     }
     assert set(expected) <= set(out.metrics)
@@ -230,8 +251,10 @@ def test_global_batch_info_makes_the_loss_shard_invariant():
     for agg in AGG_MODES:
         full = compute_policy_loss(lp, olp, adv, mask, agg=agg).loss
         info = dict(dp_size=2, batch_num_tokens=mask.sum(), global_batch_size=int(mask.any(-1).sum()))
-        shards = [compute_policy_loss(lp[s], olp[s], adv[s], mask[s], agg=agg, **info).loss
-                  for s in (slice(0, 3), slice(3, 6))]
+        shards = [
+            compute_policy_loss(lp[s], olp[s], adv[s], mask[s], agg=agg, **info).loss
+            for s in (slice(0, 3), slice(3, 6))
+        ]
         if agg == "seq-mean-token-sum-norm":
             continue  # its normaliser is the padded length, the same for both shards: checked below
         assert ((shards[0] + shards[1]) / 2).item() == pytest.approx(full.item(), rel=1e-12), agg
@@ -247,6 +270,7 @@ def test_aggregate_loss_requires_global_counts_when_sharded():
 
 
 # ---- metrics read in one device-to-host transfer ---------------------------------------------------
+
 
 @pytest.mark.parametrize("dual_clip,objective", [(None, "cfpo"), (3.0, "clip"), (None, "clip")])
 def test_metrics_share_one_buffer_and_read_as_floats(dual_clip, objective):
@@ -280,8 +304,18 @@ def test_every_metric_by_hand_with_padding(objective, dual_clip, ratio_level, fa
     mask[2] = False
     olp_dirty = torch.where(mask, olp, torch.tensor(float("nan"), dtype=olp.dtype))
     eps_low, eps_high = 0.2, 0.28
-    out = compute_policy_loss(lp, olp_dirty, adv, mask, objective=objective, eps_low=eps_low, eps_high=eps_high,
-                              dual_clip=dual_clip, ratio_level=ratio_level, compile=fast)
+    out = compute_policy_loss(
+        lp,
+        olp_dirty,
+        adv,
+        mask,
+        objective=objective,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        ratio_level=ratio_level,
+        compile=fast,
+    )
     rows = []
     for b in range(6):
         logr = [(lp[b, t] - olp[b, t]).item() for t in range(9) if mask[b, t]]
@@ -305,7 +339,9 @@ def test_every_metric_by_hand_with_padding(objective, dual_clip, ratio_level, fa
         "approx_kl_k3": sum(math.exp(lr) - 1 - lr for _, lr, _ in rows) / n,
     }
     if objective == "cfpo":
-        expected["penalty"] = sum(abs(a) / (2 * (eps_high if a > 0 else eps_low)) * (r - 1) ** 2 for r, _, a in rows) / n
+        expected["penalty"] = (
+            sum(abs(a) / (2 * (eps_high if a > 0 else eps_low)) * (r - 1) ** 2 for r, _, a in rows) / n
+        )
     if dual_clip is not None:
         expected["dual_clip_frac"] = sum(1 for r, _, a in rows if a < 0 and r > dual_clip) / n
     assert set(out.metrics) == set(expected)
@@ -363,8 +399,9 @@ def test_any_float64_input_makes_the_loss_float64(fp64):
     lp, olp, adv, mask = make_batch(dtype=torch.float32)
     inputs = dict(log_prob=lp, old_log_prob=olp, advantages=adv, weights=torch.ones(mask.shape))
     inputs[fp64] = inputs[fp64].double()
-    out = compute_policy_loss(inputs["log_prob"], inputs["old_log_prob"], inputs["advantages"], mask,
-                              weights=inputs["weights"])
+    out = compute_policy_loss(
+        inputs["log_prob"], inputs["old_log_prob"], inputs["advantages"], mask, weights=inputs["weights"]
+    )
     assert out.loss.dtype == torch.float64 and out.per_token_loss.dtype == torch.float64
 
 

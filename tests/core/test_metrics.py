@@ -44,8 +44,9 @@ def run(path, log_prob, old_log_prob, advantages, mask, head=None, **kw):
     """One loss call on ``path``; for "fused" the log-probs are the LM head's (``head``), not ``log_prob``."""
     if path == "fused":
         target = head["target"].masked_fill(~mask, -100)  # padding holds garbage ids too
-        return fused_linear_policy_loss(head["hidden"], head["weight"], target, old_log_prob, advantages, mask,
-                                        chunk_size=7, **kw)
+        return fused_linear_policy_loss(
+            head["hidden"], head["weight"], target, old_log_prob, advantages, mask, chunk_size=7, **kw
+        )
     return compute_policy_loss(log_prob, old_log_prob, advantages, mask, compile=path == "fast", **kw)
 
 
@@ -80,8 +81,9 @@ def reference_metrics(log_prob, old_log_prob, advantages, mask, *, objective, du
         "approx_kl_k3": sum(math.exp(lr) - 1 - lr for _, lr, _ in tokens) / n,
     }
     if objective == "cfpo":
-        expected["penalty"] = sum(abs(a) / (2 * (EPS_HIGH if a > 0 else EPS_LOW)) * (r - 1) ** 2
-                                  for r, _, a in tokens) / n
+        expected["penalty"] = (
+            sum(abs(a) / (2 * (EPS_HIGH if a > 0 else EPS_LOW)) * (r - 1) ** 2 for r, _, a in tokens) / n
+        )
     if dual_clip is not None:
         expected["dual_clip_frac"] = sum(1 for r, _, a in tokens if a < 0 and r > dual_clip) / n
     return expected
@@ -136,8 +138,9 @@ def test_every_metric_with_valid_values_on_one_side_of_the_padding(side, objecti
         ref_lp = head["log_prob"] - 0.4 * torch.linspace(-1, 1, B * T, dtype=torch.float64).reshape(B, T)
         kw.update(beta=0.05, ref_log_prob=ref_lp.masked_fill(~mask, float("inf")), compute_entropy=True)
     out = run(path, lp, old_dirty, adv_dirty, mask, head, **kw)
-    expected = reference_metrics(head["log_prob"], old, adv, mask, objective=objective, dual_clip=dual_clip,
-                                 ratio_level=ratio_level)
+    expected = reference_metrics(
+        head["log_prob"], old, adv, mask, objective=objective, dual_clip=dual_clip, ratio_level=ratio_level
+    )
     if path == "fused":
         valid = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
         deltas = [float(ref_lp[b, t] - head["log_prob"][b, t]) for b, t in valid]
@@ -174,13 +177,22 @@ def test_metrics_of_log_ratios_beyond_the_clamp_by_hand():
     e = math.exp
     n = 6
     by_hand = {  # token level
-        "ratio_min": e(-20), "ratio_max": e(20), "ratio_mean": (3 * e(20) + 2 * e(-20) + e(-0.5)) / n,
-        "approx_kl_k1": -19.5 / n, "approx_kl_k3": (3 * (e(20) - 21) + 2 * (e(-20) + 19) + e(-0.5) - 0.5) / n,
-        "tr_exit_high": 2 / n, "tr_exit_low": 1 / n,  # rows 0 and 3 at e^20 with A > 0; row 1 at e^-20 with A < 0
+        "ratio_min": e(-20),
+        "ratio_max": e(20),
+        "ratio_mean": (3 * e(20) + 2 * e(-20) + e(-0.5)) / n,
+        "approx_kl_k1": -19.5 / n,
+        "approx_kl_k3": (3 * (e(20) - 21) + 2 * (e(-20) + 19) + e(-0.5) - 0.5) / n,
+        "tr_exit_high": 2 / n,
+        "tr_exit_low": 1 / n,  # rows 0 and 3 at e^20 with A > 0; row 1 at e^-20 with A < 0
     }
     seq_by_hand = {  # rows' ratios: exp(mean clamped log r) = 1, 1, e^9.75
-        "ratio_min": 1.0, "ratio_max": e(9.75), "ratio_mean": (4 + 2 * e(9.75)) / n, "approx_kl_k1": -19.5 / n,
-        "approx_kl_k3": by_hand["approx_kl_k3"], "tr_exit_high": 2 / n, "tr_exit_low": 0.0,
+        "ratio_min": 1.0,
+        "ratio_max": e(9.75),
+        "ratio_mean": (4 + 2 * e(9.75)) / n,
+        "approx_kl_k1": -19.5 / n,
+        "approx_kl_k3": by_hand["approx_kl_k3"],
+        "tr_exit_high": 2 / n,
+        "tr_exit_low": 0.0,
     }
     head = lm_head(seed=2)
     old = head["log_prob"].clone()
@@ -192,14 +204,34 @@ def test_metrics_of_log_ratios_beyond_the_clamp_by_hand():
     for path in PATHS:
         for ratio_level, hand in (("token", by_hand), ("sequence", seq_by_hand)):
             for objective, dual_clip in OBJECTIVES:
-                out = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv, mask, head,
-                          objective=objective, eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip=dual_clip,
-                          ratio_level=ratio_level)
+                out = run(
+                    path,
+                    head["log_prob"].clone().requires_grad_(),
+                    old_dirty,
+                    adv,
+                    mask,
+                    head,
+                    objective=objective,
+                    eps_low=EPS_LOW,
+                    eps_high=EPS_HIGH,
+                    dual_clip=dual_clip,
+                    ratio_level=ratio_level,
+                )
                 floats = out.metric_floats()
                 for k, v in hand.items():
                     assert floats[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (path, ratio_level, objective, k)
-                assert_metrics(floats, reference_metrics(head["log_prob"], old, adv, mask, objective=objective,
-                                                         dual_clip=dual_clip, ratio_level=ratio_level))
+                assert_metrics(
+                    floats,
+                    reference_metrics(
+                        head["log_prob"],
+                        old,
+                        adv,
+                        mask,
+                        objective=objective,
+                        dual_clip=dual_clip,
+                        ratio_level=ratio_level,
+                    ),
+                )
 
 
 # ---- k3 is never negative, also where fp32 rounds (r - 1) - log r below zero -------------------------------
@@ -226,8 +258,18 @@ def test_k3_is_never_negative_where_fp32_rounds_r_to_1(ratio_level, path):
     head = dict(hidden=hidden, weight=weight, target=torch.full((b, t), 4))
     xs = x[mask].double()
     for objective in ("cfpo", "clip"):
-        out = run(path, torch.zeros(b, t, requires_grad=True), old, adv, mask, head, objective=objective,
-                  eps_low=EPS_LOW, eps_high=EPS_HIGH, ratio_level=ratio_level)
+        out = run(
+            path,
+            torch.zeros(b, t, requires_grad=True),
+            old,
+            adv,
+            mask,
+            head,
+            objective=objective,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            ratio_level=ratio_level,
+        )
         floats = out.metric_floats()
         assert floats["approx_kl_k3"] >= 0.0, (objective, floats["approx_kl_k3"])
         assert floats["approx_kl_k3"] == pytest.approx(float((xs**2 / 2).mean()), abs=1e-14)
@@ -244,8 +286,17 @@ def test_metric_floats_reflect_the_dict_when_called(path):
     appears in the next call."""
     head = lm_head(seed=4)
     old, old_dirty, adv, adv_dirty, mask = side_batch("straddle", head)
-    out = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv_dirty, mask, head,
-              objective="cfpo", eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    out = run(
+        path,
+        head["log_prob"].clone().requires_grad_(),
+        old_dirty,
+        adv_dirty,
+        mask,
+        head,
+        objective="cfpo",
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+    )
     before = out.metric_floats()
     assert before == {k: v.item() for k, v in out.metrics.items()}
     out.metrics["ratio_mean"] = torch.tensor(42.0)  # replaced: same keys as the loss returned
@@ -255,8 +306,17 @@ def test_metric_floats_reflect_the_dict_when_called(path):
     del out.metrics["extra"], out.metrics["penalty"]  # removed
     assert out.metric_floats() == {k: v for k, v in {**before, "ratio_mean": 42.0}.items() if k != "penalty"}
 
-    fresh = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv_dirty, mask, head,
-                objective="cfpo", eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    fresh = run(
+        path,
+        head["log_prob"].clone().requires_grad_(),
+        old_dirty,
+        adv_dirty,
+        mask,
+        head,
+        objective="cfpo",
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+    )
     assert fresh.metric_floats() == before
     fresh.metrics["ratio_max"].fill_(7.0)  # written in place (a view of the one buffer, on eager and fast)
     assert fresh.metric_floats() == {**before, "ratio_max": 7.0}
@@ -267,8 +327,16 @@ def test_metrics_carry_no_graph(path):
     """Detached metrics, even when the advantages (or weights) require grad: a logger must not keep graphs alive."""
     head = lm_head(seed=5)
     old, old_dirty, adv, adv_dirty, mask = side_batch("straddle", head)
-    out = run(path, head["log_prob"].clone().requires_grad_(), old_dirty, adv.clone().requires_grad_(), mask, head,
-              objective="cfpo", weights=torch.rand(B, T, dtype=torch.float64, requires_grad=True))
+    out = run(
+        path,
+        head["log_prob"].clone().requires_grad_(),
+        old_dirty,
+        adv.clone().requires_grad_(),
+        mask,
+        head,
+        objective="cfpo",
+        weights=torch.rand(B, T, dtype=torch.float64, requires_grad=True),
+    )
     assert not any(v.requires_grad for v in out.metrics.values())
 
 
@@ -279,11 +347,17 @@ def test_exit_fractions_count_neither_zero_advantages_nor_tokens_on_the_boundary
     equal when A = 0). A ratio exactly on the boundary 1 - eps_low, 1 + eps_high or dual_clip is inside (strict
     comparisons, as the frameworks' clip fractions). eps 0.25 / 0.5, c = 2.5: exp(log x) is exactly x here."""
     b, t = B, T
-    lr = {(0, 0): math.log(0.75), (0, 1): math.log(1.5), (1, 0): math.log(2.5),  # on the boundaries
-          (3, 0): 2.0, (3, 1): -2.0, (4, 0): 1.5,  # far outside, A = 0
-          (5, 0): 0.6, (5, 1): -0.4}  # outside with A pushing: the cases that count
-    adv_of = {(0, 0): -1.0, (0, 1): 1.0, (1, 0): -1.0, (3, 0): 0.0, (3, 1): 0.0, (4, 0): 0.0, (5, 0): 1.0,
-              (5, 1): -1.0}
+    lr = {
+        (0, 0): math.log(0.75),
+        (0, 1): math.log(1.5),
+        (1, 0): math.log(2.5),  # on the boundaries
+        (3, 0): 2.0,
+        (3, 1): -2.0,
+        (4, 0): 1.5,  # far outside, A = 0
+        (5, 0): 0.6,
+        (5, 1): -0.4,
+    }  # outside with A pushing: the cases that count
+    adv_of = {(0, 0): -1.0, (0, 1): 1.0, (1, 0): -1.0, (3, 0): 0.0, (3, 1): 0.0, (4, 0): 0.0, (5, 0): 1.0, (5, 1): -1.0}
     mask = torch.zeros(b, t, dtype=torch.bool)
     lp = torch.zeros(b, t, dtype=torch.float64)
     old = torch.full((b, t), float("nan"), dtype=torch.float64)
@@ -292,8 +366,17 @@ def test_exit_fractions_count_neither_zero_advantages_nor_tokens_on_the_boundary
         mask[key], old[key], adv[key] = True, -x, adv_of[key]
     on_boundary = torch.exp(lp - old)[[0, 0, 1], [0, 1, 0]]
     assert on_boundary.tolist() == [0.75, 1.5, 2.5]  # the fixture is exact
-    out = compute_policy_loss(lp.requires_grad_(), old, adv, mask, objective="clip", eps_low=0.25, eps_high=0.5,
-                              dual_clip=2.5, compile=path == "fast")
+    out = compute_policy_loss(
+        lp.requires_grad_(),
+        old,
+        adv,
+        mask,
+        objective="clip",
+        eps_low=0.25,
+        eps_high=0.5,
+        dual_clip=2.5,
+        compile=path == "fast",
+    )
     floats = out.metric_floats()
     n = len(lr)
     assert floats["tr_exit_high"] == pytest.approx(1 / n)  # (5, 0) only
@@ -310,9 +393,20 @@ def test_a_batch_with_no_valid_token_reports_zero_means_and_ratio_extremes_of_on
     head = lm_head(seed=6)
     mask = torch.zeros(B, T, dtype=torch.bool)
     old = torch.full((B, T), float("nan"), dtype=torch.float64)
-    out = run(path, head["log_prob"].clone().requires_grad_(), old, torch.full((B,), float("inf"), dtype=torch.float64),
-              mask, head, objective="clip", dual_clip=3.0, ratio_level=ratio_level)
-    expected = dict.fromkeys(["ratio_dev", "tr_exit_frac", "tr_exit_low", "tr_exit_high", "approx_kl_k1",
-                              "approx_kl_k3", "dual_clip_frac"], 0.0)
+    out = run(
+        path,
+        head["log_prob"].clone().requires_grad_(),
+        old,
+        torch.full((B,), float("inf"), dtype=torch.float64),
+        mask,
+        head,
+        objective="clip",
+        dual_clip=3.0,
+        ratio_level=ratio_level,
+    )
+    expected = dict.fromkeys(
+        ["ratio_dev", "tr_exit_frac", "tr_exit_low", "tr_exit_high", "approx_kl_k1", "approx_kl_k3", "dual_clip_frac"],
+        0.0,
+    )
     expected.update(ratio_mean=1.0, ratio_min=1.0, ratio_max=1.0)
     assert out.metric_floats() == expected

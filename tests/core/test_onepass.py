@@ -21,8 +21,21 @@ def batch(b=6, t=11, seed=0, dtype=torch.float32):
     return lp, olp, adv, mask
 
 
-def autograd_reference(lp, olp, adv, mask, *, objective="cfpo", agg="token-mean", ratio_level="token",
-                       eps_low=0.2, eps_high=None, dual_clip=None, weights=None, **info):
+def autograd_reference(
+    lp,
+    olp,
+    adv,
+    mask,
+    *,
+    objective="cfpo",
+    agg="token-mean",
+    ratio_level="token",
+    eps_low=0.2,
+    eps_high=None,
+    dual_clip=None,
+    weights=None,
+    **info,
+):
     """The loss written with plain torch ops and the public surrogates; autograd differentiates it."""
     lp32, olp32, a = lp.float(), olp.float(), adv.float()[:, None].expand(mask.shape)
     log_ratio = torch.where(mask, lp32 - olp32, 0.0).clamp(-20, 20)
@@ -75,10 +88,21 @@ def test_per_token_loss_backpropagates_for_callers_that_aggregate_themselves():
     coef = torch.rand(6, 11)
     for level in ("token", "sequence"):
         out = compute_policy_loss(lp, olp, adv, mask, ratio_level=level)
-        ref_tok = torch.where(mask, -cfpo_surrogate(
-            torch.exp(torch.where(mask, lp - olp, 0.0).clamp(-20, 20)) if level == "token" else
-            (torch.where(mask, lp - olp, 0.0).clamp(-20, 20).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
-             .clamp(min=1)).exp().expand(6, 11), torch.where(mask, adv[:, None], 0.0)), 0.0)
+        ref_tok = torch.where(
+            mask,
+            -cfpo_surrogate(
+                torch.exp(torch.where(mask, lp - olp, 0.0).clamp(-20, 20))
+                if level == "token"
+                else (
+                    torch.where(mask, lp - olp, 0.0).clamp(-20, 20).sum(-1, keepdim=True)
+                    / mask.sum(-1, keepdim=True).clamp(min=1)
+                )
+                .exp()
+                .expand(6, 11),
+                torch.where(mask, adv[:, None], 0.0),
+            ),
+            0.0,
+        )
         g = torch.autograd.grad((out.per_token_loss * coef).sum(), lp)[0]
         g_ref = torch.autograd.grad((ref_tok * coef).sum(), lp)[0]
         assert torch.allclose(out.per_token_loss, ref_tok.detach(), atol=1e-6)
@@ -183,7 +207,10 @@ def test_gpu_select_equals_cpu_bit_select():
         where = Select(mask, dtype)
         where.bitwise = False
         assert bit.bitwise
-        for a, b in ((bit.zero(x), where.zero(x)), (bit.fill(x, 1.0), where.fill(x, 1.0)),
-                     (bit.fill(x, -torch.inf), where.fill(x, -torch.inf))):
+        for a, b in (
+            (bit.zero(x), where.zero(x)),
+            (bit.fill(x, 1.0), where.fill(x, 1.0)),
+            (bit.fill(x, -torch.inf), where.fill(x, -torch.inf)),
+        ):
             assert torch.equal(a, b)
             assert torch.equal(a[mask], x[mask])

@@ -19,13 +19,15 @@ def test_reference_objectives_by_hand():
     torch.testing.assert_close(reference.cfpo_objective(r, a, 0.2, 0.28), torch.tensor(by_hand, dtype=torch.float64))
     # J_clip = min(r·A, clip(r, 0.8, 1.28)·A); dual-clip 3: max(·, 3·A) where A < 0
     by_hand = [min(3.0, 1.28 * 2), max(min(-0.5, -0.8), -3.0), max(min(-3.3, -3.3), -9.0), min(0.35, 0.8 * 0.5)]
-    torch.testing.assert_close(reference.clip_objective(r, a, 0.2, 0.28, dual_clip=3.0),
-                               torch.tensor(by_hand, dtype=torch.float64))
+    torch.testing.assert_close(
+        reference.clip_objective(r, a, 0.2, 0.28, dual_clip=3.0), torch.tensor(by_hand, dtype=torch.float64)
+    )
     # the maximiser of J_CFPO is r* = 1 + sign(A)·ε
     for adv, eps, r_star in ((1.0, 0.28, 1.28), (-1.0, 0.2, 0.8)):
         rr = torch.tensor([r_star], dtype=torch.float64, requires_grad=True)
-        (g,) = torch.autograd.grad(reference.cfpo_objective(rr, torch.tensor([adv], dtype=torch.float64), 0.2, 0.28),
-                                   rr)
+        (g,) = torch.autograd.grad(
+            reference.cfpo_objective(rr, torch.tensor([adv], dtype=torch.float64), 0.2, 0.28), rr
+        )
         assert abs(g.item()) < 1e-12, (adv, g)
 
 
@@ -54,8 +56,10 @@ def _batch(seed=0, b=5, t=7):
 
 @pytest.mark.parametrize("objective, dual_clip", [("cfpo", None), ("clip", None), ("clip", 3.0)])
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-@pytest.mark.parametrize("agg, path", [(agg, "eager") for agg in AGG_MODES]
-                         + [("token-mean", "compiled"), ("seq-mean-token-mean", "compiled")])  # compiling is slow
+@pytest.mark.parametrize(
+    "agg, path",
+    [(agg, "eager") for agg in AGG_MODES] + [("token-mean", "compiled"), ("seq-mean-token-mean", "compiled")],
+)  # compiling is slow
 def test_compute_policy_loss_equals_the_reference(objective, dual_clip, ratio_level, agg, path):
     lp, old, adv, mask = _batch()
     kw = dict(objective=objective, eps_low=0.2, eps_high=0.28, dual_clip=dual_clip, agg=agg, ratio_level=ratio_level)
@@ -82,8 +86,9 @@ def test_fused_path_equals_the_reference(objective, ratio_level):
     log_prob = (hidden @ weight.T).log_softmax(-1).gather(-1, target[..., None])[..., 0]
     want = reference.policy_loss(log_prob, old, adv, mask, **kw)
     want_grads = torch.autograd.grad(want, (hidden, weight))
-    got = fused_linear_policy_loss(hidden, weight, target.masked_fill(~mask, -100), old, adv, mask, chunk_size=3,
-                                   **kw).loss
+    got = fused_linear_policy_loss(
+        hidden, weight, target.masked_fill(~mask, -100), old, adv, mask, chunk_size=3, **kw
+    ).loss
     got_grads = torch.autograd.grad(got, (hidden, weight))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, e in zip(got_grads, want_grads):

@@ -36,7 +36,9 @@ ADVS = [-2.0, -0.5, 0.0, 0.7, 1.5]
 
 @pytest.mark.parametrize("eps_low,eps_high", [(0.2, 0.2), (0.2, 0.28), (0.1, 0.3)])
 def test_values_match_the_equations(eps_low, eps_high):
-    r, a = torch.meshgrid(torch.tensor(RATIOS, dtype=torch.float64), torch.tensor(ADVS, dtype=torch.float64), indexing="ij")
+    r, a = torch.meshgrid(
+        torch.tensor(RATIOS, dtype=torch.float64), torch.tensor(ADVS, dtype=torch.float64), indexing="ij"
+    )
     got_cfpo = cfpo_surrogate(r, a, eps_low, eps_high)
     got_clip = clipped_surrogate(r, a, eps_low, eps_high)
     got_dual = clipped_surrogate(r, a, eps_low, eps_high, dual_clip=3.0)
@@ -53,14 +55,18 @@ def test_eps_high_defaults_to_eps_low():
     assert torch.equal(clipped_surrogate(r, a, 0.25), clipped_surrogate(r, a, 0.25, 0.25))
 
 
-@pytest.mark.parametrize("a,eps_low,eps_high", [(1.0, 0.2, 0.28), (2.5, 0.1, 0.3), (-1.0, 0.2, 0.28), (-0.4, 0.15, 0.5)])
+@pytest.mark.parametrize(
+    "a,eps_low,eps_high", [(1.0, 0.2, 0.28), (2.5, 0.1, 0.3), (-1.0, 0.2, 0.28), (-0.4, 0.15, 0.5)]
+)
 def test_maximiser_is_one_plus_sign_a_eps(a, eps_low, eps_high):
     expected = 1 + eps_high if a > 0 else 1 - eps_low
     r = torch.linspace(0.0, 2.0, 200_001, dtype=torch.float64)
     j = cfpo_surrogate(r, torch.full_like(r, a), eps_low, eps_high)
     assert r[j.argmax()].item() == pytest.approx(expected, abs=1e-5)
     # and the analytic derivative vanishes exactly there
-    g = cfpo_surrogate_grad(torch.tensor([expected], dtype=torch.float64), torch.tensor([a], dtype=torch.float64), eps_low, eps_high)
+    g = cfpo_surrogate_grad(
+        torch.tensor([expected], dtype=torch.float64), torch.tensor([a], dtype=torch.float64), eps_low, eps_high
+    )
     assert g.item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -108,8 +114,9 @@ def test_clip_boundaries_belong_to_the_trust_region():
     g = clipped_surrogate_grad(r, a, 0.25, 0.5, dual_clip=3.0)
     assert torch.equal(g, a)
     # just outside: clipped
-    outside = clipped_surrogate_grad(r * torch.tensor([0.999, 1.001, 1.001, 1.001], dtype=torch.float64), a, 0.25,
-                                     0.5, dual_clip=3.0)
+    outside = clipped_surrogate_grad(
+        r * torch.tensor([0.999, 1.001, 1.001, 1.001], dtype=torch.float64), a, 0.25, 0.5, dual_clip=3.0
+    )
     assert torch.equal(outside, torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
 
 
@@ -140,6 +147,7 @@ def test_broadcasting_shapes():
 
 # ---- the objective registry: one record per objective, consulted everywhere --------------------------
 
+
 def test_unknown_objective_raises_everywhere():
     from cfpo_loss import compute_policy_loss, fused_linear_policy_loss, get_objective
 
@@ -151,8 +159,15 @@ def test_unknown_objective_raises_everywhere():
         with pytest.raises(ValueError, match="unknown objective"):
             compute_policy_loss(lp, lp, torch.ones(2), mask, objective=bad)
         with pytest.raises(ValueError, match="unknown objective"):
-            fused_linear_policy_loss(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long), lp,
-                                     torch.ones(2), mask, objective=bad)
+            fused_linear_policy_loss(
+                torch.zeros(2, 3, 4),
+                torch.zeros(5, 4),
+                torch.zeros(2, 3, dtype=torch.long),
+                lp,
+                torch.ones(2),
+                mask,
+                objective=bad,
+            )
 
 
 def test_public_surrogates_are_the_records_terms():
@@ -171,8 +186,9 @@ def test_a_third_objective_is_one_record(monkeypatch):
     from cfpo_loss import OBJECTIVES, Objective, compute_policy_loss
     from cfpo_loss.surrogates import Terms
 
-    plain = Objective("plain", lambda r, a, lo, hi, dc=None: Terms(r * a, a, None), takes_dual_clip=False,
-                      has_penalty=False)
+    plain = Objective(
+        "plain", lambda r, a, lo, hi, dc=None: Terms(r * a, a, None), takes_dual_clip=False, has_penalty=False
+    )
     monkeypatch.setitem(OBJECTIVES, "plain", plain)
     g = torch.Generator().manual_seed(1)
     lp = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()

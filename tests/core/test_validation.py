@@ -7,8 +7,12 @@ from cfpo_loss import aggregate_loss, cfpo_surrogate, clipped_surrogate, compute
 
 
 def good(b=2, t=3):
-    return dict(log_prob=torch.zeros(b, t), old_log_prob=torch.zeros(b, t), advantages=torch.ones(b),
-                mask=torch.ones(b, t, dtype=torch.bool))
+    return dict(
+        log_prob=torch.zeros(b, t),
+        old_log_prob=torch.zeros(b, t),
+        advantages=torch.ones(b),
+        mask=torch.ones(b, t, dtype=torch.bool),
+    )
 
 
 def call(**over):
@@ -18,47 +22,61 @@ def call(**over):
     return compute_policy_loss(*args, **kw)
 
 
-@pytest.mark.parametrize("over,exc,pattern", [
-    (dict(old_log_prob=torch.zeros(2, 4)), ValueError, r"old_log_prob must have the shape of log_prob \(2, 3\), got \(2, 4\)"),
-    (dict(advantages=torch.ones(3)), ValueError, r"advantages must be .* got \(3,\)"),
-    (dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, r"mask must have the shape"),
-    (dict(log_prob=torch.zeros(6)), ValueError, r"log_prob must be \(B, T\)"),
-    (dict(weights=torch.ones(2, 2)), ValueError, r"weights must have the shape"),
-    (dict(log_prob=torch.zeros(2, 3, dtype=torch.long)), TypeError, r"log_prob must be a floating-point"),
-    (dict(advantages=[1.0, 1.0]), TypeError, r"advantages must be a torch.Tensor"),
-    (dict(mask=torch.full((2, 3), 0.5)), ValueError, r"mask must be bool or hold only 0 and 1"),
-    (dict(mask=torch.full((2, 3), 2)), ValueError, r"mask must be bool or hold only 0 and 1"),
-    (dict(log_prob=torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])), ValueError, r"log_prob holds 1 non-finite"),
-    (dict(old_log_prob=torch.tensor([[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]])), ValueError, r"old_log_prob holds 1 non-finite"),
-    (dict(advantages=torch.tensor([1.0, float("inf")])), ValueError, r"advantages holds 3 non-finite"),
-    (dict(weights=torch.full((2, 3), float("nan"))), ValueError, r"weights holds 6 non-finite"),
-    (dict(eps_low=0.0), ValueError, r"eps_low must lie in \(0, 1\)"),
-    (dict(eps_low=-0.1), ValueError, r"eps_low"),
-    (dict(eps_low=1.0), ValueError, r"eps_low"),
-    (dict(eps_high=0.0), ValueError, r"eps_high must be > 0"),
-    (dict(eps_high=float("nan")), ValueError, r"eps_high must be finite"),
-    (dict(eps_low="0.2"), TypeError, r"eps_low must be a float"),
-    (dict(objective="clip", dual_clip=1.0), ValueError, r"dual_clip must be > 1"),
-    (dict(objective="spo"), ValueError, r"unknown objective 'spo'; valid: 'cfpo', 'clip'"),
-    (dict(agg="mean"), ValueError, r"unknown agg 'mean'; valid: 'token-mean', 'token-sum', 'seq-mean-token-sum'"),
-    (dict(ratio_level="group"), ValueError, r"unknown ratio_level 'group'; valid: 'token', 'sequence'"),
-    (dict(dp_size=0), ValueError, r"dp_size must be a positive int"),
-    (dict(batch_num_tokens=0), ValueError, r"batch_num_tokens must be > 0"),
-    # every tensor argument is named in its own type error (mutation testing found these unpinned)
-    (dict(old_log_prob=[[0.0] * 3] * 2), TypeError, r"old_log_prob must be a torch.Tensor"),
-    (dict(weights=[[1.0] * 3] * 2), TypeError, r"weights must be a torch.Tensor"),
-    (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, r"weights must be a floating-point"),
-    (dict(compile="yes"), ValueError, r"unknown compile 'yes'"),
-    (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
-    (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
-    (dict(dp_size=True), ValueError, r"dp_size must be a positive int"),
-    (dict(global_batch_size=0, agg="seq-mean-token-mean"), ValueError, r"global_batch_size must be > 0"),
-    (dict(loss_scale_factor=0.0, agg="seq-mean-token-sum-norm"), ValueError, r"loss_scale_factor must be > 0"),
-])
+@pytest.mark.parametrize(
+    "over,exc,pattern",
+    [
+        (
+            dict(old_log_prob=torch.zeros(2, 4)),
+            ValueError,
+            r"old_log_prob must have the shape of log_prob \(2, 3\), got \(2, 4\)",
+        ),
+        (dict(advantages=torch.ones(3)), ValueError, r"advantages must be .* got \(3,\)"),
+        (dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, r"mask must have the shape"),
+        (dict(log_prob=torch.zeros(6)), ValueError, r"log_prob must be \(B, T\)"),
+        (dict(weights=torch.ones(2, 2)), ValueError, r"weights must have the shape"),
+        (dict(log_prob=torch.zeros(2, 3, dtype=torch.long)), TypeError, r"log_prob must be a floating-point"),
+        (dict(advantages=[1.0, 1.0]), TypeError, r"advantages must be a torch.Tensor"),
+        (dict(mask=torch.full((2, 3), 0.5)), ValueError, r"mask must be bool or hold only 0 and 1"),
+        (dict(mask=torch.full((2, 3), 2)), ValueError, r"mask must be bool or hold only 0 and 1"),
+        (
+            dict(log_prob=torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])),
+            ValueError,
+            r"log_prob holds 1 non-finite",
+        ),
+        (
+            dict(old_log_prob=torch.tensor([[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]])),
+            ValueError,
+            r"old_log_prob holds 1 non-finite",
+        ),
+        (dict(advantages=torch.tensor([1.0, float("inf")])), ValueError, r"advantages holds 3 non-finite"),
+        (dict(weights=torch.full((2, 3), float("nan"))), ValueError, r"weights holds 6 non-finite"),
+        (dict(eps_low=0.0), ValueError, r"eps_low must lie in \(0, 1\)"),
+        (dict(eps_low=-0.1), ValueError, r"eps_low"),
+        (dict(eps_low=1.0), ValueError, r"eps_low"),
+        (dict(eps_high=0.0), ValueError, r"eps_high must be > 0"),
+        (dict(eps_high=float("nan")), ValueError, r"eps_high must be finite"),
+        (dict(eps_low="0.2"), TypeError, r"eps_low must be a float"),
+        (dict(objective="clip", dual_clip=1.0), ValueError, r"dual_clip must be > 1"),
+        (dict(objective="spo"), ValueError, r"unknown objective 'spo'; valid: 'cfpo', 'clip'"),
+        (dict(agg="mean"), ValueError, r"unknown agg 'mean'; valid: 'token-mean', 'token-sum', 'seq-mean-token-sum'"),
+        (dict(ratio_level="group"), ValueError, r"unknown ratio_level 'group'; valid: 'token', 'sequence'"),
+        (dict(dp_size=0), ValueError, r"dp_size must be a positive int"),
+        (dict(batch_num_tokens=0), ValueError, r"batch_num_tokens must be > 0"),
+        # every tensor argument is named in its own type error (mutation testing found these unpinned)
+        (dict(old_log_prob=[[0.0] * 3] * 2), TypeError, r"old_log_prob must be a torch.Tensor"),
+        (dict(weights=[[1.0] * 3] * 2), TypeError, r"weights must be a torch.Tensor"),
+        (dict(weights=torch.ones(2, 3, dtype=torch.long)), TypeError, r"weights must be a floating-point"),
+        (dict(compile="yes"), ValueError, r"unknown compile 'yes'"),
+        (dict(mask=[[True] * 3] * 2), TypeError, r"mask must be a torch.Tensor"),
+        (dict(objective="clip", dual_clip="3"), TypeError, r"dual_clip must be a float"),
+        (dict(dp_size=True), ValueError, r"dp_size must be a positive int"),
+        (dict(global_batch_size=0, agg="seq-mean-token-mean"), ValueError, r"global_batch_size must be > 0"),
+        (dict(loss_scale_factor=0.0, agg="seq-mean-token-sum-norm"), ValueError, r"loss_scale_factor must be > 0"),
+    ],
+)
 def test_bad_input_raises(over, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(**over)
-
 
 
 def test_device_mismatch_on_meta():
@@ -130,6 +148,7 @@ class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
         def counted(t):
             self.count += 1
             return tolist(t)
+
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

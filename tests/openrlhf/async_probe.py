@@ -82,27 +82,44 @@ def _policy_loss_in_policy_actor(actor_self, batch):
     }
     trainer = ActorPPOTrainer.__new__(ActorPPOTrainer)
     try:
-        ActorPPOTrainer.__init__(trainer, strategy, None, None, None, None,
-                                 micro_train_batch_size=args.train.micro_batch_size,
-                                 vllm_engines=actor_self.vllm_engines)
+        ActorPPOTrainer.__init__(
+            trainer,
+            strategy,
+            None,
+            None,
+            None,
+            None,
+            micro_train_batch_size=args.train.micro_batch_size,
+            vllm_engines=actor_self.vllm_engines,
+        )
         out["init_error"] = None
     except Exception as e:  # noqa: BLE001 - recorded: where OpenRLHF's __init__ stops on a CPU
         out["init_error"] = _error(e)
     loss_fn = trainer.actor_loss_fn
-    out["loss_fn"] = {"class": f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}",
-                      "policy_loss_type": loss_fn.policy_loss_type, "clip_eps_low": loss_fn.clip_eps_low,
-                      "clip_eps_high": loss_fn.clip_eps_high, "token_level_loss": loss_fn.token_level_loss}
+    out["loss_fn"] = {
+        "class": f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}",
+        "policy_loss_type": loss_fn.policy_loss_type,
+        "clip_eps_low": loss_fn.clip_eps_low,
+        "clip_eps_high": loss_fn.clip_eps_high,
+        "token_level_loss": loss_fn.token_level_loss,
+    }
     log_probs = torch.tensor(batch["log_probs"], requires_grad=True)
     # as ActorPPOTrainer.training_step calls it (one data-parallel rank, no global normalisers)
     loss, clip_ratio, ppo_kl, vllm_kl = loss_fn(
-        log_probs, torch.tensor(batch["old_log_probs"]), torch.tensor(batch["advantages"]),
+        log_probs,
+        torch.tensor(batch["old_log_probs"]),
+        torch.tensor(batch["advantages"]),
         action_mask=torch.tensor(batch["action_mask"], dtype=torch.bool),
         rollout_log_probs=torch.tensor(batch["rollout_log_probs"]),
     )[:4]  # 5 values on OpenRLHF 0.11.2, 4 before
     loss.backward()
-    out.update(loss=loss.item(), clip_ratio=clip_ratio.item(), grad=log_probs.grad.tolist(),
-               vllm_kl=None if vllm_kl is None else vllm_kl.item(),
-               cfpo_metrics=sorted(getattr(loss_fn, "cfpo_metrics", {})))
+    out.update(
+        loss=loss.item(),
+        clip_ratio=clip_ratio.item(),
+        grad=log_probs.grad.tolist(),
+        vllm_kl=None if vllm_kl is None else vllm_kl.item(),
+        cfpo_metrics=sorted(getattr(loss_fn, "cfpo_metrics", {})),
+    )
     return out
 
 

@@ -44,8 +44,9 @@ sys.stdin.read()   # hold the cluster until the test closes stdin; then ray.shut
 def cluster_address():
     """The address of a running Ray cluster (pass it as RAY_ADDRESS), shared by the Ray tests."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    holder = subprocess.Popen([sys.executable, "-c", RAY_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", RAY_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         address = holder.stdout.readline().strip()
         assert address, "the Ray cluster did not start"

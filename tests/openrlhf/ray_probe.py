@@ -87,8 +87,18 @@ def main():
     openrlhf.utils.get_strategy = get_strategy
     from cfpo_loss.adapters.openrlhf.train_ppo_ray import main as launcher_main
 
-    launcher_main(["--actor.policy_loss_type", "cfpo", "--algo.advantage.estimator", "rloo",
-                   "--rollout.n_samples_per_prompt", "2", "--actor.model_name_or_path", "unused"])
+    launcher_main(
+        [
+            "--actor.policy_loss_type",
+            "cfpo",
+            "--algo.advantage.estimator",
+            "rloo",
+            "--rollout.n_samples_per_prompt",
+            "2",
+            "--actor.model_name_or_path",
+            "unused",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def _make_data(data_dir: Path) -> None:
     words = ["<pad>", "<eos>", "<unk>", "what", "is", "one", "plus", "two", "?"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(data_dir / "tokenizer")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(data_dir / "tokenizer")
     with open(data_dir / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"input": "what is one plus two ?"}) + "\n" for _ in range(8))
 
@@ -84,8 +85,13 @@ def _make_data(data_dir: Path) -> None:
 def _probe(name, address, tmp):
     out = tmp / f"{name}.json"
     env = dict(os.environ, RAY_ADDRESS=address, HF_DATASETS_CACHE=str(tmp / f"hf-{name}"))
-    proc = subprocess.run([sys.executable, str(HERE / "async_probe.py"), str(out), *_command(tmp), *RUNS[name]],
-                          capture_output=True, text=True, env=env, timeout=540)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "async_probe.py"), str(out), *_command(tmp), *RUNS[name]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=540,
+    )
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -126,8 +132,12 @@ def _paper(icepop: bool):
     loss.backward()
     exits = ((advantages > 0) & (ratio > 1 + EPS_HIGH)) | ((advantages < 0) & (ratio < 1 - EPS_LOW))
     vllm_kl = ((b["rollout_log_probs"] - b["old_log_probs"]) * mask).sum() / mask.sum()
-    return {"loss": loss.item(), "grad": log_probs.grad, "clip_ratio": ((exits * mask).sum() / mask.sum()).item(),
-            "vllm_kl": vllm_kl.item() if icepop else None}
+    return {
+        "loss": loss.item(),
+        "grad": log_probs.grad,
+        "clip_ratio": ((exits * mask).sum() / mask.sum()).item(),
+        "vllm_kl": vllm_kl.item() if icepop else None,
+    }
 
 
 def _result(record, key):
@@ -140,12 +150,16 @@ def test_the_flags_reach_openrlhf_and_select_its_async_trainer(runs):
     for name, record in runs.items():
         is_async = name != "sync"
         args = _result(record, "policy_actor")["args"]
-        assert args == {"async_enable": is_async, "partial_rollout_enable": "partial" in name,
-                        "policy_loss_type": "cfpo", "eps_clip_low_high": [EPS_LOW, EPS_HIGH]}, name
+        assert args == {
+            "async_enable": is_async,
+            "partial_rollout_enable": "partial" in name,
+            "policy_loss_type": "cfpo",
+            "eps_clip_low_high": [EPS_LOW, EPS_HIGH],
+        }, name
         trainer = f"{ASYNC_TRAINER}.PPOTrainerAsync" if is_async else "openrlhf.trainer.ppo_trainer.PPOTrainer"
         assert record["driver_created"] == [VLLM_ENGINE] * WITH_ENGINE + [POLICY_ACTOR, trainer], name
         workers = [w.get("result", {}).get("class") for w in record["workers"]]
-        started_by_trainer = workers[len(record["driver_created"]):]
+        started_by_trainer = workers[len(record["driver_created"]) :]
         if is_async:  # PPOTrainerAsync starts a sample generator and a training actor, told the partial-rollout mode
             assert started_by_trainer == [f"{ASYNC_TRAINER}.GenerateSamplesActor", f"{ASYNC_TRAINER}.TrainingActor"]
             partial = [w["result"]["partial_rollout"] for w in record["workers"][-2:]]
@@ -173,8 +187,12 @@ def test_the_real_path_stops_at_the_policy_actors_first_cuda_call(runs):
         # train(args) got through its trainer (async: PPOTrainerAsync's actors loaded tokenizer and prompts) to
         # ray.get on the actor group's init_model_from_pretrained, which failed at the first CUDA call
         assert error["type"] == "RayTaskError(AttributeError)", (name, error["text"][-3000:])
-        for step in ("ray::PolicyModelActor.init_model_from_pretrained()", "in _setup_distributed",
-                     "in setup_distributed\n    torch.cuda.set_device(local_rank)", "_cuda_setDevice"):
+        for step in (
+            "ray::PolicyModelActor.init_model_from_pretrained()",
+            "in _setup_distributed",
+            "in setup_distributed\n    torch.cuda.set_device(local_rank)",
+            "_cuda_setDevice",
+        ):
             assert step in error["text"], (name, step, error["text"][-3000:])
         # ActorPPOTrainer.__init__ builds actor_loss_fn, then stops at its replay buffer's CUDA device
         init_error = _result(record, "policy_actor")["init_error"]
@@ -186,14 +204,20 @@ def test_the_real_path_stops_at_the_policy_actors_first_cuda_call(runs):
 def test_the_policy_actors_loss_is_cfpo_and_computes_the_papers_equation(runs):
     for name, record in runs.items():
         actor = _result(record, "policy_actor")
-        assert actor["loss_fn"] == {"class": "openrlhf.models.loss.PolicyLoss", "policy_loss_type": "cfpo",
-                                    "clip_eps_low": EPS_LOW, "clip_eps_high": EPS_HIGH, "token_level_loss": True}
+        assert actor["loss_fn"] == {
+            "class": "openrlhf.models.loss.PolicyLoss",
+            "policy_loss_type": "cfpo",
+            "clip_eps_low": EPS_LOW,
+            "clip_eps_high": EPS_HIGH,
+            "token_level_loss": True,
+        }
         assert "penalty" in actor["cfpo_metrics"]  # the adapter's forward ran, not OpenRLHF's
         expected = _paper(icepop="icepop" in name)
         assert actor["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), name
         assert actor["clip_ratio"] == pytest.approx(expected["clip_ratio"]), name
-        torch.testing.assert_close(torch.tensor(actor["grad"], dtype=torch.float64), expected["grad"],
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor(actor["grad"], dtype=torch.float64), expected["grad"], rtol=1e-5, atol=1e-7
+        )
         if expected["vllm_kl"] is None:
             assert actor["vllm_kl"] is None, name
         else:

@@ -25,25 +25,75 @@ BIN = Path(sys.executable).parent
 
 # An RLOO run as in the paper's RLHF setup, with options of every kind (flags, nargs, floats, lists)
 RLOO = [
-    "--ref.num_nodes", "1", "--ref.num_gpus_per_node", "8",
-    "--reward.num_nodes", "1", "--reward.num_gpus_per_node", "8",
-    "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "8",
-    "--vllm.num_engines", "4", "--vllm.tensor_parallel_size", "2", "--vllm.gpu_memory_utilization", "0.5",
-    "--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep",
-    "--actor.model_name_or_path", "OpenRLHF/Llama-3-8b-sft-mixture",
-    "--reward.model_name_or_path", "OpenRLHF/Llama-3-8b-rm-700k",
-    "--ckpt.output_dir", "/tmp/ckpt/llama3-8b-rloo-cfpo",
-    "--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", "4",
-    "--train.batch_size", "128", "--rollout.batch_size", "1024", "--train.max_epochs", "1",
-    "--data.max_len", "2048", "--rollout.max_new_tokens", "1024", "--data.max_samples", "100000",
-    "--ds.zero_stage", "3", "--ds.param_dtype", "bf16", "--actor.adam.lr", "5e-7",
-    "--actor.eps_clip_low_high", "0.2", "0.28", "--algo.kl.init_coef", "0.01",
-    *IS_CLI, "--algo.advantage.is_correction_threshold", "0.5", "5.0",
-    "--data.prompt_dataset", "OpenRLHF/prompt-collection-v0.1", "--data.input_key", "context_messages",
-    "--data.apply_chat_template", "--reward.normalize_enable", "--actor.gradient_checkpointing_enable",
+    "--ref.num_nodes",
+    "1",
+    "--ref.num_gpus_per_node",
+    "8",
+    "--reward.num_nodes",
+    "1",
+    "--reward.num_gpus_per_node",
+    "8",
+    "--actor.num_nodes",
+    "1",
+    "--actor.num_gpus_per_node",
+    "8",
+    "--vllm.num_engines",
+    "4",
+    "--vllm.tensor_parallel_size",
+    "2",
+    "--vllm.gpu_memory_utilization",
+    "0.5",
+    "--train.colocate_all",
+    "--vllm.enable_sleep",
+    "--ds.enable_sleep",
+    "--actor.model_name_or_path",
+    "OpenRLHF/Llama-3-8b-sft-mixture",
+    "--reward.model_name_or_path",
+    "OpenRLHF/Llama-3-8b-rm-700k",
+    "--ckpt.output_dir",
+    "/tmp/ckpt/llama3-8b-rloo-cfpo",
+    "--algo.advantage.estimator",
+    "rloo",
+    "--rollout.n_samples_per_prompt",
+    "4",
+    "--train.batch_size",
+    "128",
+    "--rollout.batch_size",
+    "1024",
+    "--train.max_epochs",
+    "1",
+    "--data.max_len",
+    "2048",
+    "--rollout.max_new_tokens",
+    "1024",
+    "--data.max_samples",
+    "100000",
+    "--ds.zero_stage",
+    "3",
+    "--ds.param_dtype",
+    "bf16",
+    "--actor.adam.lr",
+    "5e-7",
+    "--actor.eps_clip_low_high",
+    "0.2",
+    "0.28",
+    "--algo.kl.init_coef",
+    "0.01",
+    *IS_CLI,
+    "--algo.advantage.is_correction_threshold",
+    "0.5",
+    "5.0",
+    "--data.prompt_dataset",
+    "OpenRLHF/prompt-collection-v0.1",
+    "--data.input_key",
+    "context_messages",
+    "--data.apply_chat_template",
+    "--reward.normalize_enable",
+    "--actor.gradient_checkpointing_enable",
     *LOSS_AGG_CLI,
     # its default is "ppo_" + the current minute, which differs between two processes across a minute
-    "--logger.wandb.run_name", "rloo-cfpo",
+    "--logger.wandb.run_name",
+    "rloo-cfpo",
 ]
 
 
@@ -56,8 +106,13 @@ def _env():
 def _probe(mode, loss_type, tmp_path):
     out = tmp_path / f"{mode}-{loss_type}.json"
     argv = [*RLOO, "--actor.policy_loss_type", loss_type]
-    proc = subprocess.run([sys.executable, str(HERE / "cli_probe.py"), mode, str(out), *argv],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "cli_probe.py"), mode, str(out), *argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -69,8 +124,11 @@ def _run(cmd):
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("probe")
-    cases = {"native-ppo": ("native", "ppo"), "launcher-ppo": ("launcher", "ppo"),
-             "launcher-cfpo_seq": ("launcher", "cfpo_seq")}
+    cases = {
+        "native-ppo": ("native", "ppo"),
+        "launcher-ppo": ("launcher", "ppo"),
+        "launcher-cfpo_seq": ("launcher", "cfpo_seq"),
+    }
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(_probe, *v, tmp) for k, v in cases.items()}
         return {k: f.result() for k, f in futures.items()}
@@ -130,8 +188,11 @@ def test_an_unknown_loss_type_is_still_refused_by_openrlhfs_parser():
 def test_with_setup_hook_adds_the_hook_without_touching_the_rest():
     env = {"env_vars": {"A": "1"}, "working_dir": "/x"}
     merged = launcher.with_setup_hook(env)
-    assert merged == {"env_vars": {"A": "1"}, "working_dir": "/x",
-                      "worker_process_setup_hook": "cfpo_loss.adapters.openrlhf.install_on_import"}
+    assert merged == {
+        "env_vars": {"A": "1"},
+        "working_dir": "/x",
+        "worker_process_setup_hook": "cfpo_loss.adapters.openrlhf.install_on_import",
+    }
     assert "worker_process_setup_hook" not in env
     assert launcher.with_setup_hook(None) == {"worker_process_setup_hook": launcher.SETUP_HOOK}
     assert launcher.with_setup_hook(merged) == merged

@@ -64,8 +64,14 @@ def run(call, batch, **batch_info):
     loss, clip_ratio, ppo_kl, vllm_kl = out[:4]
     is_filter_ratio = out[4] if N_OUTPUTS == 5 else None
     (grad,) = torch.autograd.grad(loss, log_probs)
-    return dict(loss=loss.detach(), grad=grad, clip_ratio=clip_ratio, ppo_kl=ppo_kl, vllm_kl=vllm_kl,
-                is_filter_ratio=is_filter_ratio)
+    return dict(
+        loss=loss.detach(),
+        grad=grad,
+        clip_ratio=clip_ratio,
+        ppo_kl=ppo_kl,
+        vllm_kl=vllm_kl,
+        is_filter_ratio=is_filter_ratio,
+    )
 
 
 def assert_same(ours, native, *, exact=False):
@@ -97,8 +103,9 @@ def test_clip_objective_reproduces_native_ppo(native_loss_module, patched_policy
     cfg = BATCH_INFO[agg]
     kwargs = dict(clip_eps_low=eps[0], clip_eps_high=eps[1], token_level_loss=cfg["token_level_loss"])
     batch = make_batch(1, mask_dtype=mask_dtype)
-    native = run(native_loss_module.PolicyLoss(dual_clip=dual_clip, policy_loss_type="ppo", **kwargs), batch,
-                 **cfg["info"])
+    native = run(
+        native_loss_module.PolicyLoss(dual_clip=dual_clip, policy_loss_type="ppo", **kwargs), batch, **cfg["info"]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # dual_clip has no effect on cfpo: it warns
         ours_fn = patched_policy_loss(dual_clip=dual_clip, policy_loss_type="cfpo", **kwargs)
@@ -117,8 +124,9 @@ def test_clip_objective_reproduces_native_ppo(native_loss_module, patched_policy
 
 @pytest.mark.parametrize("is_kwargs", IS_CORRECTION, ids=lambda d: "-".join(str(v) for v in d.values()))
 @pytest.mark.parametrize("agg", ["token-global", "seq-local"])
-def test_clip_objective_reproduces_native_ppo_with_is_correction(native_loss_module, patched_policy_loss, is_kwargs,
-                                                                 agg):
+def test_clip_objective_reproduces_native_ppo_with_is_correction(
+    native_loss_module, patched_policy_loss, is_kwargs, agg
+):
     cfg = BATCH_INFO[agg]
     kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, token_level_loss=cfg["token_level_loss"], **is_kwargs)
     batch = make_batch(2)
@@ -133,8 +141,9 @@ def test_clip_objective_reproduces_native_ppo_with_is_correction(native_loss_mod
 
 @pytest.mark.parametrize("agg", ["seq-local", "seq-global", "token-local"])
 @pytest.mark.parametrize("correction", [False, True])
-def test_clip_objective_with_sequence_ratio_reproduces_native_gspo(native_loss_module, patched_policy_loss, agg,
-                                                                   correction):
+def test_clip_objective_with_sequence_ratio_reproduces_native_gspo(
+    native_loss_module, patched_policy_loss, agg, correction
+):
     cfg = BATCH_INFO[agg]
     kwargs = dict(clip_eps_low=3e-4, clip_eps_high=4e-4, token_level_loss=cfg["token_level_loss"])
     if correction:
@@ -153,8 +162,9 @@ def test_clip_objective_with_sequence_ratio_reproduces_native_gspo(native_loss_m
 def test_cfpo_equals_the_core(patched_policy_loss, agg, eps):
     cfg = BATCH_INFO[agg]
     batch = make_batch(4)
-    loss_fn = patched_policy_loss(clip_eps_low=eps[0], clip_eps_high=eps[1], token_level_loss=cfg["token_level_loss"],
-                                  policy_loss_type="cfpo")
+    loss_fn = patched_policy_loss(
+        clip_eps_low=eps[0], clip_eps_high=eps[1], token_level_loss=cfg["token_level_loss"], policy_loss_type="cfpo"
+    )
     ours = run(loss_fn, batch, **cfg["info"])
 
     info = cfg["info"]
@@ -164,8 +174,9 @@ def test_cfpo_equals_the_core(patched_policy_loss, agg, eps):
     else:
         core_kwargs.update(agg="seq-mean-token-mean", global_batch_size=info.get("global_batch_size"))
     log_probs = batch["log_probs"].clone().requires_grad_(True)
-    core = cfpo_loss.compute_policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], batch["action_mask"],
-                                         **core_kwargs)
+    core = cfpo_loss.compute_policy_loss(
+        log_probs, batch["old_log_probs"], batch["advantages"], batch["action_mask"], **core_kwargs
+    )
     (core_grad,) = torch.autograd.grad(core.loss, log_probs)
     torch.testing.assert_close(ours["loss"], core.loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours["grad"], core_grad, rtol=1e-6, atol=1e-8)
@@ -183,17 +194,26 @@ def test_cfpo_seq_equals_the_core_sequence_ratio(patched_policy_loss, agg):
     ours = run(loss_fn, batch, **cfg["info"])
     log_probs = batch["log_probs"].clone().requires_grad_(True)
     core = cfpo_loss.compute_policy_loss(
-        log_probs, batch["old_log_probs"], batch["advantages"], batch["action_mask"], objective="cfpo",
-        eps_low=0.2, eps_high=0.28, ratio_level="sequence", agg="seq-mean-token-mean",
-        dp_size=cfg["info"].get("dp_size", 1), global_batch_size=cfg["info"].get("global_batch_size"),
+        log_probs,
+        batch["old_log_probs"],
+        batch["advantages"],
+        batch["action_mask"],
+        objective="cfpo",
+        eps_low=0.2,
+        eps_high=0.28,
+        ratio_level="sequence",
+        agg="seq-mean-token-mean",
+        dp_size=cfg["info"].get("dp_size", 1),
+        global_batch_size=cfg["info"].get("global_batch_size"),
     )
     (core_grad,) = torch.autograd.grad(core.loss, log_probs)
     torch.testing.assert_close(ours["loss"], core.loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours["grad"], core_grad, rtol=1e-6, atol=1e-8)
 
 
-def test_cfpo_with_is_correction_weights_the_core_loss_by_openrlhfs_coefficient(native_loss_module,
-                                                                                patched_policy_loss):
+def test_cfpo_with_is_correction_weights_the_core_loss_by_openrlhfs_coefficient(
+    native_loss_module, patched_policy_loss
+):
     """CFPO + ICEPOP: the per-token IS coefficient is OpenRLHF's. Native ppo at r = 1 with A = 1 has
     d loss / d log_prob = -coef / N (token mean), which reads the coefficient off OpenRLHF's own code."""
     icepop = is_kwargs("token", "mask", "ratio", (0.8, 1.25))
@@ -206,8 +226,9 @@ def test_cfpo_with_is_correction_weights_the_core_loss_by_openrlhfs_coefficient(
 
     ours = run(patched_policy_loss(policy_loss_type="cfpo", **icepop), batch)
     log_probs = batch["log_probs"].clone().requires_grad_(True)
-    core = cfpo_loss.compute_policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask,
-                                         objective="cfpo", weights=coef)
+    core = cfpo_loss.compute_policy_loss(
+        log_probs, batch["old_log_probs"], batch["advantages"], mask, objective="cfpo", weights=coef
+    )
     (core_grad,) = torch.autograd.grad(core.loss, log_probs)
     torch.testing.assert_close(ours["loss"], core.loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours["grad"], core_grad, rtol=1e-6, atol=1e-7)
@@ -283,8 +304,12 @@ def test_garbage_at_masked_positions_is_ignored(patched_policy_loss, loss_type):
     clean = run(loss_fn, batch, dp_size=2, batch_num_tokens=torch.tensor(61.0))
     dirty = {k: v.clone() for k, v in batch.items()}
     pad = ~batch["action_mask"]
-    for key, value in (("log_probs", float("nan")), ("old_log_probs", float("-inf")), ("advantages", float("inf")),
-                       ("rollout_log_probs", float("nan"))):
+    for key, value in (
+        ("log_probs", float("nan")),
+        ("old_log_probs", float("-inf")),
+        ("advantages", float("inf")),
+        ("rollout_log_probs", float("nan")),
+    ):
         dirty[key][pad] = value
     result = run(loss_fn, dirty, dp_size=2, batch_num_tokens=torch.tensor(61.0))
     for key in ("loss", "grad", "clip_ratio", "vllm_kl", "is_filter_ratio"):
@@ -329,8 +354,11 @@ def test_data_parallel_shards_add_up_to_the_full_batch(patched_policy_loss, loss
     batch["action_mask"][-1, 0] = True  # no empty sequence, so the global sequence count is simply B
     loss_fn = patched_policy_loss(policy_loss_type=loss_type, token_level_loss=cfg["token_level_loss"])
     full = run(loss_fn, batch)["loss"]
-    info = (dict(batch_num_tokens=batch["action_mask"].sum()) if loss_fn.token_level_loss
-            else dict(global_batch_size=torch.tensor(float(B))))
+    info = (
+        dict(batch_num_tokens=batch["action_mask"].sum())
+        if loss_fn.token_level_loss
+        else dict(global_batch_size=torch.tensor(float(B)))
+    )
     shards = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 2), slice(2, B))]
     per_rank = [run(loss_fn, shard, dp_size=2, **info)["loss"] for shard in shards]
     torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, full, rtol=1e-6, atol=1e-7)
@@ -397,17 +425,36 @@ def test_a_policy_loss_of_another_api_is_refused_by_name(native_loss_module):
     from cfpo_loss.adapters.openrlhf import patch_policy_loss_class
 
     class OtherPolicyLoss(torch.nn.Module):
-        def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
-                     policy_loss_type="ppo", off_policy_correction="none"):
+        def __init__(
+            self,
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            dual_clip=None,
+            token_level_loss=True,
+            policy_loss_type="ppo",
+            off_policy_correction="none",
+        ):
             super().__init__()
 
-        def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
-                    batch_num_tokens=None, global_batch_size=None):
+        def forward(
+            self,
+            log_probs,
+            old_log_probs,
+            advantages,
+            action_mask=None,
+            rollout_log_probs=None,
+            dp_size=1,
+            batch_num_tokens=None,
+            global_batch_size=None,
+        ):
             raise AssertionError
 
     OtherPolicyLoss.__module__ = native_loss_module.__name__  # a module with OpenRLHF's aggregate_loss
-    with pytest.raises(RuntimeError, match=r"openrlhf>=0\.10\.4,<0\.12.*missing: \(is_correction_level.*\) or "
-                                           r"\(enable_vllm_is_correction"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"openrlhf>=0\.10\.4,<0\.12.*missing: \(is_correction_level.*\) or "
+        r"\(enable_vllm_is_correction",
+    ):
         patch_policy_loss_class(OtherPolicyLoss)
     assert "__cfpo_loss_patch__" not in vars(OtherPolicyLoss)
 
@@ -439,8 +486,15 @@ def test_every_openrlhf_return_value_of_the_metric_table_carries_its_core_metric
     out = cfpo_policy_loss_forward(loss_fn, batch["log_probs"], batch["old_log_probs"], batch["advantages"],
                                    batch["action_mask"], objective=objective)  # fmt: skip
     returned = dict(zip(["loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"], out))
-    core = cfpo_loss.compute_policy_loss(batch["log_probs"], batch["old_log_probs"], batch["advantages"],
-                                         batch["action_mask"], objective=objective, eps_low=0.2, eps_high=0.28)
+    core = cfpo_loss.compute_policy_loss(
+        batch["log_probs"],
+        batch["old_log_probs"],
+        batch["advantages"],
+        batch["action_mask"],
+        objective=objective,
+        eps_low=0.2,
+        eps_high=0.28,
+    )
     keys = framework_keys("openrlhf")
     assert keys and set(keys.values()) <= set(returned)
     for name, key in keys.items():

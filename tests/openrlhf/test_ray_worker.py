@@ -24,8 +24,13 @@ HERE = Path(__file__).resolve().parent
 def _probe(mode, address, tmp_path):
     out = tmp_path / f"ray-{mode}.json"
     env = dict(os.environ, RAY_ADDRESS=address)
-    proc = subprocess.run([sys.executable, str(HERE / "ray_probe.py"), mode, str(out)], capture_output=True,
-                          text=True, env=env, timeout=480)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "ray_probe.py"), mode, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=480,
+    )
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -37,9 +42,15 @@ def _expected():
     finally:
         sys.path.remove(str(HERE))
     log_probs = torch.tensor(BATCH["log_probs"], requires_grad=True)
-    out = cfpo_loss.compute_policy_loss(log_probs, torch.tensor(BATCH["old_log_probs"]),
-                                        torch.tensor(BATCH["advantages"]), torch.tensor(BATCH["action_mask"]).bool(),
-                                        objective="cfpo", eps_low=0.2, eps_high=0.28)
+    out = cfpo_loss.compute_policy_loss(
+        log_probs,
+        torch.tensor(BATCH["old_log_probs"]),
+        torch.tensor(BATCH["advantages"]),
+        torch.tensor(BATCH["action_mask"]).bool(),
+        objective="cfpo",
+        eps_low=0.2,
+        eps_high=0.28,
+    )
     out.loss.backward()
     return out, log_probs.grad
 

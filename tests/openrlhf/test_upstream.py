@@ -20,10 +20,24 @@ def test_openrlhf_test_suite_passes_with_the_patch(openrlhf_root, tmp_path):
     suite = openrlhf_root / "tests"
     assert (suite / "test_loss_aggregation.py").exists(), "the openrlhf wheel's tests/ package is missing"
     report = tmp_path / "report.json"
-    env = dict(os.environ, CFPO_UPSTREAM_REPORT=str(report),
-               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "cfpo_openrlhf_upstream_plugin",
-           "--rootdir", str(suite), str(suite)]
+    env = dict(
+        os.environ,
+        CFPO_UPSTREAM_REPORT=str(report),
+        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "cfpo_openrlhf_upstream_plugin",
+        "--rootdir",
+        str(suite),
+        str(suite),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail

@@ -15,8 +15,13 @@ import json
 import os
 import sys
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}.items():
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
@@ -43,17 +48,19 @@ class _LocalStats:
         low = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
         high = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
         region = (low | high).float()
-        self._local_stats.append({
-            "mode": mode,
-            "valid_tokens": int(mask.sum()),
-            "ratio_max": float(values.max()) if values.numel() else float("nan"),
-            "ratio_min": float(values.min()) if values.numel() else float("nan"),
-            "region_sum": float((region * mask).sum()),
-            "region_count": float(mask.sum()),
-            "logged_ratio_max": self._metrics[mode]["cfpo/ratio_max"][-1],
-            "logged_ratio_min": self._metrics[mode]["cfpo/ratio_min"][-1],
-            "logged_region_mean": self._metrics[mode]["clip_ratio/region_mean"][-1],
-        })
+        self._local_stats.append(
+            {
+                "mode": mode,
+                "valid_tokens": int(mask.sum()),
+                "ratio_max": float(values.max()) if values.numel() else float("nan"),
+                "ratio_min": float(values.min()) if values.numel() else float("nan"),
+                "region_sum": float((region * mask).sum()),
+                "region_count": float(mask.sum()),
+                "logged_ratio_max": self._metrics[mode]["cfpo/ratio_max"][-1],
+                "logged_ratio_min": self._metrics[mode]["cfpo/ratio_min"][-1],
+                "logged_region_mean": self._metrics[mode]["clip_ratio/region_mean"][-1],
+            }
+        )
 
 
 class ProbedCFPOTrainer(_LocalStats, CFPOTrainer):
@@ -80,9 +87,16 @@ RUNS = {
     # static_graph: TRL's own GRPOTrainer fails under it with gradient accumulation (reducer.cpp "expect_autograd_hooks_
     # INTERNAL ASSERT FAILED" in the first backward), so it is compared without accumulation
     "cfpo_ga1": (CFPOTrainer, CFPOConfig, {"gradient_accumulation_steps": 1}),
-    "cfpo_fused_ga1_static": (CFPOTrainer, CFPOConfig, {"use_fused_loss": True, "gradient_accumulation_steps": 1,
-                                                        "ddp_find_unused_parameters": False,
-                                                        "ddp_static_graph": True}),
+    "cfpo_fused_ga1_static": (
+        CFPOTrainer,
+        CFPOConfig,
+        {
+            "use_fused_loss": True,
+            "gradient_accumulation_steps": 1,
+            "ddp_find_unused_parameters": False,
+            "ddp_static_graph": True,
+        },
+    ),
     "clip_fused": (CFPOTrainer, CFPOConfig, {"policy_objective": "clip", "use_fused_loss": True}),
     "bypass_ddp": (BypassDDPTrainer, CFPOConfig, {"use_fused_loss": True}),
 }
@@ -152,8 +166,13 @@ def _loss_step_trainer(out_dir, path, seeds, empty=False, **overrides):
     trainer = CFPOTrainer(
         model=build_model(tokenizer, seed=0),
         reward_funcs=reward_digits,
-        args=make_args(CFPOConfig, os.path.join(out_dir, path), per_device_train_batch_size=8,
-                       use_fused_loss=path.endswith("/fused"), **overrides),
+        args=make_args(
+            CFPOConfig,
+            os.path.join(out_dir, path),
+            per_device_train_batch_size=8,
+            use_fused_loss=path.endswith("/fused"),
+            **overrides,
+        ),
         train_dataset=prompt_dataset(32),
         processing_class=tokenizer,
     )
@@ -178,8 +197,9 @@ def run_empty_rank(out_dir):
     rank = int(os.environ["RANK"])  # set by the launcher; the process group starts with the first trainer
     grads = {}
     for path in ("unfused", "fused"):
-        trainer, (inputs,) = _loss_step_trainer(out_dir, f"empty_rank/{path}", [rank], empty=rank == 1,
-                                                ddp_find_unused_parameters=False)
+        trainer, (inputs,) = _loss_step_trainer(
+            out_dir, f"empty_rank/{path}", [rank], empty=rank == 1, ddp_find_unused_parameters=False
+        )
         model = trainer.accelerator.prepare(trainer.model)
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
         model.train()
@@ -219,8 +239,10 @@ def run_fsdp2(out_dir, layout):
     from torch.distributed.tensor import DTensor
 
     def full_grads(model):
-        return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
-                for n, p in model.named_parameters()}
+        return {
+            n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for n, p in model.named_parameters()
+        }
 
     rank = int(os.environ["RANK"])  # set by the launcher; the process group starts with the first trainer
     result = {}
@@ -266,6 +288,6 @@ if __name__ == "__main__":
         if n == "empty_rank":
             run_empty_rank(out)
         elif n.startswith("fsdp2_"):
-            run_fsdp2(out, n[len("fsdp2_"):])
+            run_fsdp2(out, n[len("fsdp2_") :])
         else:
             run(n, out)

@@ -54,8 +54,15 @@ def _run(trainer, inputs):
 
 def _make(cls, cfg_cls, tiny_model_dir, tokenizer, tmp_path, **cfg):
     trainer = make_trainer(
-        cls, cfg_cls, tiny_model_dir, tokenizer, tmp_path, gradient_accumulation_steps=1,
-        epsilon=EPS_LOW, epsilon_high=EPS_HIGH, **cfg,
+        cls,
+        cfg_cls,
+        tiny_model_dir,
+        tokenizer,
+        tmp_path,
+        gradient_accumulation_steps=1,
+        epsilon=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        **cfg,
     )
     trainer.current_gradient_accumulation_steps = 1
     return trainer
@@ -63,12 +70,26 @@ def _make(cls, cfg_cls, tiny_model_dir, tokenizer, tmp_path, **cfg):
 
 @pytest.mark.parametrize(
     "loss_type,level",
-    [("bnpo", "token"), ("dapo", "token"), ("grpo", "token"), ("dr_grpo", "token"), ("luspo", "token"),
-     ("grpo", "sequence"), ("luspo", "sequence")],
+    [
+        ("bnpo", "token"),
+        ("dapo", "token"),
+        ("grpo", "token"),
+        ("dr_grpo", "token"),
+        ("luspo", "token"),
+        ("grpo", "sequence"),
+        ("luspo", "sequence"),
+    ],
 )
 def test_cfpo_loss_equals_core(tiny_model_dir, tokenizer, tmp_path, loss_type, level):
-    trainer = _make(CFPOTrainer, CFPOConfig, tiny_model_dir, tokenizer, tmp_path,
-                    loss_type=loss_type, importance_sampling_level=level)
+    trainer = _make(
+        CFPOTrainer,
+        CFPOConfig,
+        tiny_model_dir,
+        tokenizer,
+        tmp_path,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+    )
     assert trainer.policy_objective == "cfpo"
     inputs = make_inputs(trainer, seed=11)
     loss, logps = _run(trainer, inputs)
@@ -76,14 +97,22 @@ def test_cfpo_loss_equals_core(tiny_model_dir, tokenizer, tmp_path, loss_type, l
     mask = inputs["completion_mask"].bool()
     log_prob = logps.detach().clone().requires_grad_()  # the same per-token log-probs TRL computed
     core = compute_policy_loss(
-        log_prob, inputs["old_per_token_logps"], inputs["advantages"], mask,
-        objective="cfpo", eps_low=EPS_LOW, eps_high=EPS_HIGH, ratio_level=level, **_core_agg(loss_type, inputs),
+        log_prob,
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        mask,
+        objective="cfpo",
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        ratio_level=level,
+        **_core_agg(loss_type, inputs),
     )
     torch.testing.assert_close(loss, core.loss.detach(), atol=1e-6, rtol=1e-6)
     # the gradient w.r.t. the per-token log-probs: through TRL's path and through the core
     core.loss.backward()
-    torch.testing.assert_close(torch.where(mask, logps.grad, 0.0), torch.where(mask, log_prob.grad, 0.0),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        torch.where(mask, logps.grad, 0.0), torch.where(mask, log_prob.grad, 0.0), atol=1e-6, rtol=1e-6
+    )
 
     # TRL-named metrics equal the core's statistics (token level: TRL's per-token convention is the core's)
     m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -147,7 +176,13 @@ def test_plain_grpo_config_means_cfpo(tiny_model_dir, tokenizer, tmp_path):
     inputs = make_inputs(trainer, seed=14)
     loss, logps = _run(trainer, inputs)
     core = compute_policy_loss(
-        logps.detach(), inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
-        objective="cfpo", eps_low=EPS_LOW, eps_high=EPS_HIGH, **_core_agg("dapo", inputs),
+        logps.detach(),
+        inputs["old_per_token_logps"],
+        inputs["advantages"],
+        inputs["completion_mask"],
+        objective="cfpo",
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        **_core_agg("dapo", inputs),
     )
     torch.testing.assert_close(loss, core.loss, atol=1e-6, rtol=1e-6)

@@ -47,15 +47,18 @@ def test_unknown_loss_type(tmp_path):
         cfg(tmp_path, loss_type="token-mean")
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(epsilon=1.0), "epsilon"),
-    (dict(epsilon=-0.2), "epsilon"),
-    (dict(epsilon_high=0.0), "epsilon_high"),
-    (dict(epsilon_high=float("inf")), "epsilon_high"),
-    (dict(delta=2.0), "delta"),  # cfpo has nothing to clip
-    (dict(delta=1.1, policy_objective="clip", epsilon_high=0.28), "delta must be a float > 1 \\+ epsilon_high"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=1.0), "epsilon"),
+        (dict(epsilon=-0.2), "epsilon"),
+        (dict(epsilon_high=0.0), "epsilon_high"),
+        (dict(epsilon_high=float("inf")), "epsilon_high"),
+        (dict(delta=2.0), "delta"),  # cfpo has nothing to clip
+        (dict(delta=1.1, policy_objective="clip", epsilon_high=0.28), "delta must be a float > 1 \\+ epsilon_high"),
+    ],
+)
 def test_bad_hyperparameters(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         cfg(tmp_path, **kw)
@@ -74,8 +77,12 @@ def test_use_fused_loss(tmp_path):
 def test_trainer_validates_plain_grpo_config_before_loading(tmp_path):
     # model path does not exist: the config error must come first
     with pytest.raises(ValueError, match="loss_type='sapo' is a different policy objective"):
-        CFPOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits,
-                    args=cfg(tmp_path, cls=GRPOConfig, loss_type="sapo"), train_dataset=prompt_dataset())
+        CFPOTrainer(
+            model=str(tmp_path / "missing"),
+            reward_funcs=reward_digits,
+            args=cfg(tmp_path, cls=GRPOConfig, loss_type="sapo"),
+            train_dataset=prompt_dataset(),
+        )
     with pytest.raises(TypeError, match="args must be a CFPOConfig or GRPOConfig"):
         CFPOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args={"loss_type": "dapo"})
 

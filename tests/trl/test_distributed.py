@@ -49,10 +49,15 @@ def _free_port() -> int:
 
 
 def _launch(cmd, out, tmp, names):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config
-           "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd + [SCRIPT, str(out), *names], capture_output=True, text=True, env=env, cwd=HERE,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config
+        "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        cmd + [SCRIPT, str(out), *names], capture_output=True, text=True, env=env, cwd=HERE, timeout=900
+    )
     assert proc.returncode == 0, f"{cmd}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 
 
@@ -60,12 +65,34 @@ def _launch(cmd, out, tmp, names):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     out = tmp / "out"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out, tmp,
-            TORCHRUN_RUNS)
+    _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        out,
+        tmp,
+        TORCHRUN_RUNS,
+    )
     os.rename(out, tmp / "torchrun")
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", str(_free_port())], out, tmp, ACCELERATE_RUNS)
+    _launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ],
+        out,
+        tmp,
+        ACCELERATE_RUNS,
+    )
     os.rename(out, tmp / "accelerate")
     results = {"empty_rank": [torch.load(tmp / "torchrun" / f"empty_rank.rank{r}.grads.pt") for r in (0, 1)]}
     for name in ("fsdp2_accelerate", "fsdp2_head_alone"):
@@ -158,17 +185,22 @@ def test_cross_rank_metrics_are_global(runs, name):
             assert rec["logged_ratio_max"] == pytest.approx(want_max, rel=1e-6)
             assert rec["logged_ratio_min"] == pytest.approx(want_min, rel=1e-6)
             assert rec["logged_region_mean"] == pytest.approx(want_region, rel=1e-6, abs=1e-9)
-        differ += a["ratio_max"] != b["ratio_max"] and a["region_sum"] / a["region_count"] != b["region_sum"] / b[
-            "region_count"]
+        differ += (
+            a["ratio_max"] != b["ratio_max"]
+            and a["region_sum"] / a["region_count"] != b["region_sum"] / b["region_count"]
+        )
     assert differ > 0
 
 
-@pytest.mark.parametrize("fused,ref", [
-    ("cfpo_fused", "cfpo"),
-    ("cfpo_fused_nofind", "cfpo"),  # find_unused_parameters=False: every parameter must get a gradient
-    ("cfpo_fused_ga1_static", "cfpo_ga1"),  # static_graph=True
-    ("clip_fused", "grpo"),
-])
+@pytest.mark.parametrize(
+    "fused,ref",
+    [
+        ("cfpo_fused", "cfpo"),
+        ("cfpo_fused_nofind", "cfpo"),  # find_unused_parameters=False: every parameter must get a gradient
+        ("cfpo_fused_ga1_static", "cfpo_ga1"),  # static_graph=True
+        ("clip_fused", "grpo"),
+    ],
+)
 def test_fused_equals_unfused_under_ddp(runs, fused, ref):
     """The fused pass through the DDP-wrapped model: the same 2-process trajectory as the unfused path (loss, grad
     norm, entropy, every clip_ratio / cfpo metric: fp32, 1e-5) and the same parameters, on both ranks; with different

@@ -49,8 +49,15 @@ def _check_same(ref, fused, inputs, modes=("train", "eval")):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", AGGREGATION_LOSS_TYPES)
 def test_fused_equals_unfused_cfpo(tiny_model_dir, tokenizer, tmp_path, loss_type, level):
-    cfg = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, use_bias_correction_kl=False,
-               epsilon_high=0.28, temperature=0.7, bf16=False)
+    cfg = dict(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=0.04,
+        use_bias_correction_kl=False,
+        epsilon_high=0.28,
+        temperature=0.7,
+        bf16=False,
+    )
     ref = make_trainer(CFPOTrainer, CFPOConfig, tiny_model_dir, tokenizer, tmp_path / "r", **cfg)
     fused = make_trainer(CFPOTrainer, CFPOConfig, tiny_model_dir, tokenizer, tmp_path / "f", use_fused_loss=True, **cfg)
     _check_same(ref, fused, make_inputs(ref, seed=21))
@@ -62,8 +69,16 @@ def test_fused_equals_unfused_cfpo(tiny_model_dir, tokenizer, tmp_path, loss_typ
 def test_fused_clip_equals_trl(tiny_model_dir, tokenizer, tmp_path, level, old):
     cfg = dict(loss_type="grpo", importance_sampling_level=level, delta=1.6, bf16=False)
     ref = make_trainer(GRPOTrainer, GRPOConfig, tiny_model_dir, tokenizer, tmp_path / "r", **cfg)
-    fused = make_trainer(CFPOTrainer, CFPOConfig, tiny_model_dir, tokenizer, tmp_path / "f",
-                         policy_objective="clip", use_fused_loss=True, **cfg)
+    fused = make_trainer(
+        CFPOTrainer,
+        CFPOConfig,
+        tiny_model_dir,
+        tokenizer,
+        tmp_path / "f",
+        policy_objective="clip",
+        use_fused_loss=True,
+        **cfg,
+    )
     _check_same(ref, fused, make_inputs(ref, seed=22, per_token_adv=(level == "token"), old=old))
 
 
@@ -79,12 +94,27 @@ def test_fused_bf16_autocast_close_to_trl(tiny_model_dir, tokenizer, tmp_path, c
 
 def test_fused_train(tiny_model_dir, tokenizer, tmp_path):
     args = CFPOConfig(
-        output_dir=str(tmp_path), use_fused_loss=True, num_iterations=4, learning_rate=1e-3,
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=4, logging_steps=1,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        use_fused_loss=True,
+        num_iterations=4,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
-    trainer = CFPOTrainer(model=tiny_model_dir, reward_funcs=reward_digits, args=args,
-                          train_dataset=prompt_dataset(32), processing_class=tokenizer)
+    trainer = CFPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=reward_digits,
+        args=args,
+        train_dataset=prompt_dataset(32),
+        processing_class=tokenizer,
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
@@ -92,37 +122,61 @@ def test_fused_train(tiny_model_dir, tokenizer, tmp_path):
     assert max(h["cfpo/ratio_dev"] for h in logs) > 1e-3
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(beta=0.04), "use_bias_correction_kl"),
-    (dict(entropy_coef=0.01), "entropy bonus"),
-    (dict(use_adaptive_entropy=True), "entropy bonus"),
-    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(off_policy_mask_threshold=0.1), "off_policy_mask_threshold"),
-    # FSDP1 (DDP and FSDP2 are supported: tests/trl/test_distributed.py); FSDP2 is accepted below
-    (dict(fsdp=True, fsdp_config={"version": 1}), r"FSDP version 1 \(FSDP1 flattens"),
-    (dict(parallelism_config="tp2"), "parallelism_config with tensor"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(beta=0.04), "use_bias_correction_kl"),
+        (dict(entropy_coef=0.01), "entropy bonus"),
+        (dict(use_adaptive_entropy=True), "entropy bonus"),
+        (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+        (dict(off_policy_mask_threshold=0.1), "off_policy_mask_threshold"),
+        # FSDP1 (DDP and FSDP2 are supported: tests/trl/test_distributed.py); FSDP2 is accepted below
+        (dict(fsdp=True, fsdp_config={"version": 1}), r"FSDP version 1 \(FSDP1 flattens"),
+        (dict(parallelism_config="tp2"), "parallelism_config with tensor"),
+    ],
+)
 def test_fused_refuses_unsupported_options(tmp_path, kw, match):
     if kw.get("parallelism_config") == "tp2":
         from accelerate.parallelism_config import ParallelismConfig
 
         kw = dict(parallelism_config=ParallelismConfig(tp_size=2))
     with pytest.raises(ValueError, match=f"use_fused_loss=True does not support .*{match}"):
-        CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
-                   use_cpu=True, use_fused_loss=True, **kw)
+        CFPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            report_to="none",
+            use_cpu=True,
+            use_fused_loss=True,
+            **kw,
+        )
 
 
 def test_fused_accepts_fsdp2(tmp_path):
-    args = CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
-                      use_cpu=True, use_fused_loss=True, fsdp=True, fsdp_config={"version": 2})
+    args = CFPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        report_to="none",
+        use_cpu=True,
+        use_fused_loss=True,
+        fsdp=True,
+        fsdp_config={"version": 2},
+    )
     assert args.use_fused_loss and args.fsdp
 
 
 def test_fused_refuses_deepspeed(tmp_path):
     """DeepSpeed is not installed here (a TrainingArguments with deepspeed= would not construct), so the config is
     changed after construction: CFPOTrainer validates again before loading the model."""
-    args = CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
-                      use_cpu=True, use_fused_loss=True)
+    args = CFPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        report_to="none",
+        use_cpu=True,
+        use_fused_loss=True,
+    )
     args.deepspeed = {"zero_optimization": {"stage": 3}}
     with pytest.raises(ValueError, match=r"does not support DeepSpeed \(ZeRO-3 partitions the LM head"):
         CFPOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=args)
@@ -133,8 +187,19 @@ def test_fused_refuses_logit_transform(tmp_path, tokenizer):
 
     model = build_model(tokenizer)
     model.config.final_logit_softcapping = 30.0
-    args = CFPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to="none",
-                      use_cpu=True, use_fused_loss=True)
+    args = CFPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        report_to="none",
+        use_cpu=True,
+        use_fused_loss=True,
+    )
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        CFPOTrainer(model=model, reward_funcs=reward_digits, args=args, train_dataset=prompt_dataset(),
-                    processing_class=tokenizer)
+        CFPOTrainer(
+            model=model,
+            reward_funcs=reward_digits,
+            args=args,
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer,
+        )

@@ -31,7 +31,9 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, str(SCRIPT), "--out", str(out), *args],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
-    assert proc.returncode == 0, f"stability_demo.py failed:\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"stability_demo.py failed:\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -86,7 +88,14 @@ def test_summary_table_is_well_formed(quick_run):
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     header, sep, body = lines[0], lines[1], lines[2:]
     ncol = header.count("|") - 1 - header.count("\\|")
-    for needle in ("objective", "num_iterations", "final reward", "max \\|r-1\\|", "mean exit fraction", "final entropy"):
+    for needle in (
+        "objective",
+        "num_iterations",
+        "final reward",
+        "max \\|r-1\\|",
+        "mean exit fraction",
+        "final entropy",
+    ):
         assert needle in header
     assert set(sep.replace("|", "").replace(":", "").replace("-", "")) == set()
     assert len(body) == len(OBJECTIVES) * len(ITERATIONS)

@@ -63,8 +63,12 @@ def test_a_changed_trl_is_reported_with_the_diff(tmp_path):
     new_line = "        coef_1 = torch.exp(log_importance_weights.clamp(max=20.0))\n"
     assert text.count(old_line) == 1
     text = text.replace(old_line, new_line)
-    text = text.replace("            policy_loss = loss.detach()\n", "            policy_loss = loss.detach().float()\n", 1)
-    text = text.replace("    def _get_per_token_logps_and_entropies(", "    def _get_per_token_logps_and_entropies(  # x\n", 1)
+    text = text.replace(
+        "            policy_loss = loss.detach()\n", "            policy_loss = loss.detach().float()\n", 1
+    )
+    text = text.replace(
+        "    def _get_per_token_logps_and_entropies(", "    def _get_per_token_logps_and_entropies(  # x\n", 1
+    )
     new_file = tmp_path / "grpo_trainer.py"
     new_file.write_text(text)
 
@@ -208,8 +212,10 @@ def test_apply_cli_prints_the_new_method(tmp_path):
     proc = _cli("--source", str(new_file), "--apply")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = trl_check.adapter_source("GRPOTrainer").replace(anchor, "        x = 1  # new in TRL\n" + anchor)
-    assert proc.stdout == (f"APPLIED: {new_file} GRPOTrainer._compute_loss + GRPOTrainer._compute_loss.patch, the new "
-                           "CFPOTrainer._compute_loss (for cfpo_loss/adapters/trl/_grpo_mirror.py):\n" + expected)
+    assert proc.stdout == (
+        f"APPLIED: {new_file} GRPOTrainer._compute_loss + GRPOTrainer._compute_loss.patch, the new "
+        "CFPOTrainer._compute_loss (for cfpo_loss/adapters/trl/_grpo_mirror.py):\n" + expected
+    )
     old = "        # Log the metrics\n        def masked_seq_mean(x):\n"
     assert text.count(old) == 1
     new_file.write_text(text.replace(old, "        # Log the metrics (new)\n        def masked_seq_mean(x):\n"))

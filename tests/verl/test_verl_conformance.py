@@ -77,7 +77,13 @@ def test_clip_ratio_fallback_with_dictconfig():
     """clip_ratio_low/high = None fall back to clip_ratio, as vanilla reads them (legacy DictConfig)."""
     old, new, adv, mask, w = make_batch(seed=2)
     cfg = OmegaConf.create(
-        {"clip_ratio": 0.25, "clip_ratio_low": None, "clip_ratio_high": None, "clip_ratio_c": 2.5, "global_batch_info": {}}
+        {
+            "clip_ratio": 0.25,
+            "clip_ratio_low": None,
+            "clip_ratio_high": None,
+            "clip_ratio_c": 2.5,
+            "global_batch_info": {},
+        }
     )
     ref_loss, ref_grad, ref_m = _run(get_policy_loss_fn("vanilla"), old, new, adv, mask, "token-mean", cfg, w)
     loss, grad, m = _run(make_policy_loss("clip"), old, new, adv, mask, "token-mean", cfg, w)

@@ -193,8 +193,12 @@ def test_other_loss_modes_keep_verls_bypass_behaviour(loss_mode):
 
     bypass = get_policy_loss_fn("bypass_mode")
     assert bypass.__module__ == "verl.trainer.ppo.core_algos"
-    actor = actor_config("bypass_mode", policy_loss=PolicyLossConfig(
-        loss_mode="bypass_mode", rollout_correction=RolloutCorrectionConfig(bypass_mode=True, rollout_is=None, **RS)))
+    actor = actor_config(
+        "bypass_mode",
+        policy_loss=PolicyLossConfig(
+            loss_mode="bypass_mode", rollout_correction=RolloutCorrectionConfig(bypass_mode=True, rollout_is=None, **RS)
+        ),
+    )
     loss, _ = bypass(rollout, new, adv, mask, "token-mean", actor, None)
     kept, _ = _rejection(new, rollout, mask)
     ref, _ = compute_policy_loss_vanilla(rollout, new, adv, kept, "token-mean", actor, None)
@@ -261,8 +265,15 @@ def test_unprepared_cfpo_bypass_with_rejection_sampling_is_refused_before_traini
 
 
 def test_a_different_worker_correction_is_refused_not_overwritten():
-    cfg = compose_recipe("fully_async", [*ACTOR, *_mode("cfpo"), *RS_OVERRIDES,
-                                         "+actor_rollout_ref.actor.policy_loss.rollout_correction.rollout_rs=null"])
+    cfg = compose_recipe(
+        "fully_async",
+        [
+            *ACTOR,
+            *_mode("cfpo"),
+            *RS_OVERRIDES,
+            "+actor_rollout_ref.actor.policy_loss.rollout_correction.rollout_rs=null",
+        ],
+    )
     with pytest.raises(ValueError, match=rf"loss_mode=cfpo .*{WORKER_CORRECTION_KEY}=.*differs"):
         importlib.import_module(RECIPES["fully_async"][2]).auto_set_device(cfg)
 

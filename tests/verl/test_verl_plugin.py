@@ -101,8 +101,9 @@ def test_without_the_switch_verl_0_8_does_not_load_the_plugin():
 @pytest.mark.parametrize("others", ["", "json,"])
 def test_verl_use_external_modules_loads_the_plugin(others):
     """verl's own import hook (every version): also as one of several comma-separated modules."""
-    out = _result(_python(BARE_USER, VERL_USE_EXTERNAL_MODULES=others + plugin.__name__,
-                          VERL_USE_EXTERNAL_PLUGINS="none"))
+    out = _result(
+        _python(BARE_USER, VERL_USE_EXTERNAL_MODULES=others + plugin.__name__, VERL_USE_EXTERNAL_PLUGINS="none")
+    )
     assert out["loaded_by_verl"]
     assert out["modules"] == {"cfpo": "cfpo_loss.adapters.verl", "cfpo_seq": "cfpo_loss.adapters.verl"}
 

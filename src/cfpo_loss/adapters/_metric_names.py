@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["FRAMEWORKS", "METRIC_NAMES", "EVERY_CORE_METRIC", "NOTES", "MetricName", "framework_keys",
-           "markdown_table"]
+__all__ = ["FRAMEWORKS", "METRIC_NAMES", "EVERY_CORE_METRIC", "NOTES", "MetricName", "framework_keys", "markdown_table"]
 
 FRAMEWORKS = ("trl", "verl", "openrlhf")
 
@@ -49,7 +48,7 @@ EVERY_CORE_METRIC = {"verl": "actor/cfpo/"}
 
 #: what the table alone does not say, one line each (rendered below it)
 NOTES = (
-    "TRL: per sequence where TRL's ratio is (`CFPORLOOTrainer`, `importance_sampling_level=\"sequence\"`), and reduced "
+    'TRL: per sequence where TRL\'s ratio is (`CFPORLOOTrainer`, `importance_sampling_level="sequence"`), and reduced '
     "over every rank; `clip_ratio/low_min` and `clip_ratio/high_max` are TRL's own per-sequence extremes, no core "
     "metric.",
     "verl: every core metric also as `actor/cfpo/<core name>`; `actor/pg_clipfrac_lower` is 0.0 where the objective "

@@ -67,16 +67,19 @@ def tested_versions(dist: str) -> str:
     return ", ".join(TESTED[dist])
 
 
-def warn_if_unsupported(dist: str, version: str | None, consequence: str, *, logger: logging.Logger | None = None,
-                        stacklevel: int = 2) -> str | None:
+def warn_if_unsupported(
+    dist: str, version: str | None, consequence: str, *, logger: logging.Logger | None = None, stacklevel: int = 2
+) -> str | None:
     """Warn (RuntimeWarning, and on ``logger`` at WARNING) when ``version`` of ``dist`` (the installed one, passed by
     the adapter) lies outside ``SUPPORTED``, naming the range, the tested releases and ``consequence`` (what the
     adapter does anyway). Returns the message; None for a supported or absent (None) version. ``stacklevel`` counts
     as ``warnings.warn``'s does, from the caller of this function (2: the caller's caller)."""
     if version is None or is_supported(dist, version):
         return None
-    msg = (f"cfpo_loss: {dist} {version} is outside the supported range: the {dist} adapter supports "
-           f"{dist}{supported_range(dist)} (tested: {tested_versions(dist)}), found {version}; {consequence}")
+    msg = (
+        f"cfpo_loss: {dist} {version} is outside the supported range: the {dist} adapter supports "
+        f"{dist}{supported_range(dist)} (tested: {tested_versions(dist)}), found {version}; {consequence}"
+    )
     warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
     if logger is not None:
         logger.warning(msg)

@@ -34,9 +34,22 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-__all__ = ["MIRRORED_TRL_VERSION", "MIRROR_DIR", "MIRROR_PATH", "TARGETS", "CheckResult", "Target", "check",
-           "mirror_path", "patch_path", "mirrored_source", "method_source", "adapter_source", "departures_patch",
-           "apply_patch"]
+__all__ = [
+    "MIRRORED_TRL_VERSION",
+    "MIRROR_DIR",
+    "MIRROR_PATH",
+    "TARGETS",
+    "CheckResult",
+    "Target",
+    "check",
+    "mirror_path",
+    "patch_path",
+    "mirrored_source",
+    "method_source",
+    "adapter_source",
+    "departures_patch",
+    "apply_patch",
+]
 
 #: the TRL release whose methods are stored in MIRROR_DIR (and copied by the adapter)
 MIRRORED_TRL_VERSION = "1.16.0"
@@ -223,8 +236,7 @@ def report(result: CheckResult) -> str:
         "line(s) removed or added.\n"
         f"  Review the diff below and apply it to {target.adapter}.{_METHOD} in cfpo_loss/adapters/trl/{target.module} "
         "(its own departures are marked `# CFPO:`; --apply re-applies them to the new text), then follow the bump "
-        "procedure in cfpo_loss/adapters/trl/__init__.py.\n\n"
-        + result.diff
+        "procedure in cfpo_loss/adapters/trl/__init__.py.\n\n" + result.diff
     )
 
 
@@ -259,21 +271,37 @@ def _apply(candidates) -> int:
                   f"by hand into {target.adapter}.{_METHOD} (cfpo_loss/adapters/trl/{target.module}).")  # fmt: skip
             status = 1
             continue
-        print(f"APPLIED: {label} {cls}.{_METHOD} + {patch_path(cls).name}, the new {target.adapter}.{_METHOD} "
-              f"(for cfpo_loss/adapters/trl/{target.module}):\n{ours}", end="" if ours.endswith("\n") else "\n")
+        print(
+            f"APPLIED: {label} {cls}.{_METHOD} + {patch_path(cls).name}, the new {target.adapter}.{_METHOD} "
+            f"(for cfpo_loss/adapters/trl/{target.module}):\n{ours}",
+            end="" if ours.endswith("\n") else "\n",
+        )
     return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfpo_loss.adapters.trl_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--source", metavar="PATH", action="append", help="check this trl/trainer/grpo_trainer.py or "
-                        "rloo_trainer.py (a trl/ or trl/trainer/ folder: both) instead of the installed trl; "
-                        "repeatable")
-    parser.add_argument("--apply", action="store_true", help="print each method of the checked TRL with our stored "
-                        "patch applied (the new adapter method), or the hunk that does not apply")
-    parser.add_argument("--update", action="store_true", help="store the installed trl's texts as the mirrored texts "
-                        "(after the reviewed diffs are applied to the adapter), re-derive both patches from the code, "
-                        "and print the sha256 values for adapters/trl/_guard.py")
+    parser.add_argument(
+        "--source",
+        metavar="PATH",
+        action="append",
+        help="check this trl/trainer/grpo_trainer.py or "
+        "rloo_trainer.py (a trl/ or trl/trainer/ folder: both) instead of the installed trl; "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--apply",
+        action="store_true",
+        help="print each method of the checked TRL with our stored "
+        "patch applied (the new adapter method), or the hunk that does not apply",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="store the installed trl's texts as the mirrored texts "
+        "(after the reviewed diffs are applied to the adapter), re-derive both patches from the code, "
+        "and print the sha256 values for adapters/trl/_guard.py",
+    )
     args = parser.parse_args(argv)
     if args.update and (args.source or args.apply):
         parser.error("--update stores the installed trl's texts; it takes neither --source nor --apply")

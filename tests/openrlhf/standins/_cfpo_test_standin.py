@@ -28,4 +28,8 @@ def standin(qualname: str):
         def __getattr__(cls, name):
             _raise()
 
-    return _Meta(qualname.rsplit(".", 1)[-1], (), {"__module__": qualname.rsplit(".", 1)[0], "__doc__": f"TEST stand-in for {qualname}"})
+    return _Meta(
+        qualname.rsplit(".", 1)[-1],
+        (),
+        {"__module__": qualname.rsplit(".", 1)[0], "__doc__": f"TEST stand-in for {qualname}"},
+    )

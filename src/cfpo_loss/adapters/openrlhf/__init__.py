@@ -91,8 +91,11 @@ _API_PARAMS = {
     "vllm_is": ("enable_vllm_is_correction", "vllm_is_truncated_threshold", "vllm_is_correction_type"),
 }
 #: OpenRLHF < 0.11.2's vllm_is_correction_type -> (level, mode, gating) of the newer API
-_LEGACY_IS_TYPES = {"tis": ("token", "clip", "ratio"), "icepop": ("token", "mask", "ratio"),
-                    "seq-mask-tis": ("seq", "mask", "ratio")}
+_LEGACY_IS_TYPES = {
+    "tis": ("token", "clip", "ratio"),
+    "icepop": ("token", "mask", "ratio"),
+    "seq-mask-tis": ("seq", "mask", "ratio"),
+}
 _FORWARD_PARAMS = (
     "log_probs",
     "old_log_probs",
@@ -110,8 +113,9 @@ def install() -> None:
 
     Imports ``openrlhf.models`` (and so DeepSpeed) now; ``install_on_import()`` waits for that import.
     """
-    warn_if_unsupported("openrlhf", installed_version("openrlhf"), "PolicyLoss's signature is checked, its semantics "
-                        "are not")
+    warn_if_unsupported(
+        "openrlhf", installed_version("openrlhf"), "PolicyLoss's signature is checked, its semantics are not"
+    )
     from openrlhf.models import loss as loss_module
 
     patch_policy_loss_class(loss_module.PolicyLoss)

@@ -66,9 +66,7 @@ from __future__ import annotations
 try:
     import trl  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without trl
-    raise ImportError(
-        "cfpo_loss.adapters.trl needs TRL: pip install 'cfpo-loss[trl]' (trl==1.16.0)"
-    ) from exc
+    raise ImportError("cfpo_loss.adapters.trl needs TRL: pip install 'cfpo-loss[trl]' (trl==1.16.0)") from exc
 
 from ._guard import SUPPORTED_TRL, check_trl_version
 
@@ -85,5 +83,14 @@ from ._config import (  # noqa: E402
 from ._grpo import CFPOTrainer  # noqa: E402
 from ._rloo import CFPORLOOTrainer  # noqa: E402
 
-__all__ = ["CFPOConfig", "CFPOTrainer", "CFPORLOOConfig", "CFPORLOOTrainer", "SUPPORTED_TRL", "AGGREGATION_LOSS_TYPES",
-           "POLICY_OBJECTIVES", "SEQUENCE_RATIOS", "SUM_RATIO_MAX_LENGTH"]
+__all__ = [
+    "CFPOConfig",
+    "CFPOTrainer",
+    "CFPORLOOConfig",
+    "CFPORLOOTrainer",
+    "SUPPORTED_TRL",
+    "AGGREGATION_LOSS_TYPES",
+    "POLICY_OBJECTIVES",
+    "SEQUENCE_RATIOS",
+    "SUM_RATIO_MAX_LENGTH",
+]

@@ -32,19 +32,48 @@ except ImportError:  # pragma: no cover
 from ...fused import fused_linear_policy_loss
 
 # inputs the fused path cannot take (vision-language models) and config logit transforms it does not apply
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_tiles", "num_images")
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_tiles",
+    "num_images",
+)
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 # use_fused_loss=True under several processes: accelerate's distributed types that wrap the model in plain DDP
 # (tested on CPU with gloo, tests/trl/test_distributed.py), and FSDP2; every other one is refused at construction.
-_DDP_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
-              "MULTI_HPU", "MULTI_NEURON")
-_FSDP1_REASON = ("FSDP1 flattens parameters into FlatParameters and is not tested with the fused pass; FSDP2, "
-                 "fsdp_config={'version': 2} (TrainingArguments' default), is")
-_DEEPSPEED_REASON = ("ZeRO-3 partitions the LM head to numel 0 outside its module's forward, so the fused pass "
-                     "would read an empty weight unless gathered (TRL's maybe_gather_lm_head_ctx); DeepSpeed is not "
-                     "installable in the test environment, so no ZeRO stage is tested with the fused pass")
+_DDP_TYPES = (
+    "NO",
+    "MULTI_CPU",
+    "MULTI_GPU",
+    "MULTI_XPU",
+    "MULTI_NPU",
+    "MULTI_MLU",
+    "MULTI_SDAA",
+    "MULTI_MUSA",
+    "MULTI_HPU",
+    "MULTI_NEURON",
+)
+_FSDP1_REASON = (
+    "FSDP1 flattens parameters into FlatParameters and is not tested with the fused pass; FSDP2, "
+    "fsdp_config={'version': 2} (TrainingArguments' default), is"
+)
+_DEEPSPEED_REASON = (
+    "ZeRO-3 partitions the LM head to numel 0 outside its module's forward, so the fused pass "
+    "would read an empty weight unless gathered (TRL's maybe_gather_lm_head_ctx); DeepSpeed is not "
+    "installable in the test environment, so no ZeRO stage is tested with the fused pass"
+)
 
 
 def check_fused_args(args) -> None:
@@ -52,8 +81,10 @@ def check_fused_args(args) -> None:
     only honour the parts of TRL's loss that act on that pass's inputs. Everything else is refused, by name."""
     refused = []
     if args.beta != 0.0 and args.use_bias_correction_kl:
-        refused.append("beta > 0 with use_bias_correction_kl=True (the fused pass adds the plain k3 KL; set "
-                       "use_bias_correction_kl=False)")
+        refused.append(
+            "beta > 0 with use_bias_correction_kl=True (the fused pass adds the plain k3 KL; set "
+            "use_bias_correction_kl=False)"
+        )
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         refused.append("an entropy bonus (entropy_coef / use_adaptive_entropy: needs the entropy's gradient)")
     if args.top_entropy_quantile < 1.0:
@@ -73,11 +104,15 @@ def check_fused_args(args) -> None:
         refused.append(f"DeepSpeed ({_DEEPSPEED_REASON})")
     pc = getattr(args, "parallelism_config", None)
     if pc is not None and any(getattr(pc, f"{k}_size", 1) > 1 for k in ("tp", "cp", "sp", "dp_shard")):
-        refused.append("parallelism_config with tensor / context / sequence parallelism or dp_shard_size > 1 "
-                       "(the LM head or the sequence is split across processes; untested with the fused pass)")
+        refused.append(
+            "parallelism_config with tensor / context / sequence parallelism or dp_shard_size > 1 "
+            "(the LM head or the sequence is split across processes; untested with the fused pass)"
+        )
     if refused:
-        raise ValueError("use_fused_loss=True does not support " + "; ".join(refused) + ". Use use_fused_loss=False "
-                         "(TRL's own chunked log-prob kernel with the same objective) for these options.")
+        raise ValueError(
+            "use_fused_loss=True does not support " + "; ".join(refused) + ". Use use_fused_loss=False "
+            "(TRL's own chunked log-prob kernel with the same objective) for these options."
+        )
 
 
 def _requested_fsdp_version(args) -> int | None:
