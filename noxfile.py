@@ -33,11 +33,12 @@ TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["core", "package", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["lint", "core", "package", "trl", "verl", "openrlhf"]
 
 TORCH_VERSIONS = list(_support.TORCH_TESTED)  # the newest first: every framework session runs on it
 TORCH = f"torch=={TORCH_VERSIONS[0]}"
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy"]
+RUFF = "ruff==0.17.5"  # pinned: a new ruff release brings new rules and a new format
 TRL = f"trl=={TESTED['trl'][0]}"
 VERL_VERSIONS = list(TESTED["verl"])
 OPENRLHF_VERSIONS = list(TESTED["openrlhf"])
@@ -86,6 +87,14 @@ def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
 def _pytest(session: nox.Session, *paths: str) -> None:
     args = session.posargs or ["-q", "-p", "no:cacheprovider", *paths]
     session.run("python", "-m", "pytest", *args, env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, pinned: the rules and their reasons are in pyproject.toml's [tool.ruff]. `nox -s lint -- --fix` fixes."""
+    session.install("-q", RUFF)
+    session.run("ruff", "check", *session.posargs, ".")
+    session.run("ruff", "format", "--check" if "--fix" not in session.posargs else "--quiet", ".")
 
 
 @nox.session

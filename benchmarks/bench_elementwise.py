@@ -42,7 +42,7 @@ import cfpo_loss
 from cfpo_loss import compute_policy_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import add_device_arg, machine_header, require_device, sync  # noqa: E402
+from _bench_common import add_device_arg, machine_header, require_device, sync
 
 if hasattr(cfpo_loss, "read_metrics"):
     read_metrics, METRICS_READER = cfpo_loss.read_metrics, "cfpo_loss.read_metrics (one transfer)"

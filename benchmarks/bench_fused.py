@@ -59,7 +59,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import add_device_arg, machine_header, require_device, timed_call  # noqa: E402
+from _bench_common import add_device_arg, machine_header, require_device, timed_call
 
 METHODS = ("naive-cfpo", "naive-clip", "fused-cfpo", "fused-clip", "liger-clip", "trl-cfpo", "gemm3")
 DEFAULT_METHODS = {"cpu": METHODS[:5], "cuda": ("naive-cfpo", "fused-cfpo", "trl-cfpo", "liger-clip", "gemm3")}
@@ -391,7 +391,7 @@ def _run_one(method, cfg_text, args) -> dict:
 
 def _load() -> str:
     try:
-        return "load %.1f" % os.getloadavg()[0]
+        return f"load {os.getloadavg()[0]:.1f}"
     except OSError:
         return ""
 
@@ -452,12 +452,12 @@ def main(argv=None) -> int:
     unit, mul = ("ms", 1e3) if args.device == "cuda" else ("s", 1.0)
     print(
         f"# {args.device} {args.dtype} | {args.rounds} rounds x "
-        f"({'%d warm-up + %d timed' % (args.warmup, args.repeats) if args.repeats else '1 cold timed run'}) | "
+        f"({f'{args.warmup} warm-up + {args.repeats} timed' if args.repeats else '1 cold timed run'}) | "
         f"liger compiled={args.liger_compiled} | {_load()}",
         flush=True,
     )
     results = []
-    for cfg_text, cfg in zip(args.configs, configs):
+    for cfg_text, _cfg in zip(args.configs, configs):
         runs = {m: [] for m in args.methods}
         for rnd in range(args.rounds):
             for m in args.methods:

@@ -16,8 +16,8 @@ read as a logger reads them:
 Rows: the verl-style clip baseline of ``bench_elementwise.py`` (an eager copy of verl 0.9.1's vanilla loss,
 metrics read with .item() as verl's loss function does), ours clip / cfpo eager with the metrics read by
 ``read_metrics`` (one transfer), with the selects as they run on CUDA (``torch.where``) and as on CPU
-(bit operations), each with its default finite check (the one sync, which brings the metrics along). A count is a proxy, not a time: a GPU figure still needs a GPU (bench_elementwise.py
---device cuda).
+(bit operations), each with its default finite check (the one sync, which brings the metrics along). A count is a
+proxy, not a time: a GPU figure still needs a GPU (bench_elementwise.py --device cuda).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_elementwise import verl_style_clip  # noqa: E402
+from bench_elementwise import verl_style_clip
 
-import cfpo_loss.onepass as onepass  # noqa: E402
-from cfpo_loss import compute_policy_loss  # noqa: E402
+import cfpo_loss.onepass as onepass
+from cfpo_loss import compute_policy_loss
 
 NO_KERNEL = {
     "detach",

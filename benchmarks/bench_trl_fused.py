@@ -39,7 +39,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import add_device_arg, machine_header, require_device, timed_call  # noqa: E402
+from _bench_common import add_device_arg, machine_header, require_device, timed_call
 
 # name: (layers, hidden, intermediate, heads, kv heads, vocab, batch, completion length)
 SIZES = {

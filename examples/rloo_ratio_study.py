@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     for length in opts.lengths:
         for i in opts.variants:
             rs = [results[(length, VARIANTS[i], s)] for s in opts.seeds]
-            cell = lambda key, fmt: " / ".join(format(r[key], fmt) for r in rs)  # noqa: E731
+            cell = lambda key, fmt, rs=rs: " / ".join(format(r[key], fmt) for r in rs)
             print(
                 f"| {length} | {VARIANTS[i]} | {'yes' if all(r['finite'] for r in rs) else 'NO'} | "
                 f"{cell('reward_first', '.2f')} | {cell('reward_final', '.2f')} | {cell('max_dev', '.3g')} | "

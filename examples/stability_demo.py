@@ -450,10 +450,10 @@ def plot_stability(runs: dict, iterations, path: str, smooth_w: int) -> None:
     for ax, (key, title) in zip(axes.flat, METRIC_LABELS.items()):
         for (objective, k, _b), rows in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             xs, ys = per_round(rows, key)
-            ax.plot(
-                xs, smooth(ys, smooth_w, max if key.startswith("max") else None), color=colors[k], linestyle="-" if objective == "cfpo" else "--",
-                linewidth=1.6 if objective == "cfpo" else 1.3, label=f"{objective} k={k}",
-            )  # fmt: skip
+            cfpo = objective == "cfpo"
+            ys = smooth(ys, smooth_w, max if key.startswith("max") else None)
+            ax.plot(xs, ys, color=colors[k], linestyle="-" if cfpo else "--", linewidth=1.6 if cfpo else 1.3,
+                    label=f"{objective} k={k}")  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("generation round")
         ax.grid(alpha=0.3)
@@ -522,7 +522,7 @@ def write_summary(runs: dict, path: str, header: str) -> str:
             f"{s['mean_exit']:.4f}",
             f"{s['entropy_final']:.3f}",
             f"{s['mean_kl_consecutive']:.2e}",
-        ]  # fmt: skip
+        ]
         for s in summary_rows(runs)
     ]
     return write_table(path, header, columns, body)
@@ -628,8 +628,8 @@ def _draw_heatmaps(axes, fig, stats: dict, metric: str, objectives, iterations, 
         norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
     for ax, o in zip(axes, objectives):
         im = ax.imshow(grids[o], origin="lower", cmap=cmap, norm=norm, aspect="auto")
-        for i, k in enumerate(iterations):
-            for j, b in enumerate(ratios):
+        for i in range(len(iterations)):
+            for j in range(len(ratios)):
                 v = grids[o][i, j]
                 if not np.isfinite(v):
                     continue
@@ -655,9 +655,9 @@ def plot_grid(runs: dict, out: str, subtitle: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     stats = {key: grid_stats(rows) for key, rows in runs.items()}
     objectives, iterations, ratios = _grid_axes(runs)
@@ -768,7 +768,7 @@ def write_grid_summary(runs: dict, path: str, header: str) -> str:
                 "never" if s["entropy_collapse"] is None else s["entropy_collapse"],
                 f"{s['entropy_final']:.3f}",
                 f"{s['kl_consecutive']:.2e}",
-            ]  # fmt: skip
+            ]
         )
     return write_table(path, header, columns, body)
 
@@ -787,7 +787,10 @@ def redraw(out: str, grid: bool) -> int:
     runs = read_metrics(out)
     rounds = max(int(r["round"]) for rows in runs.values() for r in rows)
     old = os.path.join(out, "grid_summary.md" if grid else "summary.md")
-    header = open(old).readline().rstrip("\n") if os.path.exists(old) else f"Stability demo: {rounds} generation rounds"
+    header = f"Stability demo: {rounds} generation rounds"
+    if os.path.exists(old):
+        with open(old) as f:
+            header = f.readline().rstrip("\n")
     if grid:
         plot_grid(runs, out, header)
         print(write_grid_summary(runs, old, header))

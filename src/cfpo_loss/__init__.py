@@ -8,12 +8,12 @@ Framework adapters live in cfpo_loss.adapters.{trl,verl,openrlhf}; importing thi
 no RL framework.
 """
 
+from ._version import __version__
 from .advantages import group_advantages, rloo_advantages
 from .aggregation import AGG_MODES, aggregate_loss
 from .fused import fused_linear_policy_loss
 from .loss import PolicyLossOutput, compute_policy_loss
 from .metrics import read_metrics
-from ._version import __version__
 from .surrogates import OBJECTIVES, Objective, cfpo_surrogate, clipped_surrogate, get_objective
 
 __all__ = [

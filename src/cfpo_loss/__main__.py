@@ -28,7 +28,7 @@ def report() -> str:
 def _verl_plugin_status() -> str:
     try:
         from .adapters.verl import plugin_status
-    except Exception as exc:  # the adapter itself cannot import: say why
+    except Exception as exc:  # noqa: BLE001 - the report must go on when the adapter itself cannot import: say why
         return f"adapter import failed: {type(exc).__name__}: {exc}"
     return plugin_status()
 

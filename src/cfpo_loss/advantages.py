@@ -13,7 +13,7 @@ reproduces verl (GRPO: mean 0, std 1, so A = R/(1+eps) or R; RLOO: A = R).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -51,8 +51,9 @@ accumulator would round every block's contribution; TRL's chunked kernel makes t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -68,7 +69,8 @@ __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 #: logits matmul (tokens × H) @ (H × V) measurably less efficient on CPU (short M dimension).
 _CPU_TILE_ELEMENTS = 2**25
 #: CUDA: the tile (input dtype) may take this share of the free device memory, at most _GPU_TILE_BYTES;
-#: at most 4096 tokens × the whole vocabulary (1.2 GB at V=152k bf16): the block benchmarks/README.md measured on an H200
+#: at most 4096 tokens × the whole vocabulary (1.2 GB at V=152k bf16):
+#: the block benchmarks/README.md measured on an H200
 _GPU_TILE_SHARE, _GPU_TILE_BYTES = 1 / 16, 1536 * 2**20
 
 
@@ -481,7 +483,7 @@ def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, want
 def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor, row_weight: Tensor) -> TokenInputs:
     batch = plan.batch
     token_level, kl = plan.token_level, plan.ref_log_prob is not None
-    gather = lambda x: None if x is None else tokens.gather(x)  # noqa: E731
+    gather = lambda x: None if x is None else tokens.gather(x)
     return TokenInputs(
         targets=gather(target_ids),
         row_weight=gather(row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
@@ -663,7 +665,7 @@ def fold_backward_(z: Tensor, target: Tensor, lse: Tensor, g: Tensor, temperatur
     return z.copy_(((onehot.to(p.dtype) - p) * (g / temperature)[:, None]).to(z.dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=None)
 
@@ -699,7 +701,7 @@ def default_fold(device: torch.device) -> Fold:
 # ---- fp32 accumulation of a low-precision GEMM (GPU branch + its CPU twin) ----------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_out_dtype_addmm(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` runs for ``dtype`` a, b here
     (torch >= 2.8 on CUDA for bf16/fp16; not on CPU)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ class Select:
     plain ``where``. No autograd (used inside the forward below).
     """
 
-    _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+    _INT: ClassVar[dict[torch.dtype, torch.dtype]] = {torch.float32: torch.int32, torch.float64: torch.int64}
 
     def __init__(self, mask: Tensor, dtype: torch.dtype):
         self.mask, self.dtype = mask, dtype

@@ -19,8 +19,9 @@ value of exactly that function, and every loss path (eager, compiled, fused) run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

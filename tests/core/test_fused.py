@@ -51,7 +51,7 @@ def make_inputs(b=4, t=9, h=24, v=97, *, seed=0, dtype=torch.float32, bias=True,
     target = target.masked_fill(~mask, -100)
     old = old.masked_fill(~mask, float("nan"))
     ref = ref.masked_fill(~mask, float("inf"))
-    cast = lambda x: None if x is None else x.to(dtype).requires_grad_()  # noqa: E731
+    cast = lambda x: None if x is None else x.to(dtype).requires_grad_()
     return dict(
         hidden=cast(hidden), weight=cast(weight), bias=cast(bias_t), target=target, old=old, ref=ref, adv=adv, mask=mask
     )
@@ -99,7 +99,8 @@ def params(inp):
 def assert_grads_close(got, want, rtol=1e-5):
     for name, a, b in zip(("hidden", "weight", "bias"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+        tol = dict(rtol=rtol, atol=rtol * float(b.abs().max()))
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_same(inp, f_kw, u_kw=None, rtol=1e-5):
@@ -113,7 +114,7 @@ def assert_same(inp, f_kw, u_kw=None, rtol=1e-5):
     assert_grads_close(grads_f, grads_u, rtol)
     assert set(out_f.metrics) >= set(out_u.metrics)
     for k, v in out_u.metrics.items():
-        torch.testing.assert_close(out_f.metrics[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"metric {k}: {m}")
+        torch.testing.assert_close(out_f.metrics[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"metric {k}: {m}")
     m = inp["mask"]
     torch.testing.assert_close(out_f.ratio[m], out_u.ratio[m], rtol=1e-5, atol=1e-6)
     assert not out_f.per_token_loss.requires_grad
@@ -252,7 +253,7 @@ def test_all_masked_batch_is_zero_loss_zero_grad():
 
 def test_no_grad_inputs_give_loss_and_metrics():
     inp = make_inputs(seed=9)
-    loss_u, out_u, _ = unfused(inp, objective="clip")
+    loss_u, _, _ = unfused(inp, objective="clip")
     with torch.no_grad():
         out = fused(inp, objective="clip", chunk_size=5)
     torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
@@ -596,7 +597,7 @@ def test_default_chunk_size_on_cuda_follows_free_memory(monkeypatch):
 class _HostSyncs(TorchDispatchMode):
     """Counts what .item() / int() / bool() / .tolist() / nonzero dispatch to: each is a device-to-host wait."""
 
-    SYNCS = {"_local_scalar_dense", "nonzero", "item"}
+    SYNCS = frozenset({"_local_scalar_dense", "nonzero", "item"})
 
     def __init__(self):
         super().__init__()

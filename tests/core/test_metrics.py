@@ -285,7 +285,7 @@ def test_metric_floats_reflect_the_dict_when_called(path):
     ``metrics`` still holds those tensors, unmodified. An entry added, replaced, removed, or written in place
     appears in the next call."""
     head = lm_head(seed=4)
-    old, old_dirty, adv, adv_dirty, mask = side_batch("straddle", head)
+    _, old_dirty, _, adv_dirty, mask = side_batch("straddle", head)
     out = run(
         path,
         head["log_prob"].clone().requires_grad_(),
@@ -326,7 +326,7 @@ def test_metric_floats_reflect_the_dict_when_called(path):
 def test_metrics_carry_no_graph(path):
     """Detached metrics, even when the advantages (or weights) require grad: a logger must not keep graphs alive."""
     head = lm_head(seed=5)
-    old, old_dirty, adv, adv_dirty, mask = side_batch("straddle", head)
+    _, old_dirty, adv, _, mask = side_batch("straddle", head)
     out = run(
         path,
         head["log_prob"].clone().requires_grad_(),

@@ -23,8 +23,8 @@ def test_reference_objectives_by_hand():
         reference.clip_objective(r, a, 0.2, 0.28, dual_clip=3.0), torch.tensor(by_hand, dtype=torch.float64)
     )
     # the maximiser of J_CFPO is r* = 1 + sign(A)·ε
-    for adv, eps, r_star in ((1.0, 0.28, 1.28), (-1.0, 0.2, 0.8)):
-        rr = torch.tensor([r_star], dtype=torch.float64, requires_grad=True)
+    for adv, eps in ((1.0, 0.28), (-1.0, 0.2)):  # eps_high where A > 0, eps_low where A < 0
+        rr = torch.tensor([1.0 + adv * eps], dtype=torch.float64, requires_grad=True)
         (g,) = torch.autograd.grad(
             reference.cfpo_objective(rr, torch.tensor([adv], dtype=torch.float64), 0.2, 0.28), rr
         )

@@ -105,7 +105,7 @@ def _policy_loss_in_policy_actor(actor_self, batch):
     }
     log_probs = torch.tensor(batch["log_probs"], requires_grad=True)
     # as ActorPPOTrainer.training_step calls it (one data-parallel rank, no global normalisers)
-    loss, clip_ratio, ppo_kl, vllm_kl = loss_fn(
+    loss, clip_ratio, _ppo_kl, vllm_kl = loss_fn(
         log_probs,
         torch.tensor(batch["old_log_probs"]),
         torch.tensor(batch["advantages"]),

@@ -20,9 +20,8 @@ import types
 
 def main():
     mode, out_path, *argv = sys.argv[1:]
-    import ray
-
     import openrlhf.utils
+    import ray
 
     record = {"ray_init": []}
 

@@ -41,7 +41,7 @@ class OpenRLHFLikeActor:
         had_cfpo = "cfpo_loss" in sys.modules
         log_probs = torch.tensor(batch["log_probs"], requires_grad=True)
         loss_fn = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type=loss_type)
-        loss, clip_ratio, ppo_kl, vllm_kl = loss_fn(  # 5 values on OpenRLHF 0.11.2, 4 before
+        loss, clip_ratio, _ppo_kl, _vllm_kl = loss_fn(  # 5 values on OpenRLHF 0.11.2, 4 before
             log_probs,
             torch.tensor(batch["old_log_probs"]),
             torch.tensor(batch["advantages"]),

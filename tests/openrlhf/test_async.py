@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from orl_compat import ICEPOP_CLI, OPENRLHF_VERSION
 
 from cfpo_loss.adapters._support import version_key
-from orl_compat import ICEPOP_CLI, OPENRLHF_VERSION
 
 HERE = Path(__file__).resolve().parent
 EPS_LOW, EPS_HIGH = 0.2, 0.28

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from orl_compat import IS_CLI, LOSS_AGG_CLI
 
 from cfpo_loss.adapters.openrlhf import train_ppo_ray as launcher
-from orl_compat import IS_CLI, LOSS_AGG_CLI
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

@@ -17,10 +17,10 @@ import warnings
 
 import pytest
 import torch
+from orl_compat import API, IS_CORRECTION, N_OUTPUTS, is_kwargs
 
 import cfpo_loss
 from cfpo_loss.adapters.openrlhf import cfpo_policy_loss_forward, install
-from orl_compat import API, IS_CORRECTION, N_OUTPUTS, is_kwargs
 
 B, T = 6, 7
 
@@ -83,7 +83,7 @@ def assert_same(ours, native, *, exact=False):
         if exact:
             assert torch.equal(a, b), (key, a, b)
         else:
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
 
 
 BATCH_INFO = {
@@ -315,7 +315,7 @@ def test_garbage_at_masked_positions_is_ignored(patched_policy_loss, loss_type):
     for key in ("loss", "grad", "clip_ratio", "vllm_kl", "is_filter_ratio"):
         if clean[key] is not None:
             assert torch.isfinite(result[key]).all(), key
-            torch.testing.assert_close(result[key], clean[key], msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(result[key], clean[key], msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_bf16_inputs_give_an_fp32_loss(patched_policy_loss):

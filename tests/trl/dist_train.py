@@ -29,9 +29,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_helpers import build_model, build_tokenizer, prompt_dataset, reward_digits  # noqa: E402
 
 from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer  # noqa: E402
-from trl_helpers import build_model, build_tokenizer, prompt_dataset, reward_digits  # noqa: E402
 
 STEPS = 4  # optimizer steps; 2 generation batches (steps_per_generation = 2 x gradient_accumulation_steps)
 
@@ -159,7 +159,6 @@ def _loss_step_trainer(out_dir, path, seeds, empty=False, **overrides):
     micro-batches (trl_helpers.make_inputs, one per seed; `empty`: no valid token) with dapo's token count summed over
     the ranks, as TRL's generation batch carries it."""
     import torch.distributed as dist
-
     from trl_helpers import make_inputs
 
     tokenizer = build_tokenizer()

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl_helpers import B, T, make_inputs, make_trainer
 
 from cfpo_loss import compute_policy_loss
 from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer
-from trl_helpers import B, T, make_inputs, make_trainer
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 

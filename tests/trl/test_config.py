@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import trl
 from trl import GRPOConfig
+from trl_helpers import prompt_dataset, reward_digits
 
 import cfpo_loss.adapters.trl as adapter
 from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer, _guard
-from trl_helpers import prompt_dataset, reward_digits
 
 BASE = dict(per_device_train_batch_size=4, num_generations=4, report_to="none", use_cpu=True)
 

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl_helpers import loss_and_grads, make_inputs, make_trainer
 
 from cfpo_loss.adapters.trl import AGGREGATION_LOSS_TYPES, CFPOConfig, CFPOTrainer
-from trl_helpers import loss_and_grads, make_inputs, make_trainer
 
 TRL_METRIC_PREFIXES = ("clip_ratio/", "entropy", "kl", "policy_loss", "entropy_coef")
 

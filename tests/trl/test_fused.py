@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl_helpers import loss_and_grads, make_inputs, make_trainer, prompt_dataset, reward_digits
 
 from cfpo_loss.adapters.trl import AGGREGATION_LOSS_TYPES, CFPOConfig, CFPOTrainer
-from trl_helpers import loss_and_grads, make_inputs, make_trainer, prompt_dataset, reward_digits
 
 # fp32 (bf16=False): the two paths differ only in summation order (the LM-head gradient is summed block by block)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -195,7 +195,7 @@ def test_fused_refuses_logit_transform(tmp_path, tokenizer):
         use_cpu=True,
         use_fused_loss=True,
     )
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
         CFPOTrainer(
             model=model,
             reward_funcs=reward_digits,

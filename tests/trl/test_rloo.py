@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
-
-from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer, CFPORLOOConfig, CFPORLOOTrainer
 from trl_helpers import make_rloo_inputs, make_trainer, prompt_dataset, reward_digits
+
+from cfpo_loss.adapters.trl import CFPOConfig, CFPORLOOConfig, CFPORLOOTrainer, CFPOTrainer
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
@@ -156,7 +156,7 @@ def test_clip_loss_step_is_rloo_trainer(tiny_model_dir, tokenizer, tmp_path, mod
     for key, values in ref_metrics.items():
         assert metrics[key] == values, key
     assert set(metrics) - set(ref_metrics) == set(CFPO_METRICS)
-    assert 0.0 < ref_metrics["clip_ratio/low_mean"][-1] and 0.0 < ref_metrics["clip_ratio/high_mean"][-1]
+    assert ref_metrics["clip_ratio/low_mean"][-1] > 0.0 and ref_metrics["clip_ratio/high_mean"][-1] > 0.0
 
 
 def _paper_equation(logps, inputs, eps_low, eps_high):
@@ -200,7 +200,7 @@ def test_cfpo_loss_step_is_the_paper_equation(tiny_model_dir, tokenizer, tmp_pat
     assert set(m) == {"entropy", *expected}
     for key, value in expected.items():
         assert m[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
-    assert 0.0 < m["clip_ratio/low_mean"] and 0.0 < m["clip_ratio/high_mean"] and m["cfpo/penalty"] > 0.0
+    assert m["clip_ratio/low_mean"] > 0.0 and m["clip_ratio/high_mean"] > 0.0 and m["cfpo/penalty"] > 0.0
 
 
 def test_cfpo_gradient_restores_where_clip_is_flat(tiny_model_dir, tokenizer, tmp_path):
@@ -426,11 +426,11 @@ def test_plain_rloo_config_means_the_summed_ratio_and_warns(tiny_model_dir, toke
 
 @pytest.mark.parametrize("value", ["token", "SUM", "", None, 1])
 def test_bad_sequence_ratio_is_refused_by_name(tmp_path, value):
-    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
+    with pytest.raises(ValueError, match=r"unknown sequence_ratio .*; valid: 'sum', 'mean'"):
         _cfg(tmp_path, sequence_ratio=value)
     c = _cfg(tmp_path)
     c.sequence_ratio = value  # mutated after construction: checked again by the trainer, before any model loads
-    with pytest.raises(ValueError, match="unknown sequence_ratio .*; valid: 'sum', 'mean'"):
+    with pytest.raises(ValueError, match=r"unknown sequence_ratio .*; valid: 'sum', 'mean'"):
         CFPORLOOTrainer(model=str(tmp_path / "missing"), reward_funcs=reward_digits, args=c)
 
 

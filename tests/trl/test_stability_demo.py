@@ -149,7 +149,7 @@ def test_rloo_quick(tmp_path):
                 assert math.isfinite(float(r[key])), (objective, k, r["step"], key, r[key])
             assert (float(r["ratio_dev"]) == 0.0) == ((int(r["step"]) - 1) % k == 0), (objective, k, r["step"])
         assert all((r["kl_consecutive"] != "") == (int(r["step"]) % k == 0) for r in run), (objective, k)
-    strip = lambda run: [{**r, "objective": ""} for r in run]  # noqa: E731
+    strip = lambda run: [{**r, "objective": ""} for r in run]
     assert strip(runs[("clip", 1)]) == strip(runs[("cfpo", 1)])
     assert strip(runs[("clip", 4)]) != strip(runs[("cfpo", 4)])
     assert "RLOOTrainer" in proc.stdout
@@ -282,7 +282,7 @@ def test_grid_batch_ratio_lags_the_old_policy(grid_run):
         for r in run:
             first_of_round = (int(r["step"]) - 1) % (k * b) == 0
             assert (float(r["ratio_dev"]) == 0.0) == first_of_round, (objective, k, b, r["step"], r["ratio_dev"])
-    strip = lambda run: [{**r, "objective": ""} for r in run]  # noqa: E731
+    strip = lambda run: [{**r, "objective": ""} for r in run]
     assert strip(cells[("clip", 1, 1)]) == strip(cells[("cfpo", 1, 1)])
     assert strip(cells[("clip", 1, 2)]) != strip(cells[("cfpo", 1, 2)])  # the lag alone makes them differ
 

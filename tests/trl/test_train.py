@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from trl_helpers import prompt_dataset, reward_digits
 
 from cfpo_loss.adapters.trl import CFPOConfig, CFPOTrainer
-from trl_helpers import prompt_dataset, reward_digits
 
 METRICS = (
     "clip_ratio/low_mean",

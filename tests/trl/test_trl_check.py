@@ -16,8 +16,8 @@ import trl
 from trl import GRPOTrainer, RLOOTrainer
 
 from cfpo_loss.adapters import trl_check
-from cfpo_loss.adapters.trl import _guard
 from cfpo_loss.adapters._support import SUPPORTED
+from cfpo_loss.adapters.trl import _guard
 
 
 def _cli(*args):

@@ -7,8 +7,8 @@ falls back to its CUDA platform (``get_device_name()`` is "cuda"); ``FSDPEngine.
 moves the token count to ``get_device_id()`` (torch.cuda.current_device(): "Torch not compiled with
 CUDA enabled") and ``create_device_mesh`` builds a "cuda" mesh (``torch._C`` has no
 ``_cuda_setDevice``); the engine is registered for device=["cuda", "npu"] only
-(``workers/engine/fsdp/transformer_impl.py``). It also all-reduces over a torch.distributed group. So this test runs every piece of that
-path that is not the sharded model: verl's ``left_right_2_no_padding`` (the engine's input format),
+(``workers/engine/fsdp/transformer_impl.py``). It also all-reduces over a torch.distributed group. So this test runs
+every piece of that path that is not the sharded model: verl's ``left_right_2_no_padding`` (the engine's input format),
 the global-batch bookkeeping the engine writes (``tu.assign_non_tensor`` of ``batch_num_tokens``,
 ``dp_size``; ``global_batch_size`` as the trainer sets it), verl's ``prepare_micro_batches``, a tiny
 torch LM forward producing the engine's nested ``log_probs``, verl's ``ppo_loss`` (which calls

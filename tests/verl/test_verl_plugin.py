@@ -13,9 +13,9 @@ import textwrap
 import warnings
 
 import pytest
+from verl_helpers import EXTERNAL_MODULES, HAS_ENTRY_POINTS, VERL_VERSION
 
 import cfpo_loss.adapters.verl as plugin
-from verl_helpers import EXTERNAL_MODULES, HAS_ENTRY_POINTS, VERL_VERSION
 
 #: what a user of this verl sets so that a bare `import verl` loads the plugin (nothing on verl >= 0.9.0)
 SWITCH = {} if HAS_ENTRY_POINTS else EXTERNAL_MODULES
@@ -74,7 +74,7 @@ def _result(proc):
     return json.loads(line[len("RESULT ") :])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bare_user_result() -> dict:
     """BARE_USER's result with this verl's switch, run once per session (importing verl takes ~15 s)."""
     return _result(_python(BARE_USER, **SWITCH))

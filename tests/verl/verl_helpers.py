@@ -14,11 +14,11 @@ import torch
 
 pytest.importorskip("verl")
 
-from importlib.metadata import version as _dist_version  # noqa: E402
+from importlib.metadata import version as _dist_version
 
-from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 
-from cfpo_loss.adapters._support import version_key  # noqa: E402
+from cfpo_loss.adapters._support import version_key
 
 VERL_VERSION = _dist_version("verl")
 _V = version_key(VERL_VERSION)
@@ -159,7 +159,7 @@ def compose_recipe(recipe: str, overrides=()):
     return copy.deepcopy(_compose(recipe, tuple(overrides)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose(recipe: str, overrides: tuple):
     import os
 

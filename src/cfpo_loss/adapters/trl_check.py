@@ -31,8 +31,9 @@ import difflib
 import hashlib
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 __all__ = [
     "MIRRORED_TRL_VERSION",
@@ -102,7 +103,7 @@ def mirrored_source(cls: str = "GRPOTrainer") -> str:
     return mirror_path(cls).read_text(encoding="utf-8")
 
 
-def method_source(trainer_py: Optional[str] = None, cls: str = "GRPOTrainer", method: str = _METHOD) -> str:
+def method_source(trainer_py: str | None = None, cls: str = "GRPOTrainer", method: str = _METHOD) -> str:
     """``cls.method``'s text exactly as ``inspect.getsource`` gives it (the adapter's guard hashes that).
 
     From the installed trl when ``trainer_py`` is None, else parsed out of that file's text.
@@ -125,7 +126,7 @@ def method_source(trainer_py: Optional[str] = None, cls: str = "GRPOTrainer", me
     raise ValueError(f"no class {cls} in the given source")
 
 
-def adapter_source(cls: str = "GRPOTrainer", module_text: Optional[str] = None) -> str:
+def adapter_source(cls: str = "GRPOTrainer", module_text: str | None = None) -> str:
     """The adapter's copy of ``cls._compute_loss``, read from its module's text (never imported)."""
     target = TARGETS[cls]
     text = (_ADAPTER_DIR / target.module).read_text(encoding="utf-8") if module_text is None else module_text
@@ -162,7 +163,7 @@ def check(candidate: str, label: str = "installed", cls: str = "GRPOTrainer") ->
     )
 
 
-def departures_patch(cls: str = "RLOOTrainer", module_text: Optional[str] = None) -> str:
+def departures_patch(cls: str = "RLOOTrainer", module_text: str | None = None) -> str:
     """The unified diff from the mirrored TRL text of ``cls._compute_loss`` to the adapter's copy of it (read from
     its module's text, or ``module_text``): the hunks the adapter applies to TRL's method."""
     ours = TARGETS[cls].adapter
@@ -279,7 +280,7 @@ def _apply(candidates) -> int:
     return status
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfpo_loss.adapters.trl_check", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--source",

@@ -95,7 +95,8 @@ import subprocess
 import sys
 import traceback
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._metric_names import EVERY_CORE_METRIC, framework_keys
 
@@ -345,7 +346,7 @@ def _set(node: Any, key: str, value: Any) -> None:
     try:
         from omegaconf import DictConfig, open_dict
     except ImportError:  # pragma: no cover
-        DictConfig = ()  # noqa: N806
+        DictConfig = ()
     if isinstance(node, DictConfig):
         with open_dict(node):
             node[key] = value
@@ -564,7 +565,7 @@ try:
 except Exception as e:
     out["exception"] = "%%s: %%s" %% (type(e).__name__, e)
 print("CFPO_PROBE " + json.dumps(out))
-""" % (LOSS_NAMES,)
+""" % (LOSS_NAMES,)  # noqa: UP031 - a %-template: the probe's own % are escaped above
 
 
 def _entry_points() -> list:

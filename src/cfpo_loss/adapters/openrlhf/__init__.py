@@ -59,7 +59,7 @@ import inspect
 import os
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -230,11 +230,11 @@ def cfpo_policy_loss_forward(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
-    action_mask: Optional[torch.Tensor] = None,
-    rollout_log_probs: Optional[torch.Tensor] = None,
+    action_mask: torch.Tensor | None = None,
+    rollout_log_probs: torch.Tensor | None = None,
     dp_size: int = 1,
-    batch_num_tokens: Optional[float] = None,
-    global_batch_size: Optional[float] = None,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
     *,
     objective: str = "cfpo",
 ):
@@ -355,7 +355,7 @@ def _is_correction(level, mode, gating, threshold, old_log_probs, rollout_log_pr
     return coef.expand_as(old_log_probs), is_filter_ratio
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """OpenRLHF's masked_mean (sum over valid / count of valid), selecting instead of multiplying."""
     selected = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if dim is None:

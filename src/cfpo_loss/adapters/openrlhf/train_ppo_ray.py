@@ -30,7 +30,7 @@ import functools
 import os
 import runpy
 import sys
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from . import CFPO_LOSS_TYPES, install
 
@@ -74,7 +74,7 @@ def widened_policy_loss_choices() -> Iterator[None]:
         argparse._ActionsContainer.add_argument = native
 
 
-def with_setup_hook(runtime_env: Optional[dict]) -> Optional[dict]:
+def with_setup_hook(runtime_env: dict | None) -> dict | None:
     """``runtime_env`` plus our ``worker_process_setup_hook`` (a copy; the caller's dict is untouched).
 
     With ``CFPO_OPENRLHF_SETUP_HOOK=0`` in the environment, ``runtime_env`` is returned as given: for
@@ -113,7 +113,7 @@ def ray_init_with_setup_hook() -> Iterator[None]:
         ray.init = native
 
 
-def main(argv: Optional[Sequence[str]] = None, *, cli_module: str = OPENRLHF_CLI) -> None:
+def main(argv: Sequence[str] | None = None, *, cli_module: str = OPENRLHF_CLI) -> None:
     """Run OpenRLHF's ``train_ppo_ray`` CLI with the cfpo policy losses available in driver and workers.
 
     ``argv`` defaults to ``sys.argv[1:]`` and reaches OpenRLHF's parser unchanged. ``cli_module`` is the

@@ -4,7 +4,8 @@ call: the core's objective, and TRL's metric lines that the mirrored method and 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -28,7 +29,7 @@ class CFPOTrainer(GRPOLossMirror, GRPOTrainer):
     Accepts a ``CFPOConfig`` or a plain ``GRPOConfig`` (objective "cfpo" then). See the package docstring.
     """
 
-    _tag_names = ["trl", "grpo", "cfpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "cfpo"]
     _name = "CFPO"
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):

@@ -4,6 +4,8 @@ it calls."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from trl import RLOOConfig, RLOOTrainer
 
@@ -22,7 +24,7 @@ class CFPORLOOTrainer(RLOOLossMirror, RLOOTrainer):
     ``SUM_RATIO_MAX_LENGTH`` (4) tokens, construction warns (README, "The length caveat"). See the package docstring.
     """
 
-    _tag_names = ["trl", "rloo", "cfpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "rloo", "cfpo"]
     _name = "CFPO-RLOO"
 
     def __init__(self, model, reward_funcs, args=None, *pargs, **kwargs):
