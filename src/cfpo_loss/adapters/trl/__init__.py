@@ -56,8 +56,8 @@ Bumping TRL (re-apply the patch, not a re-copy)
 3. With the new trl installed: ``python -m cfpo_loss.adapters.trl_check --update`` stores both texts and both patches
    (re-derived from the code) and prints the new sha256 values: set them in ``_guard.MIRRORED_SHA256``, and
    ``MIRRORED_TRL_VERSION`` in ``trl_check.py``.
-4. ``adapters/_support.py``: the ``trl`` rows of ``SUPPORTED`` and ``TESTED``; the ``trl`` extra in ``pyproject.toml``
-   and ``TRL`` in ``noxfile.py``.
+4. ``adapters/_support.py``: the ``trl`` rows of ``SUPPORTED`` and ``TESTED`` (``noxfile.py`` reads its pin from
+   ``TESTED``); the ``trl`` extra in ``pyproject.toml``.
 5. ``nox -s trl``: the conformance tests decide; ``tests/trl/test_trl_check.py`` runs the check itself.
 """
 
