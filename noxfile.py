@@ -151,7 +151,7 @@ def docs(session: nox.Session) -> None:
     block of the docs as a test (Sybil; a block that needs a framework or a GPU is skipped with its reason shown, and
     runs in its framework's session) and tests/core/test_docs.py (the metric table, the nav, the README)."""
     _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
-    _install(session, "-e", ".[docs]")  # the pinned toolchain of pyproject's `docs` extra
+    _install(session, "-e", ".[docs]", "numpy")  # the pinned toolchain of pyproject's `docs` extra; numpy for torch
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
     session.log(f"site: file://{os.path.abspath(site)}/index.html")
