@@ -8,7 +8,9 @@ torch is pinned to 2.13.0 everywhere: that CPU wheel lies on the build machines'
 unpinned torch pulls a multi-GB CUDA build. Every later install keeps it (`_install` passes it as
 a constraint), so no framework can swap it for a CUDA build. The one exception is `core(2.6.0)`: the
 lowest torch pyproject.toml claims (`TORCH_FLOOR` in _support.py), PyPI's CUDA build run on the CPU.
-`package` builds the wheel and tests it installed as a user installs it (not editable).
+`package` builds the wheel and tests it installed as a user installs it (not editable). `docs` builds the
+documentation site strictly and runs every Python block of the docs (the framework sessions run them too, so the
+blocks that need a framework run where it is installed).
 
 Every framework version the adapters claim is tested: the `verl` and `openrlhf` sessions are parametrised
 over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
@@ -33,12 +35,16 @@ TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["lint", "core", "package", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["lint", "core", "package", "docs", "trl", "verl", "openrlhf"]
 
 TORCH_VERSIONS = list(_support.TORCH_TESTED)  # the newest first: every framework session runs on it
 TORCH = f"torch=={TORCH_VERSIONS[0]}"
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy"]
 RUFF = "ruff==0.17.5"  # pinned: a new ruff release brings new rules and a new format
+SYBIL = "sybil==10.1.0"  # the docs' code blocks as tests (conftest.py); the same pin as the `docs` extra
+#: the Markdown whose ```python blocks are tests (conftest.py collects exactly these): the README, the PyPI text,
+#: the files the site includes, docs/
+DOC_TESTS = ["README.md", "README.pypi.md", "CHANGELOG.md", "CONTRIBUTING.md", "benchmarks/README.md", "docs"]
 TRL = f"trl=={TESTED['trl'][0]}"
 VERL_VERSIONS = list(TESTED["verl"])
 OPENRLHF_VERSIONS = list(TESTED["openrlhf"])
@@ -85,7 +91,7 @@ def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
-    args = session.posargs or ["-q", "-p", "no:cacheprovider", *paths]
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs", *paths]  # -rs: every skip with its reason
     session.run("python", "-m", "pytest", *args, env=ENV)
 
 
@@ -148,12 +154,26 @@ print("wheel ok:", where)
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, which cannot go stale: `mkdocs build --strict` (any warning fails: a broken link or
+    anchor, an unresolved API reference, a page missing from the nav) into .nox/docs/tmp/site, then every Python
+    block of the docs as a test (Sybil; a block that needs a framework or a GPU is skipped with its reason shown, and
+    runs in its framework's session) and tests/core/test_docs.py (the metric table, the nav, the README)."""
+    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, "-e", ".[docs]", "numpy")  # the pinned toolchain of pyproject's `docs` extra; numpy for torch
+    site = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+    session.log(f"site: file://{os.path.abspath(site)}/index.html")
+    _pytest(session, *DOC_TESTS, "tests/core/test_docs.py")
+
+
+@nox.session
 def trl(session: nox.Session) -> None:
     """TRL adapter against the real trl==1.16.0 GRPOTrainer and RLOOTrainer; then the examples, briefly, so they
     cannot rot."""
-    _base(session, TRL, "matplotlib", "tqdm")
+    _base(session, TRL, "matplotlib", "tqdm", SYBIL)
     session.run("python", "-m", "cfpo_loss.adapters.trl_check", env=ENV)  # MATCH, or the diff to review
-    _pytest(session, "tests/trl")
+    _pytest(session, "tests/trl", *DOC_TESTS)
     if not session.posargs:
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", env=ENV)
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", "--objective", "cfpo", "--fused", env=ENV)
@@ -175,7 +195,7 @@ def verl(session: nox.Session, version: str) -> None:
     import tarfile
 
     spec = f"verl=={version}"
-    _base(session, spec, *VERL_EXTRA.get(version, []), *VERL_MAIN_PPO_DEPS)  # `pip install -e .` writes the entry point
+    _base(session, spec, *VERL_EXTRA.get(version, []), *VERL_MAIN_PPO_DEPS, SYBIL)  # `-e .` writes the entry point
     entry_points = _support.version_key(version) >= (0, 9, 0)
     env = dict(ENV) if entry_points else {**ENV, "VERL_USE_EXTERNAL_MODULES": "cfpo_loss.adapters.verl"}
     status = session.run("python", "-m", "cfpo_loss", env=env, silent=True)
@@ -183,7 +203,7 @@ def verl(session: nox.Session, version: str) -> None:
     mechanism = "entry point" if entry_points else "VERL_USE_EXTERNAL_MODULES"
     if "verl plugin: REGISTERED" not in status or f"mechanism: {mechanism}\n" not in status:
         session.error(f"`python -m cfpo_loss` does not report the plugin registered through {mechanism}")
-    _pytest(session, "tests/verl")
+    _pytest(session, "tests/verl", *DOC_TESTS)
     if version != VERL_VERSIONS[0] or session.posargs:
         return
 
@@ -223,7 +243,7 @@ def openrlhf(session: nox.Session, version: str) -> None:
     installed with --no-deps plus what its loss / actor / CLI modules really import, at its own pins. See
     tests/openrlhf/README.md for what is left out and why.
     """
-    _base(session)
+    _base(session, SYBIL)
     _install(session, "--no-deps", f"openrlhf=={version}")
     deepspeed, *pins = OPENRLHF_PINS[version]
     # deepspeed ships only an sdist; build isolation would pull a second (CUDA) torch into the build env
@@ -240,7 +260,7 @@ def openrlhf(session: nox.Session, version: str) -> None:
     with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
         f.write(standins + "\n")
     session.run("python", "-m", "cfpo_loss", env=ENV)
-    _pytest(session, "tests/openrlhf")
+    _pytest(session, "tests/openrlhf", *DOC_TESTS)
 
 
 MUTMUT = "mutmut==3.8.1"

@@ -1,0 +1,62 @@
+"""The docs cannot drift from the code: the metric table, the nav, the README's size and test command, the PyPI text.
+
+(The docs' code blocks are tests too: conftest.py at the repository root, run by `nox -s docs`.)
+"""
+
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+from cfpo_loss.adapters._metric_names import markdown_table
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+
+
+def _mkdocs_block(key: str) -> list[str]:
+    """The lines of a top-level mkdocs.yml key (without PyYAML, which the core session does not install)."""
+    lines = (ROOT / "mkdocs.yml").read_text(encoding="utf-8").splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"{key}:")))
+    block = [lines[start].partition(":")[2]]
+    for line in lines[start + 1 :]:
+        if line and not line[0].isspace() and not line.startswith("#"):
+            break
+        block.append(line)
+    return block
+
+
+def test_metrics_page_holds_the_adapters_table():
+    page = (DOCS / "metrics.md").read_text(encoding="utf-8")
+    assert markdown_table() in page, "docs/metrics.md: paste cfpo_loss.adapters._metric_names.markdown_table() again"
+
+
+def test_every_page_is_in_the_nav():
+    nav = {m[1] for line in _mkdocs_block("nav") if (m := re.search(r":\s*(\S+\.md)\s*$", line))}
+    not_in_nav = [line.strip().lstrip("/") for line in _mkdocs_block("not_in_nav")[1:] if line.strip()]
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    unlisted = {p for p in pages - nav if not any(fnmatch(p, pattern) for pattern in not_in_nav)}
+    assert not unlisted, f"pages missing from mkdocs.yml's nav: {sorted(unlisted)}"
+    assert nav <= pages, f"nav entries without a page: {sorted(nav - pages)}"
+
+
+def test_readme_is_a_landing_page_with_ci_s_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150, "README.md is the landing page: at most 150 lines, the rest goes to docs/"
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(line for line in run.splitlines() if "nox" in line and "pip install" in line)
+    command = command.split("&&", 1)[0].split("pip install", 1)[1].replace("-q", "").split()  # the pinned nox
+    assert f"python3 -m pip install {' '.join(command)} && python3 -m nox" in readme, (
+        "README.md must show the command .ci/run runs"
+    )
+
+
+def test_long_description_stands_alone():
+    """PyPI resolves no relative link or image: the package's long description must have none."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    readme = re.search(r'^readme\s*=\s*"([^"]+)"', pyproject, re.M)[1]
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)", text)
+    relative = [link for link in links if not re.match(r"^[a-z][a-z0-9+.-]*:", link, re.I)]
+    assert not relative, f"{readme} is the PyPI description: relative links there break: {relative}"
