@@ -106,23 +106,26 @@ def fused_linear_policy_loss(
 ) -> PolicyLossOutput:
     """Policy loss straight from the last hidden states, block by block (see the module docstring).
 
+    ``advantages``, ``mask``, ``objective``, ``eps_low``, ``eps_high``, ``dual_clip``, ``agg``, ``ratio_level``,
+    ``weights``, ``check_finite``, ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` and
+    ``loss_scale_factor`` mean exactly what they mean in ``cfpo_loss.compute_policy_loss``.
+
     Args:
         hidden: (B, T, H) or (B·T, H) hidden states that predict ``target_ids`` (already shifted: row
             t is the state whose logits score token ``target_ids[:, t]``). Floating point.
         lm_head_weight: (V, H) output embedding, same dtype and device as ``hidden``.
         target_ids: (B, T) integer token ids; only valid (mask=True) positions are read, so padding
             may hold anything (e.g. -100).
-        old_log_prob, advantages, mask, objective, eps_low, eps_high, dual_clip, agg, ratio_level,
-        weights, check_finite, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor:
-            exactly as in :func:`cfpo_loss.compute_policy_loss`. ``old_log_prob=None`` means on-policy
-            (π_old = the current policy, detached: r = 1), as TRL does when it has no old log-probs.
-        chunk_size: valid tokens per block (default: :func:`default_chunk_size`, per device). Smaller
+        old_log_prob: (B, T) log π_old of the targets, or None for on-policy (π_old = the current policy,
+            detached: r = 1), as TRL does when it has no old log-probs.
+        chunk_size: valid tokens per block (default: ``default_chunk_size``, per device). Smaller
             saves memory, larger amortises better; any positive int works.
         temperature: logits are divided by it before the softmax (as TRL / verl do when scoring).
         lm_head_bias: optional (V,) bias.
-        ref_log_prob, beta: with ``beta > 0``, adds ``beta · k3`` per valid token, k3 = exp(ref − logp)
-            − (ref − logp) − 1 (TRL's GRPO KL term, added after ``weights``), aggregated with ``agg``;
-            the masked mean of k3 is reported as ``metrics["kl"]``.
+        ref_log_prob: (B, T) log-probs of the reference policy, used when ``beta > 0``.
+        beta: with ``beta > 0``, adds ``beta · k3`` per valid token, k3 = exp(ref − logp) − (ref − logp) − 1
+            (TRL's GRPO KL term, added after ``weights``), aggregated with ``agg``; the masked mean of k3 is
+            reported as ``metrics["kl"]``.
         compute_entropy: also report the masked mean entropy of the (tempered) token distribution as
             ``metrics["entropy"]`` (detached). No entropy gradient.
 

@@ -37,11 +37,12 @@ RATIO_LEVELS = ("token", "sequence")
 class PolicyLossOutput:
     """What a policy-loss call returns (named fields, no positional tuples).
 
-    loss            fp32 scalar to minimise (−aggregated objective), carries the autograd graph
-    metrics         detached 0-dim fp32 tensors keyed by the names in ``metrics.py``
-    per_token_loss  (B, T) fp32 −objective (× weights), exactly 0 at masked positions, with graph;
-                    for frameworks that aggregate, add KL terms etc. themselves
-    ratio           (B, T) detached ratio as the objective used it (sequence ratio broadcast over T)
+    Attributes:
+        loss: fp32 scalar to minimise (−aggregated objective), carries the autograd graph.
+        metrics: detached 0-dim fp32 tensors keyed by the names in ``metrics.py``.
+        per_token_loss: (B, T) fp32 −objective (× weights), exactly 0 at masked positions, with graph; for
+            frameworks that aggregate, add KL terms etc. themselves.
+        ratio: (B, T) detached ratio as the objective used it (sequence ratio broadcast over T).
     """
 
     loss: Tensor
