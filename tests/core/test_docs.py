@@ -60,3 +60,21 @@ def test_long_description_stands_alone():
     links = re.findall(r"\]\(([^)\s]+)", text)
     relative = [link for link in links if not re.match(r"^[a-z][a-z0-9+.-]*:", link, re.I)]
     assert not relative, f"{readme} is the PyPI description: relative links there break: {relative}"
+
+
+def test_the_sessions_run_the_markdown_conftest_collects():
+    """noxfile.DOC_TESTS (what the sessions pass to pytest) and conftest.DOC_FILES (what Sybil collects) name the same
+    files: a page added to one list only would be collected but never run, or passed to pytest and not collected."""
+    import ast
+
+    def assigned(path: Path, name: str):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        return next(
+            ast.literal_eval(node.value)
+            for node in tree.body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            and name
+            in [getattr(t, "id", None) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+        )
+
+    assert set(assigned(ROOT / "noxfile.py", "DOC_TESTS")) == assigned(ROOT / "conftest.py", "DOC_FILES") | {"docs"}
