@@ -204,6 +204,36 @@ def test_kl_term_matches_trl_k3(agg):
     torch.testing.assert_close(out.metrics["kl"], (delta.exp() - delta - 1).mean(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(agg="seq-mean-token-sum-norm", dp_size=4, global_batch_size=7, loss_scale_factor=16),
+        dict(agg="seq-mean-token-mean", global_batch_size=torch.tensor(5.0)),
+    ],
+)
+def test_kl_term_is_aggregated_with_the_global_batch(kw):
+    """With beta > 0 the fused path re-aggregates policy + beta·k3 itself: every global-batch argument must reach
+    that aggregation too (the unfused reference aggregates the same sum with verl's agg_loss semantics)."""
+    inp = make_inputs(seed=23)
+    kw = dict(kw, objective="cfpo", beta=0.05)
+    assert_same(inp, dict(kw, chunk_size=5), kw)
+
+
+def test_kl_and_entropy_metrics_of_a_single_valid_token():
+    """One valid token: the masked means are that token's k3 and entropy (the count is 1, not a clamp floor)."""
+    inp = make_inputs(seed=29)
+    only = torch.zeros_like(inp["mask"])
+    only[2, 3] = True
+    inp = dict(inp, mask=only, old=inp["old"].nan_to_num(0.0), ref=inp["ref"].nan_to_num(0.0, posinf=0.0))
+    inp["target"] = inp["target"].clamp(min=0)
+    out = fused(inp, chunk_size=4, beta=0.1, compute_entropy=True)
+    logits = (torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"])).double()[2, 3]
+    logp = logits.log_softmax(-1)
+    delta = inp["ref"][2, 3].double() - logp[inp["target"][2, 3]]
+    torch.testing.assert_close(out.metrics["kl"].double(), delta.exp() - delta - 1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.metrics["entropy"].double(), -(logp.exp() * logp).sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_advantages_per_token_and_int_mask_and_2d_hidden():
     inp = make_inputs(seed=6)
     adv_bt = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
