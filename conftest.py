@@ -40,6 +40,20 @@ def _namespace(namespace: dict) -> None:
     )
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The largest error-to-bound ratio of every fp32-vs-oracle comparison made with cfpo_loss.reference's
+    assert_within in this run: how close the suite's derived rounding bounds came to failing (CI's log shows it)."""
+    import sys
+
+    reference = sys.modules.get("cfpo_loss.reference")
+    ratios = getattr(reference, "_RATIOS", None)
+    if ratios:
+        worst, what = max(ratios)
+        terminalreporter.write_line(
+            f"rounding bounds: {len(ratios)} comparisons, largest error/bound {worst:.3g} ({what})"
+        )
+
+
 if Sybil is not None:
     import pytest
 

@@ -11,6 +11,8 @@ This file shares no code with them, so a test that compares them with it compare
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -82,3 +84,146 @@ def policy_loss(
     else:
         raise ValueError(f"unknown objective {objective!r}")
     return aggregate(-objective_per_token, mask, agg)
+
+
+# ---- how far a working-precision evaluation may lie from this oracle ---------------------------------------------
+#
+# A test that holds an fp32 (or bf16) computation to a float64 oracle needs a bound that follows from the
+# computation, not a guessed rtol: CPUs differ in vector width and summation order, so an error that lands under a
+# guessed 1e-6 on one CPU lands over it on the next. The bound below is the first-order forward error of the
+# objective (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3-4), per element k (a token, or a
+# sequence where the ratio is per sequence), with u the working dtype's unit roundoff:
+#
+#   log r_k   computed with error <= u·c_k          c_k: the sum of |terms| added in working precision to form log r_k
+#                                                   (token level, log π − log π_old from stored values: |log r_k|;
+#                                                   a sum over n tokens: n·Σ_t |term_t|, recursive summation)
+#   r_k       = exp(log r_k):          δr_k <= r_k·(u·c_k + 4u)           (exp within 2 ulp, 4u with the store)
+#   J_k       = r·A − |A|/(2ε)·(r−1)²: δJ_k <= |J'(r_k)|·δr_k + 6u·(|r_k·A_k| + P_k)    (six roundings)
+#   loss      = Σ_k w_k·J_k:           δL   <= Σ_k |w_k|·(δJ_k + (n + 2)·u·|J_k|)    (the sum, the weight, the mean)
+#   dL/dlog r_k = w_k·J'(r_k)·r_k:     δG_k <= |w_k|·(|J''(r_k)·r_k + J'(r_k)|·δr_k + 6u·r_k·(|A_k| + |A_k|/ε·|r_k − 1|))
+#
+# with P = |A|/(2ε)·(r−1)² the penalty, J' = A − |A|/ε·(r−1) and J'' = −|A|/ε for cfpo; J' = A inside the clip
+# range (0 outside) and J'' = 0 for clip. Two working-precision evaluations of the same loss (ours and a
+# framework's) differ by at most twice the bound. Not covered: a ratio within δr of a clip boundary, where the two
+# sides of the kink may be taken differently (tests keep their ratios off the kinks). Every bound returned here is
+# that first-order worst case times SAFETY, for what the model leaves out: second-order terms, exp / log libraries
+# less accurate than 2 ulp on other CPUs, and a summation written differently from the one assumed.
+
+#: the unit roundoff u of each dtype: the largest relative error of one correctly rounded operation
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+#: the factor between the first-order worst case and the bound a test asserts (see above)
+SAFETY = 4.0
+
+
+class RoundingBound(NamedTuple):
+    """First-order bounds on the error of a working-precision evaluation (see the derivation above)."""
+
+    loss: float  #: on |loss − exact loss|
+    grad: Tensor  #: per element, on |dloss/dlog r_k − exact|
+    ratio: Tensor  #: per element, on |r_k − exact r_k|
+
+
+def rounding_bound(
+    ratio: Tensor,
+    advantages: Tensor,
+    coef: Tensor,
+    log_ratio_cond: Tensor,
+    *,
+    objective: str = "cfpo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> RoundingBound:
+    """Bounds for an evaluation in ``dtype`` of ``loss = Σ_k coef_k · (−J(ratio_k, advantages_k))``.
+
+    All inputs are the oracle's float64 values over the valid elements only (1-D, same length): ``coef`` the weight
+    of each element's objective in the loss (1/N for a token mean, times any per-token weight), ``log_ratio_cond``
+    c_k as defined above. Returns ``RoundingBound(loss, grad, ratio)``."""
+    u = SAFETY * UNIT_ROUNDOFF[dtype]
+    r, a, w = ratio.double(), advantages.double(), coef.double().abs()
+    eps_high = eps_low if eps_high is None else eps_high
+    eps = a.new_full(a.shape, eps_low).masked_fill(a > 0, eps_high)
+    if objective == "cfpo":
+        djdr, d2jdr2 = a - a.abs() / eps * (r - 1), -a.abs() / eps
+        penalty = a.abs() / (2 * eps) * (r - 1) ** 2
+        j = r * a - penalty
+    elif objective == "clip":
+        flat = ((a > 0) & (r > 1 + eps_high)) | ((a < 0) & (r < 1 - eps_low))  # the clipped side: J constant
+        djdr = torch.where(flat, 0.0, a)
+        d2jdr2, penalty, j = torch.zeros_like(r), torch.zeros_like(r), clip_objective(r, a, eps_low, eps_high)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    d_ratio = r * (u * log_ratio_cond.double() + 4 * u)
+    d_objective = djdr.abs() * d_ratio + 6 * u * ((r * a).abs() + penalty)
+    n = r.numel()
+    loss = float((w * (d_objective + (n + 2) * u * j.abs())).sum())
+    grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 6 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
+    return RoundingBound(loss, grad, d_ratio)
+
+
+def metric_bounds(
+    ratio: Tensor,
+    advantages: Tensor,
+    log_ratio_cond: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """Bounds on the error of each trust-region metric (``cfpo_loss.metrics``' names: masked means over the valid
+    elements, their min and max) evaluated in ``dtype``; inputs as for ``rounding_bound``. An exit fraction is a
+    count, exact unless a ratio lies within its own error of a boundary (the tests keep theirs off the boundaries),
+    so its bound is the division's rounding alone."""
+    u = SAFETY * UNIT_ROUNDOFF[dtype]
+    r, a = ratio.double(), advantages.double()
+    eps_high = eps_low if eps_high is None else eps_high
+    eps = a.new_full(a.shape, eps_low).masked_fill(a > 0, eps_high)
+    d_log = u * log_ratio_cond.double()
+    d_ratio = r * (d_log + 4 * u)
+    n = max(r.numel(), 1)
+
+    def mean(values: Tensor, errors: Tensor) -> float:
+        return float(errors.sum()) / n + sum_bound(values, dtype) / n
+
+    log_r = r.log()
+    penalty = a.abs() / (2 * eps) * (r - 1) ** 2
+    exits = {
+        "tr_exit_high": ((a > 0) & (r > 1 + eps_high)).double(),
+        "tr_exit_low": ((a < 0) & (r < 1 - eps_low)).double(),
+    }
+    exits["tr_exit_frac"] = exits["tr_exit_high"] + exits["tr_exit_low"]
+    return {
+        "ratio_mean": mean(r, d_ratio),
+        "ratio_min": float(d_ratio[r.argmin()]) if r.numel() else 0.0,
+        "ratio_max": float(d_ratio[r.argmax()]) if r.numel() else 0.0,
+        "ratio_dev": mean((r - 1).abs(), d_ratio + u * (r - 1).abs()),
+        **{name: 2 * u * float(x.mean()) if r.numel() else 0.0 for name, x in exits.items()},
+        "approx_kl_k1": mean(log_r, d_log),
+        "approx_kl_k3": mean(r - 1 - log_r, (r - 1).abs() * d_log + 4 * u * (r + 1 + log_r.abs())),
+        "penalty": mean(penalty, a.abs() / eps * (r - 1).abs() * d_ratio + 6 * u * penalty),
+    }
+
+
+def sum_bound(values: Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Bound on the rounding error of summing ``values`` in ``dtype`` (recursive summation: (n − 1)·u·Σ|v|, plus
+    one rounding for a final division by the count), times SAFETY."""
+    return float(SAFETY * (values.numel() + 1) * UNIT_ROUNDOFF[dtype] * values.double().abs().sum())
+
+
+def assert_within(got: Tensor | float, want: Tensor | float, bound: Tensor | float, what: str = "") -> float:
+    """``|got − want| <= bound`` elementwise (AssertionError naming the worst element otherwise); returns the largest
+    error-to-bound ratio, which tests record (the suite reports the largest one seen)."""
+    got_t, want_t = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    bound_t = torch.as_tensor(bound, dtype=torch.float64).expand_as(want_t)
+    err = (got_t - want_t).abs()
+    if not bool((err <= bound_t).all()):
+        k = int((err - bound_t).argmax()) if err.dim() else 0
+        e, b = err.flatten()[k].item(), bound_t.flatten()[k].item()
+        raise AssertionError(f"{what}: |got - want| = {e:.3e} > bound {b:.3e} at element {k} (of {err.numel()})")
+    ratio = float((err / bound_t.clamp(min=1e-300)).max()) if err.numel() else 0.0
+    _RATIOS.append((ratio, what))
+    return ratio
+
+
+#: every error-to-bound ratio assert_within saw in this process (the test suite prints the largest)
+_RATIOS: list[tuple[float, str]] = []

@@ -187,3 +187,26 @@ def make_rloo_inputs(trainer, *, seed=0, noise=0.6, old="perturbed"):
     else:
         raise ValueError(old)
     return inputs
+
+
+def sequence_ratio_bounds(logps, inputs, *, objective="cfpo", mean=False, eps_low=0.2, eps_high=0.28):
+    """Rounding bounds (cfpo_loss.reference.rounding_bound) for RLOO's fp32 loss on its sequence ratio
+    r_i = exp((sum_t m_it log pi_it - old_i) / (n_i if mean else 1)), mean over the B sequences, and its gradient
+    w.r.t. the per-token log-probs. log r_i sums n_i + 1 fp32 terms (recursive summation: error <= (n_i + 1)·u·
+    sum of their magnitudes); the mean's division scales value and error alike and adds one rounding of |log r_i|.
+    Returns (RoundingBound, (B, T) gradient bound, metric bounds)."""
+    from cfpo_loss.reference import metric_bounds, rounding_bound
+
+    m = inputs["completion_mask"].double()
+    n = m.sum(1)
+    lp, old = logps.detach().double() * m, inputs["old_logps"].double()
+    log_r = lp.sum(1) - old
+    cond = (n + 1) * (lp.abs().sum(1) + old.abs())
+    if mean:
+        log_r, cond = log_r / n.clamp(min=1), cond / n.clamp(min=1) + log_r.abs() / n.clamp(min=1)
+    r, adv = log_r.exp(), inputs["advantages"].double()
+    coef = torch.full_like(r, 1 / len(r))
+    kw = dict(eps_low=eps_low, eps_high=eps_high)
+    bound = rounding_bound(r, adv, coef, cond, objective=objective, **kw)
+    per_token = bound.grad[:, None] * m / (n.clamp(min=1)[:, None] if mean else 1.0)
+    return bound, per_token, metric_bounds(r, adv, cond, **kw)
