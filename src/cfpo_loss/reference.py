@@ -121,6 +121,7 @@ class RoundingBound(NamedTuple):
     loss: float  #: on |loss − exact loss|
     grad: Tensor  #: per element, on |dloss/dlog r_k − exact|
     ratio: Tensor  #: per element, on |r_k − exact r_k|
+    objective: Tensor  #: per element, on |J_k − exact J_k|
 
 
 def rounding_bound(
@@ -158,7 +159,74 @@ def rounding_bound(
     n = r.numel()
     loss = float((w * (d_objective + (n + 2) * u * j.abs())).sum())
     grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 6 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
-    return RoundingBound(loss, grad, d_ratio)
+    return RoundingBound(loss, grad, d_ratio, d_objective)
+
+
+def policy_loss_bound(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    objective: str = "cfpo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    agg: str = "token-mean",
+    ratio_level: str = "token",
+    weights: Tensor | None = None,
+    coef: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> RoundingBound:
+    """``rounding_bound`` for ``policy_loss`` with these arguments evaluated in ``dtype`` from inputs stored in it:
+    ``loss`` as there, ``grad`` and ``ratio`` per token (B, T), zero at masked positions. ``coef`` (B, T): each
+    token's weight in the aggregation, where it is not ``aggregate``'s (a data-parallel global count); by default
+    taken from ``aggregate``, which is linear in the per-token loss."""
+    mask = mask.bool()
+    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level)
+    adv = advantages.double().reshape(mask.shape[0], -1).expand(mask.shape)
+    if coef is None:
+        probe = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
+        (coef,) = torch.autograd.grad(aggregate(probe, mask, agg), probe)
+    coef = torch.where(mask, coef.double() * (1.0 if weights is None else weights.double()), 0.0)
+    kw = dict(objective=objective, eps_low=eps_low, eps_high=eps_high, dtype=dtype)
+    bound = rounding_bound(log_r[mask].exp(), adv[mask], coef[mask], cond[mask], **kw)
+    grad, d_ratio, d_objective = (torch.zeros(mask.shape, dtype=torch.float64) for _ in range(3))
+    grad[mask], d_ratio[mask], d_objective[mask] = bound.grad, bound.ratio, bound.objective
+    if ratio_level == "sequence":  # each token's log-prob moves its row's ratio by 1/n: the row's terms, shared
+        grad = torch.where(mask, grad.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1), 0.0)
+    return RoundingBound(bound.loss, grad, d_ratio, d_objective)
+
+
+def policy_metric_bounds(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    ratio_level: str = "token",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """``metric_bounds`` for the metrics ``compute_policy_loss`` reports on these inputs (means over valid tokens;
+    at sequence level each token carries its row's ratio)."""
+    mask = mask.bool()
+    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level)
+    adv = advantages.double().reshape(mask.shape[0], -1).expand(mask.shape)
+    return metric_bounds(log_r[mask].exp(), adv[mask], cond[mask], eps_low=eps_low, eps_high=eps_high, dtype=dtype)
+
+
+def _log_ratio_and_cond(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, ratio_level: str) -> tuple:
+    """(B, T) float64 log-ratio as ``ratio`` takes it, and c, the magnitude its working-precision evaluation rounds:
+    a token's is one subtraction of stored values (c = |log r|); a sequence's mean of n of them costs n + 1 more
+    roundings of their sum and one of the mean."""
+    log_ratio = torch.where(mask, log_prob.detach().double() - old_log_prob.double(), 0.0).clamp(-20.0, 20.0)
+    if ratio_level != "sequence":
+        return log_ratio, log_ratio.abs()
+    n = mask.sum(-1, keepdim=True).clamp(min=1)
+    seq = log_ratio.sum(-1, keepdim=True) / n
+    cond = (n + 1) * log_ratio.abs().sum(-1, keepdim=True) / n + seq.abs()
+    return seq.expand(mask.shape), cond.expand(mask.shape)
 
 
 def metric_bounds(
@@ -213,8 +281,8 @@ def sum_bound(values: Tensor, dtype: torch.dtype = torch.float32) -> float:
 def assert_within(got: Tensor | float, want: Tensor | float, bound: Tensor | float, what: str = "") -> float:
     """``|got − want| <= bound`` elementwise (AssertionError naming the worst element otherwise); returns the largest
     error-to-bound ratio, which tests record (the suite reports the largest one seen)."""
-    got_t, want_t = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    bound_t = torch.as_tensor(bound, dtype=torch.float64).expand_as(want_t)
+    got_t, want_t, bound_t = (torch.as_tensor(x).detach().double() for x in (got, want, bound))
+    bound_t = bound_t.expand_as(want_t)
     err = (got_t - want_t).abs()
     if not bool((err <= bound_t).all()):
         k = int((err - bound_t).argmax()) if err.dim() else 0

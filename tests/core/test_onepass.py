@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cfpo_loss import AGG_MODES, aggregate_loss, cfpo_surrogate, clipped_surrogate, compute_policy_loss
+from cfpo_loss import AGG_MODES, aggregate_loss, cfpo_surrogate, clipped_surrogate, compute_policy_loss, reference
 
 
 def batch(b=6, t=11, seed=0, dtype=torch.float32):
@@ -36,21 +36,26 @@ def autograd_reference(
     weights=None,
     **info,
 ):
-    """The loss written with plain torch ops and the public surrogates; autograd differentiates it."""
-    lp32, olp32, a = lp.float(), olp.float(), adv.float()[:, None].expand(mask.shape)
-    log_ratio = torch.where(mask, lp32 - olp32, 0.0).clamp(-20, 20)
-    if ratio_level == "sequence":
-        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-        ratio = seq.exp().expand(mask.shape)
-    else:
-        ratio = log_ratio.exp()
-    a = torch.where(mask, a, 0.0)
+    """The loss in float64 from cfpo_loss.reference (the objective written apart from the library), aggregated by
+    aggregate_loss (held to hand-written loops in test_loss.py) for the global-batch arguments; autograd
+    differentiates it."""
+    r = reference.ratio(lp.double(), olp.double(), mask, ratio_level)
+    a = torch.where(mask, adv.double().reshape(mask.shape[0], -1).expand(mask.shape), 0.0)
     if objective == "cfpo":
-        j = cfpo_surrogate(ratio, a, eps_low, eps_high)
+        j = reference.cfpo_objective(r, a, eps_low, eps_high)
     else:
-        j = clipped_surrogate(ratio, a, eps_low, eps_high, dual_clip)
-    per_token = -j if weights is None else -j * torch.where(mask, weights, 0.0)
+        j = reference.clip_objective(r, a, eps_low, eps_high, dual_clip)
+    per_token = -j if weights is None else -j * torch.where(mask, weights.double(), 0.0)
     return aggregate_loss(per_token, mask, agg, **info)
+
+
+def fp32_bound(lp, olp, adv, mask, *, agg="token-mean", dual_clip=None, weights=None, **kw):
+    """The rounding bound of an fp32 evaluation against autograd_reference (reference.policy_loss_bound), each
+    token weighted as aggregate_loss weighs it with the global-batch arguments in ``kw``."""
+    info = {k: kw.pop(k) for k in ("dp_size", "batch_num_tokens", "global_batch_size") if k in kw}
+    probe = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
+    (coef,) = torch.autograd.grad(aggregate_loss(probe, mask, agg, **info), probe)
+    return reference.policy_loss_bound(lp, olp, adv, mask, coef=coef, weights=weights, **kw)
 
 
 def compare(fast=False, **kw):
@@ -61,9 +66,9 @@ def compare(fast=False, **kw):
     g_ref = torch.autograd.grad(ref, lp)[0]
     g_out = torch.autograd.grad(out.loss, lp)[0]
     assert out.loss.dtype == torch.float32
-    assert torch.allclose(out.loss, ref, rtol=1e-6, atol=1e-7)
-    # fp32: the two evaluations round differently; differences stay below 1e-6 of the largest gradient
-    assert torch.allclose(g_out, g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item())
+    bound = fp32_bound(lp, olp, adv, mask, **kw)  # fp32 against float64: the derived rounding bound
+    reference.assert_within(out.loss, ref, bound.loss, "loss")
+    reference.assert_within(g_out, g_ref, bound.grad, "dloss/dlog pi")
     assert g_out[0, 1].item() == 0.0 and torch.equal(g_out[~mask], torch.zeros_like(g_out[~mask]))
     return out
 
@@ -88,25 +93,13 @@ def test_per_token_loss_backpropagates_for_callers_that_aggregate_themselves():
     coef = torch.rand(6, 11)
     for level in ("token", "sequence"):
         out = compute_policy_loss(lp, olp, adv, mask, ratio_level=level)
-        ref_tok = torch.where(
-            mask,
-            -cfpo_surrogate(
-                torch.exp(torch.where(mask, lp - olp, 0.0).clamp(-20, 20))
-                if level == "token"
-                else (
-                    torch.where(mask, lp - olp, 0.0).clamp(-20, 20).sum(-1, keepdim=True)
-                    / mask.sum(-1, keepdim=True).clamp(min=1)
-                )
-                .exp()
-                .expand(6, 11),
-                torch.where(mask, adv[:, None], 0.0),
-            ),
-            0.0,
-        )
+        r = reference.ratio(lp.double(), olp.double(), mask, level)
+        ref_tok = torch.where(mask, -reference.cfpo_objective(r, torch.where(mask, adv.double()[:, None], 0.0)), 0.0)
         g = torch.autograd.grad((out.per_token_loss * coef).sum(), lp)[0]
         g_ref = torch.autograd.grad((ref_tok * coef).sum(), lp)[0]
-        assert torch.allclose(out.per_token_loss, ref_tok.detach(), atol=1e-6)
-        assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+        bound = reference.policy_loss_bound(lp, olp, adv, mask, ratio_level=level, coef=coef)  # fp32 vs float64
+        reference.assert_within(out.per_token_loss, ref_tok, bound.objective, f"{level} per-token loss")
+        reference.assert_within(g, g_ref, bound.grad, f"{level} dloss/dlog pi")
 
 
 def test_bf16_inputs():
@@ -115,8 +108,12 @@ def test_bf16_inputs():
     out = compute_policy_loss(lp, olp, adv, mask)
     g_ref, g_out = (torch.autograd.grad(x, lp)[0] for x in (ref, out.loss))
     assert out.loss.dtype == torch.float32 and g_out.dtype == torch.bfloat16
-    assert torch.allclose(out.loss, ref, rtol=1e-6)
-    assert torch.allclose(g_out.float(), g_ref.float(), rtol=1e-2, atol=1e-6)  # one bf16 rounding apart at most
+    # computed in fp32 from bf16 inputs (exact in fp32): fp32's bound; the gradient is then stored in bf16, one
+    # more rounding of at most u_bf16 = 2^-8 relative
+    bound = reference.policy_loss_bound(lp, olp, adv, mask)
+    reference.assert_within(out.loss, ref, bound.loss, "loss")
+    u_bf16 = reference.UNIT_ROUNDOFF[torch.bfloat16]
+    reference.assert_within(g_out, g_ref, bound.grad + reference.SAFETY * u_bf16 * g_ref.abs(), "bf16 dloss/dlog pi")
 
 
 def test_compile_flag_is_validated_and_fast_is_its_deprecated_alias():
@@ -140,9 +137,13 @@ def test_compiled_fast_path_equals_default(objective):
     lp, olp, adv, mask = batch()
     default = compute_policy_loss(lp, olp, adv, mask, **kw)
     assert out.metrics.keys() == default.metrics.keys()
+    # two fp32 evaluations of each metric: within twice the rounding bound of either
+    bounds = reference.policy_metric_bounds(lp, olp, adv, mask, eps_low=0.2, eps_high=0.28)
+    bounds["dual_clip_frac"] = 0.0  # no dual clip: exactly 0 on both paths
     for k in default.metrics:
-        assert torch.allclose(out.metrics[k], default.metrics[k], rtol=1e-6, atol=1e-7), k
-    assert torch.allclose(out.ratio, default.ratio, rtol=1e-6)
+        reference.assert_within(out.metrics[k], default.metrics[k], 2 * bounds[k], k)
+    ratio_bound = reference.policy_loss_bound(lp, olp, adv, mask, **kw).ratio
+    reference.assert_within(out.ratio.masked_fill(~mask, 1), default.ratio.masked_fill(~mask, 1), 2 * ratio_bound, "r")
     with pytest.raises(ValueError, match="old_log_prob holds"):
         compute_policy_loss(lp, olp.clone().fill_(float("nan")), adv, mask, compile=True, **kw)
 
@@ -156,13 +157,14 @@ def test_gradient_scales_with_the_upstream_gradient(objective, ratio_level):
     lp, olp, adv, mask = batch()
     kw = dict(objective=objective, ratio_level=ratio_level, eps_low=0.2, eps_high=0.28)
     (g_ref,) = torch.autograd.grad(autograd_reference(lp, olp, adv, mask, **kw), lp)
+    bound = fp32_bound(lp, olp, adv, mask, **kw).grad  # fp32 vs float64; scaling by c adds one rounding (in SAFETY)
     for fast in (True, False):
         for c in (3.0, -0.5):
             (g,) = torch.autograd.grad(c * compute_policy_loss(lp, olp, adv, mask, compile=fast, **kw).loss, lp)
-            assert torch.allclose(g, c * g_ref, rtol=1e-5, atol=1e-6 * abs(c) * g_ref.abs().max().item()), (fast, c)
+            reference.assert_within(g, c * g_ref, abs(c) * bound, f"fast={fast} c={c}")
         leaf = lp.detach().clone().requires_grad_()
         compute_policy_loss(leaf, olp, adv, mask, compile=fast, **kw).loss.backward(torch.tensor(0.25))
-        assert torch.allclose(leaf.grad, 0.25 * g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item()), fast
+        reference.assert_within(leaf.grad, 0.25 * g_ref, 0.25 * bound, f"fast={fast} backward(0.25)")
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -180,16 +182,16 @@ def test_sequence_ratio_with_per_token_advantages_weights_and_a_one_token_row(ob
     mask[4, 3] = True  # one valid token
     kw = dict(objective=objective, ratio_level="sequence", eps_low=0.2, eps_high=0.28, dual_clip=None)
     log_ratio = torch.where(mask, lp - olp, 0.0).clamp(-20, 20)
-    ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).exp().expand(6, 11)
-    a = torch.where(mask, adv, 0.0)
-    j = cfpo_surrogate(ratio, a, 0.2, 0.28) if objective == "cfpo" else clipped_surrogate(ratio, a, 0.2, 0.28)
-    ref = aggregate_loss(-j * torch.where(mask, weights, 0.0), mask, "seq-mean-token-mean")
+    ref = autograd_reference(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", **kw)
     (g_ref,) = torch.autograd.grad(ref, lp)
     out = compute_policy_loss(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", compile=fast, **kw)
     (g_out,) = torch.autograd.grad(out.loss, lp)
-    assert torch.allclose(out.loss, ref, rtol=1e-6, atol=1e-7)
-    assert torch.allclose(g_out, g_ref, rtol=1e-5, atol=1e-6 * g_ref.abs().max().item())
-    assert out.ratio[4, 3].item() == pytest.approx(math.exp(log_ratio[4, 3].item()), rel=1e-6)
+    kw.pop("dual_clip")
+    bound = reference.policy_loss_bound(lp, olp, adv, mask, weights=weights, agg="seq-mean-token-mean", **kw)
+    reference.assert_within(out.loss, ref, bound.loss, "loss")
+    reference.assert_within(g_out, g_ref, bound.grad, "dloss/dlog pi")
+    # one valid token: the row's ratio is that token's, exp of one fp32 subtraction (bound: exp's and the store's)
+    reference.assert_within(out.ratio[4, 3], math.exp(log_ratio[4, 3].item()), bound.ratio[4, 3], "one-token r")
     assert not out.ratio.requires_grad
 
 
