@@ -653,3 +653,54 @@ def test_host_syncs_do_not_grow_with_the_number_of_blocks(monkeypatch, fold, rat
         counts[chunk] = probe.count
     assert counts[10_000] == counts[9] == counts[3], counts
     assert counts[3] <= 6, counts  # the layout (count, nonzero), one check, the row counts, the finite check
+
+
+# ---- two holes a mutation run found: an unused reference, and the sequence-level block layout ------------------
+
+
+def test_a_reference_with_beta_zero_is_ignored():
+    """beta = 0: ref_log_prob plays no part (TRL passes one whenever it has a reference model). Even one holding
+    NaN at valid positions changes nothing: no error, no `kl` metric, the same loss, gradients and metrics as
+    without it."""
+    inp = make_inputs()
+    base = fused(inp, objective="cfpo")
+    grads_base = torch.autograd.grad(base.loss, params(inp))
+    nan_ref = torch.full_like(inp["old"], float("nan"))
+    out = fused_linear_policy_loss(
+        inp["hidden"], inp["weight"], inp["target"], inp["old"], inp["adv"], inp["mask"],
+        lm_head_bias=inp["bias"], ref_log_prob=nan_ref, beta=0.0, objective="cfpo",
+    )  # fmt: skip
+    grads = torch.autograd.grad(out.loss, params(inp))
+    assert "kl" not in out.metrics and out.metrics.keys() == base.metrics.keys()
+    assert torch.equal(out.loss, base.loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_base))
+    assert all(torch.equal(out.metrics[k], base.metrics[k]) for k in base.metrics)
+
+
+def test_sequence_level_blocks_hold_whole_rows_and_fill_chunk_size():
+    """At sequence level a block holds whole rows (a row's ratio needs all its tokens) and takes rows in order
+    until the next would overflow chunk_size; a row longer than chunk_size gets a block of its own. Rows of
+    lengths 3, 0, 5, 2, 4, 1, 9 with chunk_size 6, worked out by that rule: [rows 0-1: 3 tokens], [row 2: 5],
+    [rows 3-4: 6], [row 5: 1], [row 6: 9]. One row per block would give the same numbers with more, smaller GEMMs;
+    token level cuts the 24 valid tokens into blocks of 6."""
+    from cfpo_loss.aggregation import GlobalBatch
+    from cfpo_loss.fused import FusedConfig, make_layout, make_plan
+
+    lengths = [3, 0, 5, 2, 4, 1, 9]
+    bsz, seq, vocab, width = len(lengths), 10, 16, 4
+    mask = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    targets = torch.zeros(bsz, seq, dtype=torch.long)
+
+    def blocks(ratio_level):
+        config = FusedConfig.build(
+            objective="cfpo", eps_low=0.2, eps_high=None, dual_clip=None, agg="token-mean", ratio_level=ratio_level,
+            temperature=1.0, beta=0.0, check_finite=True, compute_entropy=False,
+            global_batch=GlobalBatch(),
+        )  # fmt: skip
+        plan = make_plan(config, torch.zeros(bsz, seq, width), torch.zeros(vocab, width), None, targets,
+                         torch.zeros(bsz, seq), torch.ones(bsz), mask, None, None, 6)  # fmt: skip
+        return [(b.start, b.end, None if b.rows is None else (b.rows.start, b.rows.stop))
+                for b in make_layout(plan, targets, vocab).blocks]  # fmt: skip
+
+    assert blocks("sequence") == [(0, 3, (0, 2)), (3, 8, (2, 3)), (8, 14, (3, 5)), (14, 15, (5, 6)), (15, 24, (6, 7))]
+    assert blocks("token") == [(0, 6, None), (6, 12, None), (12, 18, None), (18, 24, None)]
