@@ -95,6 +95,19 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     session.run("python", "-m", "pytest", *args, env=ENV)
 
 
+#: a second rounding: torch's scalar CPU kernels (no AVX2 / AVX-512) sum in another order and use another exp / log,
+#: as a CPU with another vector width would; one thread; dynamo off (inductor's C++ does not build without the
+#: vector headers this selects). The `rounding` tests' derived bounds must hold there too.
+SECOND_ROUNDING = {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def _pytest_second_rounding(session: nox.Session, *paths: str) -> None:
+    """The `rounding`-marked tests of ``paths`` again under SECOND_ROUNDING (not when posargs pick the tests)."""
+    if not session.posargs:
+        args = ["-q", "-p", "no:cacheprovider", "-m", "rounding", *paths]
+        session.run("python", "-m", "pytest", *args, env={**ENV, **SECOND_ROUNDING})
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff, pinned: the rules and their reasons are in pyproject.toml's [tool.ruff]. `nox -s lint -- --fix` fixes."""
@@ -112,6 +125,8 @@ def core(session: nox.Session, torch: str) -> None:
     session.run("python", "-c", "import sys, cfpo_loss; assert not {'trl','verl','openrlhf'} & set(sys.modules)")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/core")
+    if torch == TORCH_VERSIONS[0]:
+        _pytest_second_rounding(session, "tests/core")
 
 
 @nox.session
@@ -174,6 +189,7 @@ def trl(session: nox.Session) -> None:
     _base(session, TRL, "matplotlib", "tqdm", SYBIL)
     session.run("python", "-m", "cfpo_loss.adapters.trl_check", env=ENV)  # MATCH, or the diff to review
     _pytest(session, "tests/trl", *DOC_TESTS)
+    _pytest_second_rounding(session, "tests/trl")
     if not session.posargs:
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", env=ENV)
         session.run("python", "examples/trl_cfpo.py", "--steps", "8", "--objective", "cfpo", "--fused", env=ENV)
