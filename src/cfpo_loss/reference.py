@@ -100,7 +100,9 @@ def policy_loss(
 #   r_k       = exp(log r_k):          δr_k <= r_k·(u·c_k + 4u)           (exp within 2 ulp, 4u with the store)
 #   J_k       = r·A − |A|/(2ε)·(r−1)²: δJ_k <= |J'(r_k)|·δr_k + 6u·(|r_k·A_k| + P_k)    (six roundings)
 #   loss      = Σ_k w_k·J_k:           δL   <= Σ_k |w_k|·(δJ_k + (n + 2)·u·|J_k|)    (the sum, the weight, the mean)
-#   dL/dlog r_k = w_k·J'(r_k)·r_k:     δG_k <= |w_k|·(|J''(r_k)·r_k + J'(r_k)|·δr_k + 6u·r_k·(|A_k| + |A_k|/ε·|r_k − 1|))
+#   dL/dlog r_k = w_k·J'(r_k)·r_k:     δG_k <= |w_k|·(|J''(r_k)·r_k + J'(r_k)|·δr_k + 12u·r_k·(|A_k| + |A_k|/ε·|r_k − 1|))
+#                                      (twelve: r − 1, |A|/ε, the products and the difference of J'·r, the
+#                                      weight, the upstream gradient, and a backward that recomputes r)
 #
 # with P = |A|/(2ε)·(r−1)² the penalty, J' = A − |A|/ε·(r−1) and J'' = −|A|/ε for cfpo; J' = A inside the clip
 # range (0 outside) and J'' = 0 for clip. Two working-precision evaluations of the same loss (ours and a
@@ -158,7 +160,7 @@ def rounding_bound(
     d_objective = djdr.abs() * d_ratio + 6 * u * ((r * a).abs() + penalty)
     n = r.numel()
     loss = float((w * (d_objective + (n + 2) * u * j.abs())).sum())
-    grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 6 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
+    grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 12 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
     return RoundingBound(loss, grad, d_ratio, d_objective)
 
 
@@ -175,14 +177,16 @@ def policy_loss_bound(
     ratio_level: str = "token",
     weights: Tensor | None = None,
     coef: Tensor | None = None,
+    log_prob_error: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> RoundingBound:
     """``rounding_bound`` for ``policy_loss`` with these arguments evaluated in ``dtype`` from inputs stored in it:
     ``loss`` as there, ``grad`` and ``ratio`` per token (B, T), zero at masked positions. ``coef`` (B, T): each
     token's weight in the aggregation, where it is not ``aggregate``'s (a data-parallel global count); by default
-    taken from ``aggregate``, which is linear in the per-token loss."""
+    taken from ``aggregate``, which is linear in the per-token loss. ``log_prob_error`` (B, T): a bound on the error
+    ``log_prob`` itself carries, where it was computed in ``dtype`` (an LM head's log-softmax), not given."""
     mask = mask.bool()
-    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level)
+    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level, log_prob_error, dtype)
     adv = advantages.double().reshape(mask.shape[0], -1).expand(mask.shape)
     if coef is None:
         probe = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
@@ -206,26 +210,30 @@ def policy_metric_bounds(
     eps_low: float = 0.2,
     eps_high: float | None = None,
     ratio_level: str = "token",
+    log_prob_error: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """``metric_bounds`` for the metrics ``compute_policy_loss`` reports on these inputs (means over valid tokens;
-    at sequence level each token carries its row's ratio)."""
+    at sequence level each token carries its row's ratio); ``log_prob_error`` as for ``policy_loss_bound``."""
     mask = mask.bool()
-    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level)
+    log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level, log_prob_error, dtype)
     adv = advantages.double().reshape(mask.shape[0], -1).expand(mask.shape)
     return metric_bounds(log_r[mask].exp(), adv[mask], cond[mask], eps_low=eps_low, eps_high=eps_high, dtype=dtype)
 
 
-def _log_ratio_and_cond(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, ratio_level: str) -> tuple:
+def _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level, log_prob_error=None, dtype=torch.float32) -> tuple:
     """(B, T) float64 log-ratio as ``ratio`` takes it, and c, the magnitude its working-precision evaluation rounds:
-    a token's is one subtraction of stored values (c = |log r|); a sequence's mean of n of them costs n + 1 more
-    roundings of their sum and one of the mean."""
+    a token's is one subtraction of stored values (c = |log r|), plus the error log π carries (in units of u); a
+    sequence's mean of n of them costs n + 1 more roundings of their sum and one of the mean."""
     log_ratio = torch.where(mask, log_prob.detach().double() - old_log_prob.double(), 0.0).clamp(-20.0, 20.0)
+    token = log_ratio.abs()
+    if log_prob_error is not None:
+        token = token + torch.where(mask, log_prob_error.double(), 0.0) / UNIT_ROUNDOFF[dtype]
     if ratio_level != "sequence":
-        return log_ratio, log_ratio.abs()
+        return log_ratio, token
     n = mask.sum(-1, keepdim=True).clamp(min=1)
     seq = log_ratio.sum(-1, keepdim=True) / n
-    cond = (n + 1) * log_ratio.abs().sum(-1, keepdim=True) / n + seq.abs()
+    cond = (n + 1) * token.sum(-1, keepdim=True) / n + seq.abs()
     return seq.expand(mask.shape), cond.expand(mask.shape)
 
 
@@ -284,10 +292,11 @@ def assert_within(got: Tensor | float, want: Tensor | float, bound: Tensor | flo
     got_t, want_t, bound_t = (torch.as_tensor(x).detach().double() for x in (got, want, bound))
     bound_t = bound_t.expand_as(want_t)
     err = (got_t - want_t).abs()
-    if not bool((err <= bound_t).all()):
-        k = int((err - bound_t).argmax()) if err.dim() else 0
-        e, b = err.flatten()[k].item(), bound_t.flatten()[k].item()
-        raise AssertionError(f"{what}: |got - want| = {e:.3e} > bound {b:.3e} at element {k} (of {err.numel()})")
+    worst = int((err - bound_t).argmax()) if err.numel() else 0
+    assert bool((err <= bound_t).all()), (
+        f"{what}: |got - want| = {err.flatten()[worst].item():.3e} > bound {bound_t.flatten()[worst].item():.3e} "
+        f"at element {worst} (of {err.numel()})"
+    )
     ratio = float((err / bound_t.clamp(min=1e-300)).max()) if err.numel() else 0.0
     _RATIOS.append((ratio, what))
     return ratio
