@@ -12,7 +12,6 @@ import torch
 from cfpo_loss import AGG_MODES, aggregate_loss, compute_policy_loss
 from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF
 
-
 #: float64 inputs: the metrics' arithmetic is float64 (sums of <= 54 terms of magnitude <= e^2: < 1e-13 absolute),
 #: then each metric is stored as fp32, one rounding of u_fp32 relative; x SAFETY (cfpo_loss.reference)
 FP32_STORE = SAFETY * UNIT_ROUNDOFF[torch.float32]
