@@ -221,3 +221,41 @@ def rounding_bounds(old, new, adv, mask, mode="token-mean", global_batch_info=No
         "actor/cfpo/penalty": at_level["penalty"],
     }
     return bound, metrics
+
+
+def bigram_log_prob_cond(table, input_ids, n_prompt):
+    """Per response token, the error over u of log p_t = log_softmax(table[token t−1])[token t] computed in fp32 (the
+    tests' bigram LM), for ``rounding_bounds(log_prob_cond=...)``: z_b − max (u·|z_b − max|), V exps and their sum
+    ((V + 2)·u relative, so (V + 2)·u absolute after the log, plus u·log S), the final subtraction (u·|log p|); as
+    |z_b − max| + log S = |log p|, in all 2·|log p_t| + V + 2."""
+    logp = torch.log_softmax(table.detach().double()[input_ids[:, n_prompt - 1 : -1]], -1)
+    logp = logp.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
+    return 2 * logp.abs() + table.shape[-1] + 2
+
+
+def bigram_table_grad_bound(table, input_ids, n_prompt, logp_grad, logp_grad_bound):
+    """Bound on the fp32 error of d loss / d table for the tests' bigram LM, from the exact d loss / d log p_t of each
+    response token (``logp_grad``, float64, 0 where the loss does not see the token) and the bound on its error
+    (``logp_grad_bound``, e.g. RoundingBound.grad). Row a of the gradient is Σ_{t: token t−1 = a} g_t·(e_{b_t} − p_t)
+    (b_t token t, p_t = softmax(table[a])); per element j it carries
+      δg_t·|e_{b_t,j} − p_t,j|                                       the error of g_t itself
+      u·|g_t|·(p_t,j·(2·|log p_t,j| + V + 4) + 2·(e_{b_t,j} + p_t,j))  log_softmax's backward: exp(log p) (its
+                                                                     error as in bigram_log_prob_cond, plus exp's
+                                                                     2u), one product and one difference
+      u·m_a·Σ_t |g_t|·|e_{b_t,j} − p_t,j|                            the accumulation over the m_a tokens that
+                                                                     follow token a (index backward, micro-batches)
+    times SAFETY (u = SAFETY·u_fp32)."""
+    from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF
+
+    u = SAFETY * UNIT_ROUNDOFF[torch.float32]
+    V = table.shape[-1]
+    prev, label = input_ids[:, n_prompt - 1 : -1].reshape(-1), input_ids[:, n_prompt:].reshape(-1)
+    p = torch.softmax(table.detach().double()[prev], -1)
+    e = torch.nn.functional.one_hot(label, V).double()
+    g, dg = logp_grad.double().reshape(-1, 1).abs(), logp_grad_bound.double().reshape(-1, 1)
+    diff = (e - p).abs()
+    per_token = dg * diff + u * g * (p * (2 * p.log().abs() + V + 4) + 2 * (e + p))
+    seen = (g.flatten() != 0).double()
+    m = torch.zeros(V, dtype=torch.float64).index_add_(0, prev, seen)
+    accumulated = torch.zeros(V, V, dtype=torch.float64).index_add_(0, prev, g * diff)
+    return torch.zeros(V, V, dtype=torch.float64).index_add_(0, prev, per_token) + u * m[:, None] * accumulated
