@@ -66,9 +66,10 @@ def rounding_bounds(batch, *, token_level_loss=True, info=None, objective="cfpo"
     metrics = {
         "clip_ratio": exits,
         "ppo_kl": kl_bound(batch["log_probs"], batch["old_log_probs"]),
-        "vllm_kl": kl_bound(batch["rollout_log_probs"], batch["old_log_probs"]),
         "is_filter_ratio": 2 * U,
     }
+    if batch.get("rollout_log_probs") is not None:
+        metrics["vllm_kl"] = kl_bound(batch["rollout_log_probs"], batch["old_log_probs"])
     return bound, metrics
 
 
