@@ -122,7 +122,8 @@ def test_clip_objective_reproduces_native_ppo(native_loss_module, patched_policy
         return cfpo_policy_loss_forward(ours_fn, *args, objective="clip", **kw)
 
     result = run(ours, batch, **cfg["info"])
-    bounds = rounding_bounds(batch, token_level_loss=cfg["token_level_loss"], info=cfg["info"], objective="clip", eps=eps)
+    level = cfg["token_level_loss"]
+    bounds = rounding_bounds(batch, token_level_loss=level, info=cfg["info"], objective="clip", eps=eps)
     assert_same(result, native, bounds=bounds, what=f"ppo {agg}")
     # the data really exercises clipping (and dual clipping) on both sides
     assert 0.05 < native["clip_ratio"] < 0.95
@@ -165,8 +166,9 @@ def test_clip_objective_with_sequence_ratio_reproduces_native_gspo(
     assert loss_fn.token_level_loss is False  # forced, as OpenRLHF forces it for gspo
     result = run(lambda *a, **k: cfpo_policy_loss_forward(loss_fn, *a, objective="clip", **k), batch, **cfg["info"])
     assert 0.0 < native["clip_ratio"] < 1.0
+    denominator = "rollout_log_probs" if correction else "old_log_probs"  # OpenRLHF's gspo with the correction
     bounds = rounding_bounds(batch, token_level_loss=False, info=cfg["info"], objective="clip", ratio_level="sequence",
-                             eps=(3e-4, 4e-4), denominator="rollout_log_probs" if correction else "old_log_probs")  # fmt: skip
+                             eps=(3e-4, 4e-4), denominator=denominator)  # fmt: skip
     assert_same(result, native, bounds=bounds, what=f"gspo {agg}")
 
 

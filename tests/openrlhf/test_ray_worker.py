@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from orl_bounds import rounding_bounds
 
 import cfpo_loss

@@ -225,6 +225,6 @@ def test_every_verl_key_of_the_metric_table_carries_its_core_metric(objective):
                                eps_high=cfg.clip_ratio_high, dual_clip=cfg.clip_ratio_c).metric_floats()  # fmt: skip
     keys = framework_keys("verl")
     assert set(m) == set(keys.values()) | {EVERY_CORE_METRIC["verl"] + name for name in core}
-    for name, key in keys.items():  # exact: the adapter returns the core's metric on the same tensors, not a recomputation
+    for name, key in keys.items():  # exact: the adapter returns the core's metric on the same tensors
         assert m[key] == core.get(name, 0.0), (name, key)
     assert m["actor/pg_clipfrac"] > 0 and (m["actor/pg_clipfrac_lower"] > 0) == (objective == "clip")

@@ -60,6 +60,7 @@ from verl_helpers import (
 
 from cfpo_loss.adapters.verl import WORKER_CORRECTION_KEY, make_policy_loss
 from cfpo_loss.reference import assert_within
+
 #: token-level rejection sampling (verl's "token_k1": keep tokens with pi/pi_rollout in [0.7, 1.4])
 RS = {"rollout_rs": "token_k1", "rollout_rs_threshold": "0.7_1.4"}
 RS_OVERRIDES = [f"algorithm.rollout_correction.{k}={v}" for k, v in RS.items()]
