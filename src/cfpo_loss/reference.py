@@ -281,6 +281,86 @@ def metric_bounds(
     }
 
 
+def token_rounding_bound(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    coef: Tensor,
+    *,
+    objective: str = "cfpo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    ratio_level: str = "token",
+    log_prob_cond: Tensor | None = None,
+    coef_roundings: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> RoundingBound:
+    """``rounding_bound`` for a (B, T) batch as the losses take it: ``loss = Σ_bt coef_bt · (−J(r_bt, A_bt))`` over the
+    valid tokens, r from ``log_prob − old_log_prob`` as ``ratio`` above computes it (per token, or at
+    ``ratio_level="sequence"`` exp of the row's mean log-ratio).
+
+    ``log_prob``, ``old_log_prob``: the stored working-precision values (their float64 copies are exact);
+    ``advantages`` (B,), (B, 1) or (B, T); ``coef`` (B, T): the weight of each token's objective in the loss
+    (d loss / d per-token loss of the aggregation, times any per-token weight; read it off the aggregation with
+    autograd in float64); ``log_prob_cond`` (B, T): where ``log_prob`` is itself computed in ``dtype`` (a
+    log-softmax), its error over u, added to each token's log-ratio condition (default 0: stored values);
+    ``coef_roundings``: how many roundings the working-precision code spends forming each token's coefficient (an
+    aggregation's ÷ count, × dp_size, ÷ scale factor, × a per-token weight: ``rounding_bound`` takes coef as exact):
+    each adds u·|coef_t|·|J_t| to the loss and u·|coef_t·J'(r_t)·r_t| to the gradient, both bounded with
+    |J| <= r·|A| + P and |J'| <= |A|·(1 + |r − 1|/ε).
+
+    The condition c of each log-ratio (see the block above): token level, the subtraction of the two stored values
+    and the error ``log_prob`` brings, c = |log r_t| + log_prob_cond_t. Sequence level, log r_i = Σ_t d_t / n_i with
+    d_t = log π_t − log π_old,t: the n_i subtractions (u·(|d_t| + log_prob_cond_t) each), the recursive sum
+    ((n_i − 1)·u·Σ|d_t|) and the division (u·|log r_i|), so c_i = Σ_t |d_t| + Σ_t log_prob_cond_t / n_i + |log r_i|.
+
+    Returns ``RoundingBound(loss, grad, ratio)`` with ``grad`` and ``ratio`` (B, T), zero off the mask; ``grad``
+    bounds d loss / d log_prob_t. At sequence level that is (1/n_i)·Σ_t' over the row of the per-token bounds (the
+    gradient of exp(mean_t log r_t)); GSPO's token form sg[s_i]·π_t/sg[π_t] gives token t its own term only, which
+    is the same where coef is constant within a row."""
+    mask = mask.bool()
+    shape = mask.shape
+    d = torch.where(mask, log_prob.detach().double() - old_log_prob.detach().double(), 0.0).clamp(-20.0, 20.0)
+    extra = torch.zeros(shape, dtype=torch.float64) if log_prob_cond is None else log_prob_cond.double().expand(shape)
+    extra = torch.where(mask, extra, 0.0)
+    a = advantages.detach().double().reshape(shape[0], -1).expand(shape)
+    w = coef.detach().double().expand(shape)
+    if ratio_level == "sequence":
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        log_r = d.sum(-1, keepdim=True) / n
+        cond = d.abs().sum(-1, keepdim=True) + extra.sum(-1, keepdim=True) / n + log_r.abs()
+        log_r, cond = log_r.expand(shape), cond.expand(shape)
+    elif ratio_level == "token":
+        log_r, cond = d, d.abs() + extra
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}")
+    valid = mask.flatten()
+    flat = rounding_bound(
+        log_r.exp().flatten()[valid],
+        a.flatten()[valid],
+        w.flatten()[valid],
+        cond.flatten()[valid],
+        objective=objective,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dtype=dtype,
+    )
+    grad, ratio_err = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    grad[mask], ratio_err[mask] = flat.grad, flat.ratio
+    loss = flat.loss
+    if coef_roundings:
+        r, a_abs = log_r.exp(), a.abs()
+        eps_high = eps_low if eps_high is None else eps_high
+        eps = torch.where(a > 0, eps_high, eps_low)
+        ku = coef_roundings * SAFETY * UNIT_ROUNDOFF[dtype] * w.abs()
+        loss += float(torch.where(mask, ku * (r * a_abs + a_abs / (2 * eps) * (r - 1) ** 2), 0.0).sum())
+        grad += torch.where(mask, ku * r * a_abs * (1 + (r - 1).abs() / eps), 0.0)
+    if ratio_level == "sequence":
+        grad = torch.where(mask, grad.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1), 0.0)
+    return RoundingBound(loss, grad, ratio_err)
+
+
 def sum_bound(values: Tensor, dtype: torch.dtype = torch.float32) -> float:
     """Bound on the rounding error of summing ``values`` in ``dtype`` (recursive summation: (n − 1)·u·Σ|v|, plus
     one rounding for a final division by the count), times SAFETY."""

@@ -13,10 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from orl_bounds import rounding_bounds
 
 import cfpo_loss
+from cfpo_loss.reference import assert_within
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,7 +53,8 @@ def _expected():
         eps_high=0.28,
     )
     out.loss.backward()
-    return out, log_probs.grad
+    batch = {k: torch.tensor(v) for k, v in BATCH.items()}
+    return out, log_probs.grad, rounding_bounds(batch, eps=(0.2, 0.28))[0]
 
 
 def test_ray_actors_under_the_launcher_compute_the_cfpo_loss(cluster_address, tmp_path):
@@ -61,16 +63,19 @@ def test_ray_actors_under_the_launcher_compute_the_cfpo_loss(cluster_address, tm
     assert record["gcs_address"] == cluster_address  # the user's cluster, not a new one
     assert record["job_runtime_env"]["worker_process_setup_hook"] == "cfpo_loss.adapters.openrlhf.install_on_import"
     assert record["job_runtime_env"]["env_vars"]["NCCL_DEBUG"] == "WARN"  # OpenRLHF's own runtime_env kept
-    expected, expected_grad = _expected()
+    expected, expected_grad, bound = _expected()
     # the hook itself loads no OpenRLHF / DeepSpeed into a worker (OpenRLHF's vLLM engines stay clean)
     assert record["modules_at_start"] == [{"cfpo_loss": True, "openrlhf": False, "deepspeed": False}] * 2
     results = record["results"]
     assert len(results) == 2 and len({r["pid"] for r in results}) == 2
     for r in results:
         assert r["cfpo_loss_imported_by_setup_hook"] is True
-        assert r["loss"] == pytest.approx(expected.loss.item(), rel=1e-6)
-        assert r["clip_ratio"] == pytest.approx(expected.metrics["tr_exit_frac"].item())
-        torch.testing.assert_close(torch.tensor(r["grad"]), expected_grad)
+        # the worker aggregates the core's per-token loss with OpenRLHF's aggregate_loss, the driver with the core's:
+        # two fp32 evaluations written differently, within twice the derived bound
+        assert_within(r["loss"], expected.loss.item(), 2 * bound.loss, "Ray actor loss")
+        assert_within(torch.tensor(r["grad"]), expected_grad, 2 * bound.grad, "Ray actor d loss / d log_probs")
+        # exact: the core's exit count over the valid-token count (integers, one correctly rounded division)
+        assert r["clip_ratio"] == expected.metrics["tr_exit_frac"].item()
 
 
 def test_without_the_launcher_ray_workers_do_not_have_it(cluster_address, tmp_path):

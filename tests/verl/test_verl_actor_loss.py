@@ -29,7 +29,18 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine.utils import prepare_micro_batches
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
-from verl_helpers import AGG_MODES, HAS_ENTRY_POINTS, VERL_VERSION, actor_config, torch_attention_fallback
+from verl_helpers import (
+    AGG_MODES,
+    HAS_ENTRY_POINTS,
+    VERL_VERSION,
+    actor_config,
+    bigram_log_prob_cond,
+    bigram_table_grad_bound,
+    rounding_bounds,
+    torch_attention_fallback,
+)
+
+from cfpo_loss.reference import assert_within
 
 B, P, R, V = 8, 4, 6, 13
 
@@ -121,21 +132,38 @@ def test_verl_ppo_loss_with_loss_mode_cfpo_over_micro_batches(mode, loss_mode, m
     assert keys <= set(metrics_seen[0])
 
     # ---- expected: the paper's objective on the whole mini-batch, verl's agg_loss ---------------
+    info = dict(dp_size=1, batch_num_tokens=int(response_mask.sum()), global_batch_size=B)
     ref_table = table0.clone().requires_grad_(True)
-    new = _token_log_probs(ref_table, input_ids, attention_mask)
+    expected = _paper_loss(_token_log_probs(ref_table, input_ids, attention_mask), old, adv, weights, response_mask,
+                           mode, loss_mode, info)  # fmt: skip
+    expected.backward()
+
+    # Both sides are fp32, computed in different orders (micro-batches, jagged vs padded): each within the derived
+    # bound of the exact value, so within twice it of each other. The bound: verl_helpers.rounding_bounds with the
+    # error of the fp32 log_softmax in each log-ratio, then the bigram LM's backward for d loss / d table, fed the
+    # exact d loss / d log p (float64).
+    new64 = _token_log_probs(table0.double(), input_ids, attention_mask).requires_grad_(True)
+    (logp_grad,) = torch.autograd.grad(
+        _paper_loss(new64, old.double(), adv.double(), weights.double(), response_mask, mode, loss_mode, info), new64
+    )
+    level = "sequence" if loss_mode == "cfpo_seq" else "token"
+    bound, _ = rounding_bounds(old, new64, adv, response_mask, mode, info, weights, ratio_level=level,
+                               log_prob_cond=bigram_log_prob_cond(table0, input_ids, P))  # fmt: skip
+    assert_within(total, expected.item(), 2 * bound.loss, "loss over micro-batches")
+    table_bound = bigram_table_grad_bound(table0, input_ids, P, logp_grad, bound.grad)
+    assert_within(table.grad, ref_table.grad, 2 * table_bound, "d loss / d table over micro-batches")
+    assert ref_table.grad.abs().sum() > 0
+
+
+def _paper_loss(new, old, adv, weights, response_mask, mode, loss_mode, info):
+    """The paper's objective on the whole mini-batch, aggregated by verl's agg_loss (in the inputs' dtype)."""
     log_ratio = torch.where(response_mask, new - old, 0.0)
     if loss_mode == "cfpo_seq":
         log_ratio = (log_ratio.sum(-1, keepdim=True) / response_mask.sum(-1, keepdim=True)).expand_as(new)
     ratio = torch.exp(log_ratio)
-    eps = torch.where(adv > 0, 0.28, 0.2)
+    eps = torch.where(adv > 0, 0.28, 0.2).to(adv.dtype)
     per_token = -(ratio * adv - adv.abs() / (2 * eps) * (ratio - 1) ** 2) * weights
-    expected = agg_loss(per_token, response_mask, mode, dp_size=1, batch_num_tokens=int(response_mask.sum()),
-                        global_batch_size=B)  # fmt: skip
-    expected.backward()
-
-    assert total == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(table.grad, ref_table.grad, rtol=1e-5, atol=1e-6)
-    assert ref_table.grad.abs().sum() > 0
+    return agg_loss(per_token, response_mask, mode, **info)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents the CPU-only limitation")

@@ -175,3 +175,87 @@ def _compose(recipe: str, overrides: tuple):
             return compose(config_name=name, overrides=list(overrides))
     finally:
         os.chdir(cwd)
+
+
+def rounding_bounds(old, new, adv, mask, mode="token-mean", global_batch_info=None, weights=None, *, objective="cfpo",
+                    ratio_level="token", eps_low=0.2, eps_high=0.28, dual_clip=3.0, log_prob_cond=None):  # fmt: skip
+    """How far ONE fp32 evaluation of a verl-signature policy loss on these inputs may lie from the exact value:
+    ``(RoundingBound, {verl metric key: bound})``. Two fp32 evaluations written differently (ours and verl's vanilla /
+    gspo, or ours and the paper's equation evaluated in fp32 by the test) differ by at most twice these.
+
+    The loss bound is cfpo_loss.reference.token_rounding_bound (first-order forward error of r, J and the sum, times
+    SAFETY; derivation in reference.py) with each token's coefficient read off verl's own ``agg_loss`` in float64
+    (it is linear in the per-token loss: d agg / d loss_t), times ``weights`` (rollout_is_weights); forming that
+    coefficient in fp32 costs up to 5 roundings (÷ n_i, ÷ the global count, × dp_size, ÷ loss_scale_factor, × the
+    weight: seq-mean-token-sum-norm with weights), counted as ``coef_roundings``. Metrics:
+    pg_clipfrac / pg_clipfrac_lower are counts over the valid tokens (exact, off the clip boundaries) divided once;
+    ppo_kl the masked mean of the token log-ratios; penalty the core's metric (reference.metric_bounds)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF, metric_bounds, token_rounding_bound
+
+    mask = mask.bool()
+    x = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
+    (coef,) = torch.autograd.grad(agg_loss(x, mask.double(), mode, **dict(global_batch_info or {})), x)
+    if weights is not None:
+        coef = coef * weights.double()
+    kw = dict(eps_low=eps_low, eps_high=eps_high)
+    bound = token_rounding_bound(new, old, adv, mask, coef, objective=objective, ratio_level=ratio_level,
+                                 log_prob_cond=log_prob_cond, coef_roundings=5, **kw)  # fmt: skip
+    d = (new.detach().double() - old.double()).clamp(-20, 20)
+    a = adv.double().reshape(mask.shape[0], -1).expand(mask.shape)
+    extra = 0.0 if log_prob_cond is None else log_prob_cond.double()
+    token = metric_bounds(d.exp()[mask], a[mask], (d.abs() + extra)[mask], **kw)
+    if ratio_level == "sequence":
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        log_r = (torch.where(mask, d, 0.0).sum(-1, keepdim=True) / n).expand(mask.shape)
+        cond = (torch.where(mask, d.abs() + extra, 0.0).sum(-1, keepdim=True) + log_r.abs()).expand(mask.shape)
+        at_level = metric_bounds(log_r.exp()[mask], a[mask], cond[mask], **kw)
+    else:
+        log_r, at_level = d, token
+    dual = ((a < 0) & (log_r.exp() > dual_clip))[mask].double()
+    metrics = {
+        "actor/pg_clipfrac": at_level["tr_exit_frac"],
+        "actor/ppo_kl": token["approx_kl_k1"],
+        "actor/pg_clipfrac_lower": 2 * SAFETY * UNIT_ROUNDOFF[torch.float32] * float(dual.mean()),
+        "actor/cfpo/penalty": at_level["penalty"],
+    }
+    return bound, metrics
+
+
+def bigram_log_prob_cond(table, input_ids, n_prompt):
+    """Per response token, the error over u of log p_t = log_softmax(table[token t−1])[token t] computed in fp32 (the
+    tests' bigram LM), for ``rounding_bounds(log_prob_cond=...)``: z_b − max (u·|z_b − max|), V exps and their sum
+    ((V + 2)·u relative, so (V + 2)·u absolute after the log, plus u·log S), the final subtraction (u·|log p|); as
+    |z_b − max| + log S = |log p|, in all 2·|log p_t| + V + 2."""
+    logp = torch.log_softmax(table.detach().double()[input_ids[:, n_prompt - 1 : -1]], -1)
+    logp = logp.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
+    return 2 * logp.abs() + table.shape[-1] + 2
+
+
+def bigram_table_grad_bound(table, input_ids, n_prompt, logp_grad, logp_grad_bound):
+    """Bound on the fp32 error of d loss / d table for the tests' bigram LM, from the exact d loss / d log p_t of each
+    response token (``logp_grad``, float64, 0 where the loss does not see the token) and the bound on its error
+    (``logp_grad_bound``, e.g. RoundingBound.grad). Row a of the gradient is Σ_{t: token t−1 = a} g_t·(e_{b_t} − p_t)
+    (b_t token t, p_t = softmax(table[a])); per element j it carries
+      δg_t·|e_{b_t,j} − p_t,j|                                       the error of g_t itself
+      u·|g_t|·(p_t,j·(2·|log p_t,j| + V + 4) + 2·(e_{b_t,j} + p_t,j))  log_softmax's backward: exp(log p) (its
+                                                                     error as in bigram_log_prob_cond, plus exp's
+                                                                     2u), one product and one difference
+      u·m_a·Σ_t |g_t|·|e_{b_t,j} − p_t,j|                            the accumulation over the m_a tokens that
+                                                                     follow token a (index backward, micro-batches)
+    times SAFETY (u = SAFETY·u_fp32)."""
+    from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF
+
+    u = SAFETY * UNIT_ROUNDOFF[torch.float32]
+    V = table.shape[-1]
+    prev, label = input_ids[:, n_prompt - 1 : -1].reshape(-1), input_ids[:, n_prompt:].reshape(-1)
+    p = torch.softmax(table.detach().double()[prev], -1)
+    e = torch.nn.functional.one_hot(label, V).double()
+    g, dg = logp_grad.double().reshape(-1, 1).abs(), logp_grad_bound.double().reshape(-1, 1)
+    diff = (e - p).abs()
+    per_token = dg * diff + u * g * (p * (2 * p.log().abs() + V + 4) + 2 * (e + p))
+    seen = (g.flatten() != 0).double()
+    m = torch.zeros(V, dtype=torch.float64).index_add_(0, prev, seen)
+    accumulated = torch.zeros(V, V, dtype=torch.float64).index_add_(0, prev, g * diff)
+    return torch.zeros(V, V, dtype=torch.float64).index_add_(0, prev, per_token) + u * m[:, None] * accumulated
