@@ -100,7 +100,8 @@ def policy_loss(
 #   r_k       = exp(log r_k):          δr_k <= r_k·(u·c_k + 4u)           (exp within 2 ulp, 4u with the store)
 #   J_k       = r·A − |A|/(2ε)·(r−1)²: δJ_k <= |J'(r_k)|·δr_k + 6u·(|r_k·A_k| + P_k)    (six roundings)
 #   loss      = Σ_k w_k·J_k:           δL   <= Σ_k |w_k|·(δJ_k + (n + 2)·u·|J_k|)    (the sum, the weight, the mean)
-#   dL/dlog r_k = w_k·J'(r_k)·r_k:     δG_k <= |w_k|·(|J''(r_k)·r_k + J'(r_k)|·δr_k + 12u·r_k·(|A_k| + |A_k|/ε·|r_k − 1|))
+#   dL/dlog r_k = w_k·J'(r_k)·r_k:     δG_k <= |w_k|·(|J''(r_k)·r_k + J'(r_k)|·δr_k
+#                                                     + 12u·r_k·(|A_k| + |A_k|/ε·|r_k − 1|))
 #                                      (twelve: r − 1, |A|/ε, the products and the difference of J'·r, the
 #                                      weight, the upstream gradient, and a backward that recomputes r)
 #

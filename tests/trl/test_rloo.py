@@ -17,9 +17,9 @@ import torch
 from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl_helpers import make_rloo_inputs, make_trainer, prompt_dataset, reward_digits, sequence_ratio_bounds
 
+from cfpo_loss import reference
 from cfpo_loss.adapters._metric_names import framework_keys
 from cfpo_loss.adapters.trl import CFPOConfig, CFPORLOOConfig, CFPORLOOTrainer, CFPOTrainer
-from cfpo_loss import reference
 from cfpo_loss.reference import assert_within
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
