@@ -47,9 +47,6 @@ from ._loss import compute_policy_loss_cfpo, compute_policy_loss_cfpo_seq, make_
 from ._registration import register, register_at_import, registration_error
 from ._status import loading_mechanism, plugin_status, verl_loads_entry_points
 
-# the entry point (pyproject.toml), VERL_USE_EXTERNAL_MODULES and the registry checks all name PLUGIN_MODULE
-assert __name__ == PLUGIN_MODULE, f"the verl plugin moved to {__name__}: update PLUGIN_MODULE and the entry point"
-
 __all__ = [
     "LOSS_NAMES",
     "ENTRY_POINT_NAME",

@@ -9,7 +9,8 @@ from typing import Any
 
 #: the plugin's module identity: what the ``verl.plugins`` entry point (pyproject.toml) names, what
 #: VERL_USE_EXTERNAL_MODULES must list on verl 0.8.0, and the ``__module__`` of the losses in verl's registry.
-#: Every check of "is this ours" compares against this one name (the package asserts it is its own ``__name__``).
+#: Every check of "is this ours" compares against this one name (tests/core/test_plugin_identity.py holds it equal to
+#: the package's ``__name__`` and to the entry point).
 PLUGIN_MODULE = "cfpo_loss.adapters.verl"
 #: the names this plugin registers (never a bare "spo": in verl that is Single-stream Policy Optimization)
 LOSS_NAMES = ("cfpo", "cfpo_seq")
