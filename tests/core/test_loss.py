@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from core_helpers import make_batch
 
 from cfpo_loss import AGG_MODES, aggregate_loss, compute_policy_loss
 from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF
@@ -16,16 +17,6 @@ from cfpo_loss.reference import SAFETY, UNIT_ROUNDOFF
 #: then each metric is stored as fp32, one rounding of u_fp32 relative; x SAFETY (cfpo_loss.reference)
 FP32_STORE = SAFETY * UNIT_ROUNDOFF[torch.float32]
 FP64_SUMS = SAFETY * 55 * UNIT_ROUNDOFF[torch.float64] * math.exp(2.0)
-
-
-def make_batch(b=5, t=7, seed=0, spread=0.5, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    log_prob = (-torch.rand(b, t, generator=g, dtype=dtype) * 3).requires_grad_()
-    old_log_prob = log_prob.detach() + spread * torch.randn(b, t, generator=g, dtype=dtype)
-    advantages = torch.randn(b, generator=g, dtype=dtype)
-    mask = torch.rand(b, t, generator=g) > 0.3
-    mask[:, 0] = True
-    return log_prob, old_log_prob, advantages, mask
 
 
 def paper_token_objective(r, a, objective, eps_low, eps_high, c=None):

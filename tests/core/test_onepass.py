@@ -5,19 +5,18 @@ import math
 
 import pytest
 import torch
+from core_helpers import make_batch
 
 from cfpo_loss import AGG_MODES, aggregate_loss, compute_policy_loss, reference
 
 pytestmark = pytest.mark.rounding
 
 
-def batch(b=6, t=11, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    lp = (-torch.rand(b, t, generator=g) * 3).to(dtype).requires_grad_()
-    olp = (lp.detach().float() + 0.5 * torch.randn(b, t, generator=g)).to(dtype)
+def batch(dtype=torch.float32):
+    """make_batch's (6, 11) batch, plus what these tests need: a valid token beyond the ±20 log-ratio clamp (no
+    gradient there), and an empty row (no valid first token forced)."""
+    lp, olp, adv, mask = make_batch(b=6, t=11, seed=0, spread=0.5, dtype=dtype, first_token_valid=False)
     olp[0, 1] = lp[0, 1].item() + 30.0  # beyond the ±20 log-ratio clamp: no gradient there
-    adv = torch.randn(b, generator=g).to(dtype)
-    mask = torch.rand(b, t, generator=g) > 0.3
     mask[0, 1] = True
     mask[3] = False
     return lp, olp, adv, mask

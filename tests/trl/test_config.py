@@ -69,7 +69,7 @@ def test_delta_ok_for_clip(tmp_path):
 
 
 def test_use_fused_loss(tmp_path):
-    assert cfg(tmp_path, use_fused_loss=True).use_fused_loss is True  # unsupported combinations: test_fused.py
+    assert cfg(tmp_path, use_fused_loss=True).use_fused_loss is True  # unsupported combinations: test_trl_fused.py
     with pytest.raises(TypeError, match="use_fused_loss"):
         cfg(tmp_path, use_fused_loss="yes")
 

@@ -17,7 +17,7 @@ from importlib import metadata
 #: distribution name -> (lowest supported version, first unsupported version)
 SUPPORTED: dict[str, tuple[str, str]] = {
     "trl": ("1.16.0", "1.17"),
-    # 0.8.0 has no `verl.plugins` entry-point group: VERL_USE_EXTERNAL_MODULES there (adapters/verl.py)
+    # 0.8.0 has no `verl.plugins` entry-point group: VERL_USE_EXTERNAL_MODULES there (adapters/verl/)
     "verl": ("0.8.0", "0.10"),
     # 0.10.4-0.11.1 have the older PolicyLoss IS-correction API (enable_vllm_is_correction, 4-tuple return)
     "openrlhf": ("0.10.4", "0.12"),

@@ -70,6 +70,7 @@ from .._support import installed_version, supported_range, tested_versions, warn
 
 __all__ = [
     "CFPO_LOSS_TYPES",
+    "LOSS_TYPES",
     "cfpo_policy_loss_forward",
     "install",
     "install_on_import",
@@ -77,8 +78,10 @@ __all__ = [
     "patch_policy_loss_class",
 ]
 
-#: the policy_loss_type values this adapter adds -> the core's ratio_level
-CFPO_LOSS_TYPES = {"cfpo": "token", "cfpo_seq": "sequence"}
+#: the policy_loss_type values this adapter adds -> the core's (objective, ratio_level): the one table of both
+LOSS_TYPES = {"cfpo": ("cfpo", "token"), "cfpo_seq": ("cfpo", "sequence")}
+#: the policy_loss_type values this adapter adds -> the core's ratio_level (LOSS_TYPES without the objective)
+CFPO_LOSS_TYPES = {loss_type: ratio_level for loss_type, (_, ratio_level) in LOSS_TYPES.items()}
 
 #: core metric -> the name of the PolicyLoss.forward return value that carries it (the adapters' one table)
 _RETURN_VALUES = framework_keys("openrlhf")
@@ -217,7 +220,7 @@ def patch_policy_loss_class(cls: type) -> type:
         loss_type = getattr(self, "policy_loss_type", None)
         if loss_type not in CFPO_LOSS_TYPES:
             return native_forward(self, *args, **kwargs)
-        return cfpo_policy_loss_forward(self, *args, objective="cfpo", **kwargs)
+        return cfpo_policy_loss_forward(self, *args, **kwargs)  # the objective of its loss type (LOSS_TYPES)
 
     cls.__init__ = __init__
     cls.forward = forward
@@ -236,19 +239,21 @@ def cfpo_policy_loss_forward(
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
     *,
-    objective: str = "cfpo",
+    objective: str | None = None,
 ):
     """The patched ``forward`` for a PolicyLoss built with a cfpo type; returns OpenRLHF's 5-tuple.
 
-    ``objective="clip"`` runs the same translation with the clipped objective; the tests use it to show
-    that everything around the objective (ratio, aggregation, IS correction, metrics) is OpenRLHF's.
+    ``objective`` None runs the loss type's own objective (``LOSS_TYPES``); ``objective="clip"`` runs the same
+    translation with the clipped objective, which shows that everything around the objective (ratio, aggregation,
+    IS correction, metrics) is OpenRLHF's.
     """
     loss_type = loss_fn.policy_loss_type
     if loss_type not in CFPO_LOSS_TYPES:
         raise ValueError(f"policy_loss_type must be one of {sorted(CFPO_LOSS_TYPES)}, got {loss_type!r}")
     info = _patch_info(type(loss_fn))
     module = info["module"]
-    ratio_level = CFPO_LOSS_TYPES[loss_type]
+    type_objective, ratio_level = LOSS_TYPES[loss_type]
+    objective = type_objective if objective is None else objective
     if action_mask is None:
         action_mask = torch.ones_like(log_probs, dtype=torch.bool)
     mask = action_mask.bool()

@@ -1,18 +1,17 @@
 """``use_fused_loss=True``: LM head, log-probs, objective, KL and aggregation in one chunked pass of the core
 (``cfpo_loss.fused_linear_policy_loss``), gradients computed in the forward, never the logits.
 
-``compute_loss_fused`` maps ``loss_type`` to the core's aggregation with TRL's normalisers (trl 1.16.0 grpo_trainer.py
-lines 3153-3182), calls the (wrapped) model, whose forward ``add_fused_policy_loss`` patches to run the backbone and
-the fused pass when given ``cfpo_fused_loss=...`` (TRL's own ``add_fused_lm_head`` pattern, so DDP's reducer and
-FSDP2's reduce-scatter synchronise the gradients), and logs the same metrics as the unfused path. It supports a subset
-of TRL's options (one process, DDP or FSDP2; no FSDP1 / DeepSpeed / tensor parallelism, no PEFT / MoE aux loss / logit
-softcapping or scaling / multimodal inputs, no entropy bonus, entropy mask, off-policy mask or vLLM IS correction, and
-KL only with ``use_bias_correction_kl=False``), and refuses the rest by name: ``check_fused_args`` at configuration,
-``check_fused_model`` after the trainer is built (an FSDP2 layout with the LM head in a unit of its own, on the first
-step). Tests: same loss and gradients as the unfused path (fp32 within 1e-5) and, in clip mode, as TRL's
-GRPOTrainer; under 2-process DDP the same trajectory as the unfused path and identical parameters on both ranks; under
-2-process FSDP2 (accelerate's unit layout, applied by hand) the same gradients as an unsharded copy reduced by hand
-(tests/trl/test_fused.py, tests/trl/test_distributed.py).
+``compute_loss_fused`` maps ``loss_type`` to the core's aggregation with TRL's normalisers (the ``loss_type`` branches
+of trl 1.16.0's ``GRPOTrainer._compute_loss``), calls the (wrapped) model, whose forward ``add_fused_policy_loss``
+patches to run the backbone and the fused pass when given ``cfpo_fused_loss=...`` (TRL's own ``add_fused_lm_head``
+pattern, so DDP's reducer and FSDP2's reduce-scatter synchronise the gradients), and logs the same metrics as the
+unfused path. It supports a subset of TRL's options (one process, DDP or FSDP2; no FSDP1 / DeepSpeed / tensor
+parallelism, no PEFT / MoE aux loss / logit softcapping or scaling / multimodal inputs, no entropy bonus, entropy mask,
+off-policy mask or vLLM IS correction, and KL only with ``use_bias_correction_kl=False``), and refuses the rest by name:
+``check_fused_args`` at configuration, ``check_fused_model`` after the trainer is built (an FSDP2 layout with the LM
+head in a unit of its own, on the first step). The contract: the unfused path's loss and gradients (in clip mode, TRL
+GRPOTrainer's), under DDP its trajectory with identical parameters on every rank, under FSDP2 the gradients of an
+unsharded copy (tests/trl/test_trl_fused.py, tests/trl/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -221,7 +220,7 @@ def add_fused_policy_loss(model) -> None:
 def compute_loss_fused(trainer, model, inputs):
     """The loss of ``_compute_loss`` in one chunked pass: backbone hidden states -> fused_linear_policy_loss
     (LM head, log-probs, objective, KL, aggregation; never the (tokens x vocabulary) logits), then TRL's
-    normalisation and metrics. Same inputs, loss and gradients as the unfused path (checked in the tests)."""
+    normalisation and metrics. Same inputs, loss and gradients as the unfused path."""
     extra = sorted(k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None)
     if extra:
         raise ValueError(f"use_fused_loss=True does not support multimodal inputs ({', '.join(extra)})")
@@ -265,7 +264,7 @@ def compute_loss_fused(trainer, model, inputs):
 
 
 def _aggregation(trainer, inputs, mode, batch) -> tuple[dict, float]:
-    """TRL's loss_type aggregations (trl 1.16.0 grpo_trainer.py lines 3153-3182) as the core's verl-style modes: the
+    """TRL's loss_type aggregations (trl 1.16.0 ``GRPOTrainer._compute_loss``) as the core's verl-style modes: the
     aggregation keywords of the fused pass, and what its loss is divided by for gradient accumulation."""
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     if trainer.loss_type == "dapo":

@@ -66,7 +66,7 @@ class CFPOTrainer(GRPOLossMirror, GRPOTrainer):
         return self._objective_terms(coef_1, advantages).objective
 
     def _metric_reducers(self, mask) -> MetricReducers:
-        """TRL 1.16.0's metric closures from `_compute_loss` (grpo_trainer.py lines 3254-3265), verbatim."""
+        """TRL 1.16.0's metric closures from `_compute_loss`, verbatim."""
 
         def masked_seq_mean(x):
             if x.shape[1] == 1:  # when importance_sampling_level == "sequence": already one value per sequence
@@ -84,7 +84,7 @@ class CFPOTrainer(GRPOLossMirror, GRPOTrainer):
         return MetricReducers(masked_seq_mean, global_masked_mean)
 
     def _log_trust_region_metrics(self, mode, coef_1, advantages, mask):
-        """TRL's clip_ratio/* metrics (trl 1.16.0 grpo_trainer.py lines 3272-3283, verbatim: same meaning for both
+        """TRL's clip_ratio/* metrics (trl 1.16.0 `GRPOTrainer._compute_loss`, verbatim: same meaning for both
         objectives) plus cfpo/ratio_dev, cfpo/ratio_max, cfpo/ratio_min and (cfpo only) cfpo/penalty.
 
         coef_1 is the ratio, (B, T) at token level or (B, 1) at sequence level (then the statistics are per

@@ -1,5 +1,5 @@
-"""``CFPOTrainer._compute_loss``: trl==1.16.0 ``GRPOTrainer._compute_loss`` (``trl/trainer/grpo_trainer.py``, lines
-3020-3290) with the objective from cfpo_loss, alone in this module so that its text compares with TRL's line for line.
+"""``CFPOTrainer._compute_loss``: trl==1.16.0 ``GRPOTrainer._compute_loss`` (``trl/trainer/grpo_trainer.py``) with
+the objective from cfpo_loss, alone in this module so that its text compares with TRL's line for line.
 
 TRL's method is one monolithic block: log-probs through TRL's own ``_get_per_token_logps_and_entropies`` (its chunked
 LM-head kernel), the on-policy ``old_per_token_logps`` fallback, token / sequence importance sampling, KL to the
@@ -11,18 +11,19 @@ metrics. There is no smaller hook to override, so the copy keeps all of it and d
 TRL's text plus that patch to this method, so a reviewer sees our lines at a glance and a TRL bump re-applies it):
 
 1. a docstring, and the hand-over to the fused path when ``use_fused_loss=True`` (``_fused.compute_loss_fused``);
-2. the ``loss_type`` switch (cispo / clipped / sapo / vespo, TRL lines 3109-3138) becomes ``-J(coef_1, A)`` with J the
+2. the ``loss_type`` switch (cispo / clipped / sapo / vespo) becomes ``-J(coef_1, A)`` with J the
    core's objective (``CFPOTrainer._policy_objective``; TRL's two-sided-clipping ``delta`` is the core's
    ``dual_clip``, equal to TRL's clamp of ``coef_1`` whenever ``delta > 1 + epsilon_high``, which is enforced);
-3. TRL's two metric closures (lines 3254-3265) move, verbatim, to ``CFPOTrainer._metric_reducers``;
-4. TRL's ``clip_ratio/*`` block (lines 3272-3283) moves, verbatim, to ``CFPOTrainer._log_trust_region_metrics``
-   (shared with the fused path), which also logs the ``cfpo/*`` statistics; the cispo / vespo metric branches (lines
-   3284-3290) go with those loss types (refused at construction).
+3. TRL's two metric closures move, verbatim, to ``CFPOTrainer._metric_reducers``;
+4. TRL's ``clip_ratio/*`` block moves, verbatim, to ``CFPOTrainer._log_trust_region_metrics``
+   (shared with the fused path), which also logs the ``cfpo/*`` statistics; the cispo / vespo metric branches go
+   with those loss types (refused at construction).
 
 ``clip_ratio/low_mean``, ``high_mean``, ``region_mean``, ``low_min``, ``high_max`` keep TRL's meaning for both
 objectives (fraction of tokens whose ratio left the trust region in the direction the advantage pushes): for CFPO
-nothing is clipped, but the statistic is the same one, so runs compare in one dashboard. The tests (tests/trl) prove
-that with ``policy_objective="clip"`` loss, parameter gradients and metrics equal TRL's own ``_compute_loss``.
+nothing is clipped, but the statistic is the same one, so runs compare in one dashboard. With
+``policy_objective="clip"`` loss, parameter gradients and metrics equal TRL's own ``_compute_loss`` (the contract
+tests/trl/test_conformance.py holds).
 """
 
 from __future__ import annotations

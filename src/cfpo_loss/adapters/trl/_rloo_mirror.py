@@ -1,5 +1,5 @@
-"""``CFPORLOOTrainer._compute_loss``: trl==1.16.0 ``RLOOTrainer._compute_loss`` (``trl/trainer/rloo_trainer.py``, lines
-1794-1863) with the objective from cfpo_loss, alone in this module so that its text compares with TRL's line for line.
+"""``CFPORLOOTrainer._compute_loss``: trl==1.16.0 ``RLOOTrainer._compute_loss`` (``trl/trainer/rloo_trainer.py``)
+with the objective from cfpo_loss, alone in this module so that its text compares with TRL's line for line.
 
 TRL's method: per-token log-probs through the same kernel as GRPO's, ONE ratio per sequence, r = exp(Σ_t m_t log π_θ −
 old_logps) with ``old_logps`` the rollout policy's Σ_t m_t log π_old (the sum, not GSPO's length-normalised mean;
@@ -15,15 +15,15 @@ this method):
    objectives; with ``"sum"`` (the default) r is RLOO's own. RLOOTrainer keeps only the summed rollout log-prob
    (``old_logps``), so the mean is taken here, on the sums, as TRL's GRPO ``importance_sampling_level="sequence"``
    does (``(log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)``; the tests hold it to the core's);
-3. TRL's ``coef_2`` and ``-torch.min`` (lines 1829-1832) become ``-J(coef_1, A)`` with J the core's objective record
+3. TRL's ``coef_2`` and ``-torch.min`` become ``-J(coef_1, A)`` with J the core's objective record
    (``CFPORLOOTrainer._policy_objective``: the core takes the ratio as given, so no new entry point was needed);
 4. after TRL's ``clip_ratio/*`` block (verbatim, per sequence, on the ratio the objective used): ``cfpo/ratio_dev``,
    ``cfpo/ratio_max``, ``cfpo/ratio_min`` and (cfpo only) ``cfpo/penalty`` per sequence, through the same
    ``log_ratio_metrics`` as ``CFPOTrainer``.
 
-The tests (tests/trl/test_rloo.py) prove that with ``policy_objective="clip"`` a real ``train()`` gives
-``RLOOTrainer``'s logged trajectory and parameters bit for bit, and that cfpo is the paper's equation on that ratio
-(loss, gradient, metrics).
+With ``policy_objective="clip"`` a real ``train()`` gives ``RLOOTrainer``'s logged trajectory and parameters bit for
+bit, and cfpo is the paper's equation on that ratio (loss, gradient, metrics): the contract tests/trl/test_rloo.py
+holds.
 """
 
 from __future__ import annotations
