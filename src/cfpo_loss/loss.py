@@ -25,7 +25,7 @@ from ._checks import (
     compute_dtype,
     raise_if_mask_invalid,
 )
-from .aggregation import AGG_MODES, GlobalBatch, row_weights, weighted_row_sum
+from .aggregation import AGG_MODES, GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
 from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
@@ -158,10 +158,9 @@ def compute_policy_loss(
         )
         per_token_loss = None
     else:
-        per_token_loss, ratio, metrics, checksum = eager_policy_loss(
-            log_prob, old_log_prob, advantages, mask, weights, options
+        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
+            log_prob, old_log_prob, advantages, mask, weights, row_weight, options
         )
-        loss = weighted_row_sum(per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
