@@ -72,7 +72,8 @@ def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, se
     """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
     ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``onepass.Select`` for
     ``mask``, if the caller has one."""
-    deviation = ratio - 1.0  # 0 at masked positions
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    deviation = ratio - (1.0 if k is None else k.one)  # 0 at masked positions
     return RatioSums(
         count=torch.count_nonzero(mask),
         deviation=deviation.sum(),
@@ -109,7 +110,9 @@ def trust_region_metrics(
     ``onepass.Select`` for ``mask``, if it has one."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
     count = sums.count.clamp(min=1).to(ratio.dtype)
-    positive, negative = advantages > 0, advantages < 0
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
+    positive, negative = advantages > zero, advantages < zero
     exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
     exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
@@ -135,8 +138,8 @@ def trust_region_metrics(
         sums_in_order.append(sums.penalty)  # penalty
     means = torch.stack(sums_in_order) / count
     # ratio_min, ratio_max: 1 for a batch without a valid token
-    extremes = torch.where(mask.any(), torch.stack([sums.ratio_min, sums.ratio_max]), 1.0)
-    return torch.cat([means[:1] + 1.0, extremes, means[1:]]).float()
+    extremes = torch.where(mask.any(), torch.stack([sums.ratio_min, sums.ratio_max]), one)
+    return torch.cat([means[:1] + one, extremes, means[1:]]).float()
 
 
 def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
