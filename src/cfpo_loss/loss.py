@@ -7,6 +7,7 @@ evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the redu
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
+_LOCAL_BATCH = GlobalBatch()  # dp_size 1, this batch's own counts
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,24 @@ class PolicyLossOutput:
 
 
 def pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, *, with_metrics=True) -> PassOptions:
-    """Validate the scalar arguments of a policy loss into the typed options of the per-token pass."""
+    """Validate the scalar arguments of a policy loss into the typed options of the per-token pass (the result
+    is cached per argument values and types: a training loop passes the same ones every step)."""
+    try:
+        return _cached_pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+    except TypeError:  # an unhashable argument: validated (and refused) uncached, with its own message
+        return _pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+
+
+def _pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics) -> PassOptions:
     record = get_objective(objective)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     eps_low, eps_high = check_eps(eps_low, eps_high)
     dual_clip = check_dual_clip(dual_clip) if record.takes_dual_clip else None
     return PassOptions(record, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+
+
+# typed: 1 and True, 0.2 and np.float64(0.2) are cached apart, so each is validated as itself; errors are not cached
+_cached_pass_options = functools.lru_cache(maxsize=64, typed=True)(_pass_options)
 
 
 def compute_policy_loss(
@@ -149,9 +163,17 @@ def compute_policy_loss(
         defer_mask_check=check_finite,
     )
     log_prob = _cast(log_prob, dtype)
-    row_weight = row_weights(
-        mask, agg, GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), dtype=dtype
-    )
+    if (
+        type(dp_size) is int
+        and dp_size == 1
+        and batch_num_tokens is None
+        and global_batch_size is None
+        and loss_scale_factor is None
+    ):
+        global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
+    else:
+        global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    row_weight = row_weights(mask, agg, global_batch, dtype=dtype)
     if compile:
         loss, _, ratio, metrics, checksum = compiled_policy_loss(
             log_prob, old_log_prob, advantages, mask, row_weight, weights, options

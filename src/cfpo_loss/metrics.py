@@ -109,7 +109,7 @@ def trust_region_metrics(
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
     ``onepass.Select`` for ``mask``, if it has one."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
-    count = sums.count.clamp(min=1).to(ratio.dtype)
+    count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
     k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
     zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
     positive, negative = advantages > zero, advantages < zero
@@ -137,8 +137,9 @@ def trust_region_metrics(
     if penalty is not None:
         sums_in_order.append(sums.penalty)  # penalty
     means = torch.stack(sums_in_order) / count
-    # ratio_min, ratio_max: 1 for a batch without a valid token
-    extremes = torch.where(mask.any(), torch.stack([sums.ratio_min, sums.ratio_max]), one)
+    # ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are then +inf / -inf (with a
+    # valid token they are finite, r <= e^20, or NaN, which stays NaN): one op instead of any() and where()
+    extremes = torch.nan_to_num(torch.stack([sums.ratio_min, sums.ratio_max]), nan=torch.nan, posinf=1.0, neginf=1.0)
     return torch.cat([means[:1] + one, extremes, means[1:]]).float()
 
 
