@@ -1,7 +1,13 @@
 """Forward+backward time of the policy loss alone (no model), side by side in one process.
 
-    python benchmarks/bench_elementwise.py [--batch 64] [--seq 4096] [--repeats 30]
+    python benchmarks/bench_elementwise.py [--shapes 2x16 8x256 64x4096] [--repeats 30]
     python benchmarks/bench_elementwise.py --device cuda          # shapes 64x4096 and 256x8192
+    python benchmarks/bench_elementwise.py --profile [--shapes 2x16]   # where one call's host time goes
+
+Default CPU shapes: 2x16 and 8x256 (host-bound: the arithmetic is negligible, what is timed is Python,
+dispatch and autograd, as on a GPU at any shape) and 64x4096 (the arithmetic shows). --profile skips the
+timing and prints, per shape, dtype and row, the top self-CPU-time entries of torch.profiler (CPU activity)
+over --profile-calls calls after warm-up, divided by that count: the cost of one call.
 
 Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back calls, after warm-up):
   verl-style clip     an eager copy of verl 0.9.1's compute_policy_loss_vanilla (ratio clamp, exp,
@@ -20,6 +26,11 @@ Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back c
                       page faults included), as any op that returns a new gradient tensor pays
 The verl-style baseline reads its three metrics with one .item() each, as verl 0.9.1's
 compute_policy_loss_vanilla itself does (pg_metrics = {"actor/pg_clipfrac": pg_clipfrac.detach().item(), ...}).
+
+Our rows read the metrics with PolicyLossOutput.metric_floats() (what the verl adapter does): with the
+default finite check the loss's one device sync already brought them to the host, so this reads nothing
+more; the script prints METRICS_READER. (Before issue 28 they were read with cfpo_loss.read_metrics,
+a second transfer.)
 
 Timing: each call is bracketed by torch.cuda.synchronize() on CUDA (a no-op on CPU) and timed with the wall
 clock, so a row's time is what the training loop waits for: host work (Python, launches, syncs) and device
@@ -44,12 +55,22 @@ from cfpo_loss import compute_policy_loss
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import add_device_arg, machine_header, require_device, sync
 
-if hasattr(cfpo_loss, "read_metrics"):
-    read_metrics, METRICS_READER = cfpo_loss.read_metrics, "cfpo_loss.read_metrics (one transfer)"
+if hasattr(cfpo_loss.PolicyLossOutput, "metric_floats"):
+
+    def read_metrics(out):
+        return out.metric_floats()
+
+    METRICS_READER = "PolicyLossOutput.metric_floats() (read in the loss's one sync)"
+elif hasattr(cfpo_loss, "read_metrics"):
+
+    def read_metrics(out):
+        return cfpo_loss.read_metrics(out.metrics)
+
+    METRICS_READER = "cfpo_loss.read_metrics (one transfer)"
 else:
 
-    def read_metrics(metrics):
-        return {k: float(v) for k, v in metrics.items()}
+    def read_metrics(out):
+        return {k: float(v) for k, v in out.metrics.items()}
 
     METRICS_READER = "float() per metric"
 
@@ -145,6 +166,9 @@ def graph_device_ms(fn, repeats: int, inner: int = 20) -> float:
     return best
 
 
+DEFAULT_SHAPES = {"cpu": [(2, 16), (8, 256), (64, 4096)], "cuda": [(64, 4096), (256, 8192)]}
+
+
 def _shape(text: str) -> tuple[int, int]:
     b, t = text.split("x")
     return int(b), int(t)
@@ -153,18 +177,26 @@ def _shape(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arg(parser)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, help="with --seq: one shape BxT instead of the defaults")
+    parser.add_argument("--seq", type=int)
     parser.add_argument(
-        "--shapes", nargs="+", type=_shape, help="BxT ... (default: cpu --batch x --seq; cuda 64x4096 256x8192)"
+        "--shapes", nargs="+", type=_shape, help="BxT ... (default: cpu 2x16 8x256 64x4096; cuda 64x4096 256x8192)"
     )
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top self-time ops per call")
+    parser.add_argument("--profile-calls", type=int, default=200, help="calls profiled per row (--profile)")
+    parser.add_argument("--profile-top", type=int, default=15, help="entries printed per row (--profile)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     args = parser.parse_args()
     require_device(args.device)
     dev = args.device
-    shapes = args.shapes or ([(args.batch, args.seq)] if dev == "cpu" else [(64, 4096), (256, 8192)])
+    if args.shapes:
+        shapes = args.shapes
+    elif args.batch or args.seq:
+        shapes = [(args.batch or 64, args.seq or 4096)]
+    else:
+        shapes = DEFAULT_SHAPES[dev]
     print(machine_header(dev))
     print(
         f"device {dev}, shapes {', '.join(f'{b}x{t}' for b, t in shapes)}, metrics read by ours: {METRICS_READER}; "
@@ -195,7 +227,7 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
                 compile=compile,
             )
             torch.autograd.grad(out.loss, log_prob)
-            read_metrics(out.metrics)  # metrics reach the logger (see METRICS_READER)
+            read_metrics(out)  # metrics reach the logger (see METRICS_READER)
             return out
 
         return run
@@ -218,6 +250,14 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
         rows[f"ours {objective}"] = ours(objective)
         if not args.no_compile:
             rows[f"ours {objective} fast (compiled)"] = ours(objective, True)
+    if args.profile:
+        del rows  # the profile wants the eager rows and the baseline only
+        _profile(
+            {"verl-style clip (baseline)": verl_ref, "ours clip": ours("clip"), "ours cfpo": ours("cfpo")},
+            f"{batch}x{seq} {dtype}",
+            args,
+        )
+        return
     rows["copy floor"] = copy_floor
     # the same bytes into freshly allocated tensors, as an op that returns a new gradient must do
     rows["copy into fresh tensors"] = lambda: ([x.clone() for x in sources], log_prob.detach().clone())
@@ -241,6 +281,30 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
             # CUDA: compiled (Triton) reductions may sum in another order than the eager kernels
             tol = 1e-6 if dev == "cpu" else 1e-5
             assert torch.allclose(out.loss, ref.loss, rtol=tol, atol=tol), (objective, out.loss, ref.loss)
+
+
+def _profile(rows: dict, label: str, args) -> None:
+    """torch.profiler (CPU activity) over ``--profile-calls`` calls of each row after warm-up: total wall time
+    per call, the profiler's self-CPU total per call, and its top entries by self CPU time, per call. The
+    Python code between ops shows up only as the difference (the profiler records ops, not Python lines;
+    ``python -m cProfile`` or line_profiler for that); the profiler's own cost inflates every figure alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = args.profile_calls
+    for name, fn in rows.items():
+        for _ in range(20):
+            fn()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                fn()
+        wall_us = (time.perf_counter() - t0) / n * 1e6
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        self_total = sum(e.self_cpu_time_total for e in events) / n
+        print(f"\n{label} | {name}: {wall_us:.1f} us wall per call under the profiler, {self_total:.1f} us self CPU")
+        print(f"  {'op':44s} {'self us/call':>12s} {'calls/call':>10s}")
+        for e in events[: args.profile_top]:
+            print(f"  {e.key[:44]:44s} {e.self_cpu_time_total / n:12.2f} {e.count / n:10.1f}")
 
 
 if __name__ == "__main__":

@@ -122,10 +122,8 @@ def main() -> None:
     for name, fn, where in rows:
         if where is not None:
 
-            def init(self, m, dtype, _where=where):
-                original(self, m, dtype)
-                if _where and self.bitwise:
-                    self.bitwise = False
+            def init(self, m, dtype, bitwise=True, _where=where):  # force the row's select, whatever the size
+                original(self, m, dtype, not _where)
 
             onepass.Select.__init__ = init
         try:

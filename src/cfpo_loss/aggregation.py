@@ -85,17 +85,18 @@ def row_weights(
     dp_size = global_batch.dp_size
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
+    if mode == "token-mean" and global_batch.batch_num_tokens is None and dp_size == 1:
+        # the default: 1 / this batch's valid tokens, broadcast as a view (the value of the general case below,
+        # ones * (1 / n) = reciprocal(n), with three fewer host-side operations)
+        return mask.sum().clamp(min=1).to(dtype).reciprocal().expand(mask.shape[0], 1)
     ones = torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device)
     if mode == "token-sum":
         return ones * dp_size
     if mode == "token-mean":
         batch_num_tokens = global_batch.batch_num_tokens
-        if batch_num_tokens is None:
-            if dp_size > 1:
-                raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
-            batch_num_tokens = mask.sum().clamp(min=1).to(dtype)
-        else:
-            batch_num_tokens = _check_positive("batch_num_tokens", batch_num_tokens, dtype)
+        if batch_num_tokens is None:  # dp_size > 1 (dp_size 1 returned above)
+            raise ValueError("batch_num_tokens (the global valid-token count) is required when dp_size > 1")
+        batch_num_tokens = _check_positive("batch_num_tokens", batch_num_tokens, dtype)
         return ones * (dp_size / batch_num_tokens)
     tokens_per_seq = mask.sum(dim=-1, keepdim=True).to(dtype)
     global_batch_size = global_batch.global_batch_size

@@ -7,6 +7,7 @@ evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the redu
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ from ._checks import (
     compute_dtype,
     raise_if_mask_invalid,
 )
-from .aggregation import AGG_MODES, GlobalBatch, row_weights, weighted_row_sum
+from .aggregation import AGG_MODES, GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
 from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
+_LOCAL_BATCH = GlobalBatch()  # dp_size 1, this batch's own counts
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,24 @@ class PolicyLossOutput:
 
 
 def pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, *, with_metrics=True) -> PassOptions:
-    """Validate the scalar arguments of a policy loss into the typed options of the per-token pass."""
+    """Validate the scalar arguments of a policy loss into the typed options of the per-token pass (the result
+    is cached per argument values and types: a training loop passes the same ones every step)."""
+    try:
+        return _cached_pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+    except TypeError:  # an unhashable argument: validated (and refused) uncached, with its own message
+        return _pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+
+
+def _pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics) -> PassOptions:
     record = get_objective(objective)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     eps_low, eps_high = check_eps(eps_low, eps_high)
     dual_clip = check_dual_clip(dual_clip) if record.takes_dual_clip else None
     return PassOptions(record, eps_low, eps_high, dual_clip, ratio_level, with_metrics)
+
+
+# typed: 1 and True, 0.2 and np.float64(0.2) are cached apart, so each is validated as itself; errors are not cached
+_cached_pass_options = functools.lru_cache(maxsize=64, typed=True)(_pass_options)
 
 
 def compute_policy_loss(
@@ -148,20 +162,27 @@ def compute_policy_loss(
         log_prob=log_prob,
         defer_mask_check=check_finite,
     )
-    log_prob = log_prob.to(dtype)
-    row_weight = row_weights(
-        mask, agg, GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), dtype=dtype
-    )
+    log_prob = _cast(log_prob, dtype)
+    if (
+        type(dp_size) is int
+        and dp_size == 1
+        and batch_num_tokens is None
+        and global_batch_size is None
+        and loss_scale_factor is None
+    ):
+        global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
+    else:
+        global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    row_weight = row_weights(mask, agg, global_batch, dtype=dtype)
     if compile:
         loss, _, ratio, metrics, checksum = compiled_policy_loss(
             log_prob, old_log_prob, advantages, mask, row_weight, weights, options
         )
         per_token_loss = None
     else:
-        per_token_loss, ratio, metrics, checksum = eager_policy_loss(
-            log_prob, old_log_prob, advantages, mask, weights, options
+        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
+            log_prob, old_log_prob, advantages, mask, weights, row_weight, options
         )
-        loss = weighted_row_sum(per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
@@ -218,7 +239,12 @@ def check_batch(
     if weights is not None:
         if weights.shape != shape:
             raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
-        weights = weights.to(dtype)
+        weights = _cast(weights, dtype)
     mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
-    old_log_prob = None if old_log_prob is None else old_log_prob.to(dtype)
-    return Batch(old_log_prob, advantages.to(dtype), mask, weights, dtype, mask_invalid)
+    old_log_prob = None if old_log_prob is None else _cast(old_log_prob, dtype)
+    return Batch(old_log_prob, _cast(advantages, dtype), mask, weights, dtype, mask_invalid)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without the call (about a microsecond of host time) when it would return x itself."""
+    return x if x.dtype == dtype else x.to(dtype)

@@ -72,7 +72,8 @@ def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, se
     """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
     ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``onepass.Select`` for
     ``mask``, if the caller has one."""
-    deviation = ratio - 1.0  # 0 at masked positions
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    deviation = ratio - (1.0 if k is None else k.one)  # 0 at masked positions
     return RatioSums(
         count=torch.count_nonzero(mask),
         deviation=deviation.sum(),
@@ -108,33 +109,38 @@ def trust_region_metrics(
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
     ``onepass.Select`` for ``mask``, if it has one."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
-    count = sums.count.clamp(min=1).to(ratio.dtype)
-    positive, negative = advantages > 0, advantages < 0
-    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))  # int64 / float below: true division
+    count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
+    positive, negative = advantages > zero, advantages < zero
+    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
     exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
-    any_valid = mask.any()
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
-        k3 = ((sums.deviation - log_ratio_sum) / count).clamp(min=0.0)
+        k3_sum = (sums.deviation - log_ratio_sum).clamp(min=0.0)  # clamped before / count: the same value
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
-        k3 = (torch.expm1(log_ratio) - log_ratio).sum() / count
-    values = [
-        sums.deviation / count + 1.0,  # ratio_mean
-        torch.where(any_valid, sums.ratio_min, 1.0),  # ratio_min
-        torch.where(any_valid, sums.ratio_max, 1.0),  # ratio_max
-        sums.abs_deviation / count,  # ratio_dev
-        (exit_high + exit_low) / count,  # tr_exit_frac
-        exit_low / count,  # tr_exit_low
-        exit_high / count,  # tr_exit_high
-        -log_ratio_sum / count,  # approx_kl_k1
-        k3,  # approx_kl_k3
+        k3_sum = (torch.expm1(log_ratio) - log_ratio).sum()
+    # every mean in one division: few host-side operations per call (at small shapes they are the time). The
+    # stack converts the int64 counts to the float dtype, as an int64 / float division does before dividing
+    sums_in_order = [
+        sums.deviation,  # ratio_mean (+ 1 below)
+        sums.abs_deviation,  # ratio_dev
+        exit_high + exit_low,  # tr_exit_frac
+        exit_low,  # tr_exit_low
+        exit_high,  # tr_exit_high
+        -log_ratio_sum,  # approx_kl_k1
+        k3_sum,  # approx_kl_k3
     ]
     if dual_clip is not None:
-        values.append(torch.count_nonzero(negative & (ratio > dual_clip)) / count)
+        sums_in_order.append(torch.count_nonzero(negative & (ratio > dual_clip)))  # dual_clip_frac
     if penalty is not None:
-        values.append(sums.penalty / count)
-    return torch.stack(values).float()
+        sums_in_order.append(sums.penalty)  # penalty
+    means = torch.stack(sums_in_order) / count
+    # ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are then +inf / -inf (with a
+    # valid token they are finite, r <= e^20, or NaN, which stays NaN): one op instead of any() and where()
+    extremes = torch.nan_to_num(torch.stack([sums.ratio_min, sums.ratio_max]), nan=torch.nan, posinf=1.0, neginf=1.0)
+    return torch.cat([means[:1] + one, extremes, means[1:]]).float()
 
 
 def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:

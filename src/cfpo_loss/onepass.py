@@ -17,6 +17,7 @@ The pass is configured by a typed, hashable ``PassOptions`` (one compiled kernel
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -44,21 +45,26 @@ class PassOptions:
 
 
 class Select:
-    """``torch.where(mask, x, fill)``; on CPU as integer bit operations on float32/float64 bits.
+    """``torch.where(mask, x, fill)``; on CPU, for large tensors, as integer bit operations on float32/float64 bits.
 
     Like ``where`` (and unlike ``x * mask``), NaN or inf at masked positions cannot leak through: the bits
     there are replaced, not multiplied. On CPU ``where`` with a bool condition is much slower than one
     vectorised AND (benchmarks/README.md, "What made the eager path fast"), and a policy loss needs several selects.
-    On a GPU both are one memory-bound kernel, and the bit mask costs extra launches (and a host-to-device
-    copy per fill value), so there, and under torch.compile (whose fused kernel selects for free), it is
-    plain ``where``. No autograd (used inside the forward below).
+    On a GPU both are one memory-bound kernel, and the bit mask costs extra launches, so there, and under
+    torch.compile (whose fused kernel selects for free), it is plain ``where``. ``bitwise=False`` asks for
+    ``where`` on CPU too: below ``BITWISE_MIN_NUMEL`` elements the bit mask's extra operations (building it,
+    three per fill) cost more host time than ``where``'s slower loop (``policy_terms`` passes that).
+    No autograd (used inside the forward below).
     """
 
     _INT: ClassVar[dict[torch.dtype, torch.dtype]] = {torch.float32: torch.int32, torch.float64: torch.int64}
 
-    def __init__(self, mask: Tensor, dtype: torch.dtype):
+    def __init__(self, mask: Tensor, dtype: torch.dtype, bitwise: bool = True):
         self.mask, self.dtype = mask, dtype
-        self.bitwise = mask.device.type == "cpu" and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        #: 0-dim tensors for the scalar operands of eager ops (None under torch.compile: plain numbers there)
+        self.scalars = None if compiling else scalars(dtype, mask.device)
+        self.bitwise = bitwise and mask.device.type == "cpu" and not compiling
         if self.bitwise:
             self.int_dtype = self._INT[dtype]
             self.bits = mask.to(self.int_dtype).neg_()  # all ones where valid, all zeros elsewhere
@@ -66,15 +72,58 @@ class Select:
     def zero(self, x: Tensor) -> Tensor:
         """where(mask, x, 0)"""
         if not self.bitwise:
-            return torch.where(self.mask, x, 0.0)
+            return torch.where(self.mask, x, 0.0 if self.scalars is None else self.scalars.zero)
         return (x.view(self.int_dtype) & self.bits).view(self.dtype)
 
     def fill(self, x: Tensor, value: float) -> Tensor:
         """where(mask, x, value): ((x ^ f) & m) ^ f is x where m is all ones, f where it is zero."""
         if not self.bitwise:
-            return torch.where(self.mask, x, value)
-        f = torch.tensor(value, dtype=self.dtype).view(self.int_dtype)
+            return torch.where(self.mask, x, value if self.scalars is None else self.scalars.get(value))
+        f = _fill_bits(self.dtype, value)  # a Python int: no tensor to build per call
         return (((x.view(self.int_dtype) ^ f) & self.bits) ^ f).view(self.dtype)
+
+
+class Scalars(NamedTuple):
+    """0-dim tensors of one dtype and device for the scalar operands of the eager pass: an op given a Python
+    number wraps it in a fresh tensor each call (measured: ~1.3 µs of the ~1.3-1.5 µs an op on a small tensor
+    costs on a CPU; on a GPU the same host work). Cached per (dtype, device) by ``scalars``; never written."""
+
+    zero: Tensor
+    one: Tensor
+    inf: Tensor
+    neg_inf: Tensor
+
+    def get(self, value: float) -> Tensor | float:
+        """The 0-dim tensor for ``value`` if it is one of the four, else ``value``."""
+        if value == 1.0:
+            return self.one
+        if value == 0.0:
+            return self.zero
+        if value == torch.inf:
+            return self.inf
+        if value == -torch.inf:
+            return self.neg_inf
+        return value
+
+
+@functools.lru_cache(maxsize=32)
+def scalars(dtype: torch.dtype, device: torch.device) -> Scalars:
+    return Scalars(*(torch.tensor(v, dtype=dtype, device=device) for v in (0.0, 1.0, torch.inf, -torch.inf)))
+
+
+#: below this many elements ``policy_terms`` selects with ``where`` on CPU too (see ``Select``); measured on a
+#: 2-core CPU (benchmarks/README.md, "Host-bound shapes"): the bit mask pays from a few thousand elements on
+BITWISE_MIN_NUMEL = 4096
+
+
+_STRUCT = {torch.float32: ("<f", "<i"), torch.float64: ("<d", "<q")}
+
+
+def _fill_bits(dtype: torch.dtype, value: float) -> int:
+    """The bits of ``value`` in ``dtype`` as a signed Python int of the same width (xor operand of ``fill``);
+    on the host, so no tensor is built and nothing is read back."""
+    float_format, int_format = _STRUCT[dtype]
+    return struct.unpack(int_format, struct.pack(float_format, value))[0]
 
 
 class PolicyTerms(NamedTuple):
@@ -93,10 +142,11 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
     Masked positions are selected away first (never multiplied: NaN·0 = NaN, and padding log-probs are
     often NaN or -inf) and then hold ratio 1, log-ratio 0, advantage 0, so every per-token term is 0 there.
     """
-    valid = Select(mask, log_prob.dtype)
+    bitwise = mask.numel() >= BITWISE_MIN_NUMEL
+    valid = Select(mask, log_prob.dtype, bitwise)
     raw_log_ratio = valid.zero(log_prob - old_log_prob)
     log_ratio = raw_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    passes = Select(mask & (log_ratio == raw_log_ratio), log_prob.dtype)
+    passes = Select(mask & (log_ratio == raw_log_ratio), log_prob.dtype, bitwise)
     advantages = valid.zero(advantages)
     checksum = raw_log_ratio.sum() + advantages.sum()
     tokens_per_row = None
@@ -140,37 +190,46 @@ def log_prob_grad(dloss_dratio: Tensor, terms: PolicyTerms, ratio_level: str) ->
 
 
 class _PerTokenLoss(torch.autograd.Function):
-    """per_token_loss from ``policy_terms``, differentiable w.r.t. log_prob through the analytic derivative
-    (the backward is one multiply, instead of replaying ~a dozen elementwise ops).
-    Outputs: (per_token_loss, ratio, metric buffer, checksum); only the first carries a gradient."""
+    """The loss (the aggregation ``weighted_row_sum`` with ``row_weight``) and per_token_loss from
+    ``policy_terms``, both differentiable w.r.t. log_prob through the analytic derivative (the backward is one
+    multiply, instead of replaying ~a dozen elementwise ops). The aggregation runs inside the Function: the
+    same arithmetic as autograd through it would do (forward and backward), without recording three graph
+    nodes and replaying them: host time, which is what a small batch, or any batch on a GPU, waits for.
+    Outputs: (loss, per_token_loss, ratio, metric buffer, checksum); only the first two carry a gradient."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, mask, weights, options: PassOptions):
+    def forward(ctx, log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
         terms = policy_terms(log_prob.detach(), old_log_prob, advantages, mask, weights, options)
-        ctx.ratio_level = options.ratio_level
+        loss = weighted_row_sum(terms.per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
+        ctx.ratio_level, ctx.row_weight = options.ratio_level, row_weight
         if ctx.ratio_level == "sequence":
             ctx.terms = terms._replace(metrics=None)
         else:  # the elementwise gradient, ready for one multiply
             ctx.save_for_backward(log_prob_grad(terms.dloss_dratio, terms, "token"))
         ctx.mark_non_differentiable(terms.ratio, terms.metrics, terms.checksum)
-        ctx.set_materialize_grads(False)  # no zero gradients for the three side outputs (3 kernels saved)
-        return terms.per_token_loss, terms.ratio, terms.metrics, terms.checksum
+        ctx.set_materialize_grads(False)  # no zero gradients for the side outputs (kernels saved)
+        return loss, terms.per_token_loss, terms.ratio, terms.metrics, terms.checksum
 
     @staticmethod
-    def backward(ctx, grad_per_token, *_):
+    def backward(ctx, grad_loss, grad_per_token, *_):
+        # d loss / d per_token_loss = row_weight (B, 1), as autograd through weighted_row_sum gives it; the
+        # gradient reaching per_token_loss from the caller's own use of it adds to that
+        if grad_loss is not None:
+            grad_loss = grad_loss * ctx.row_weight
+            grad_per_token = grad_loss if grad_per_token is None else grad_loss + grad_per_token
         if grad_per_token is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.ratio_level == "sequence":
             grad = log_prob_grad(grad_per_token * ctx.terms.dloss_dratio, ctx.terms, "sequence")
         else:
             (token_grad,) = ctx.saved_tensors
             grad = grad_per_token * token_grad
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, options: PassOptions):
-    """(per_token_loss with graph, ratio, metric buffer, checksum)."""
-    return _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, options)
+def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
+    """(loss and per_token_loss with graph, ratio, metric buffer, checksum)."""
+    return _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, row_weight, options)
 
 
 # ---- compiled: compute_policy_loss(compile=True) ---------------------------------------------------------

@@ -62,10 +62,11 @@ def clipped_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: f
     """J_clip = min(r·A, clip(r, 1−eps_low, 1+eps_high)·A) (with dual_clip=c: max(J_clip, c·A) where A < 0);
     dJ/dr = A where the unclipped branch is active, 0 where clipping (or dual-clip) holds."""
     objective = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
-    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+    negative = advantages < 0  # computed once: each op is host time at small shapes
+    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | (negative & (ratio < 1.0 - eps_low))
     if dual_clip is not None:
-        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
-        clipped = clipped | ((advantages < 0) & (ratio > dual_clip))
+        objective = torch.where(negative, torch.maximum(objective, dual_clip * advantages), objective)
+        clipped = clipped | (negative & (ratio > dual_clip))
     return Terms(objective, torch.where(clipped, 0.0, advantages), None)
 
 
