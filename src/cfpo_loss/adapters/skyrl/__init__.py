@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ._entry import OVERRIDE_FLAG, check_config, main, training_args
 from ._loss import LOSSES, compute_policy_loss_cfpo, compute_policy_loss_cfpo_seq, make_policy_loss
-from ._registry import LOSS_NAMES, PLUGIN_MODULE, register, register_at_import, registration_error
+from ._registry import LOSS_NAMES, PLUGIN_MODULE, register, register_at_import, registration_error, status
 
 __all__ = [
     "LOSSES",
@@ -42,6 +42,7 @@ __all__ = [
     "make_policy_loss",
     "register",
     "registration_error",
+    "status",
     "training_args",
 ]
 

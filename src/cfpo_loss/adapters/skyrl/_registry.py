@@ -16,7 +16,7 @@ from typing import Any
 
 from ._loss import LOSSES, MARK
 
-__all__ = ["LOSS_NAMES", "PLUGIN_MODULE", "register", "registration_error", "register_at_import"]
+__all__ = ["LOSS_NAMES", "PLUGIN_MODULE", "register", "register_at_import", "registration_error", "status"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -92,3 +92,19 @@ def register_at_import() -> None:
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         _LOG.warning(msg)
+
+
+def status() -> str:
+    """One line for ``python -m cfpo_loss``: are the losses in this process's SkyRL registry, and how to launch."""
+    if _state["error"] is not None:
+        return f"NOT REGISTERED: {_state['error']}"
+    from skyrl.backends.skyrl_train.utils.ppo_utils import PolicyLossRegistry
+
+    here = _registered_here(PolicyLossRegistry)
+    missing = [name for name in LOSS_NAMES if not _is_ours(here.get(name))]
+    if missing:
+        return f"NOT REGISTERED ({', '.join(missing)} held by another loss or absent)"
+    return (
+        f"REGISTERED (policy_loss_type={' / '.join(LOSS_NAMES)}); launch: python -m skyrl.train.entrypoints.main_base "
+        f"trainer.override_entrypoint={PLUGIN_MODULE} trainer.algorithm.policy_loss_type=cfpo ..."
+    )
