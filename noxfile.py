@@ -12,10 +12,13 @@ lowest torch pyproject.toml claims (`TORCH_FLOOR` in _support.py), PyPI's CUDA b
 documentation site strictly and runs every Python block of the docs (the framework sessions run them too, so the
 blocks that need a framework run where it is installed).
 
-Every framework version the adapters claim is tested: the `verl` and `openrlhf` sessions are parametrised
+`skyrl` runs on Python 3.12 (skyrl needs it), found at load time (`_find_python`); the others on nox's Python.
+
+Every framework version the adapters claim is tested: the `verl`, `openrlhf` and `skyrl` sessions are parametrised
 over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
 `nox -l` lists them). The first version of each is the extra's default and also runs the framework's own
-test suite with our adapter loaded; the others run our adapter tests against that version.
+test suite with our adapter loaded (skyrl's PyPI sdist ships none of its trainer tests); the others run our adapter
+tests against that version.
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ eps = [e for e in md.entry_points(group="verl.plugins") if e.name == "cfpo_loss"
 assert [e.value for e in eps] == ["cfpo_loss.adapters.verl"], eps
 import cfpo_loss.adapters.trl, cfpo_loss.adapters.openrlhf, cfpo_loss.adapters.openrlhf.train_ppo_ray
 import cfpo_loss.adapters.verl  # verl is not installed here: the adapter says so and imports
+import cfpo_loss.adapters.skyrl  # nor skyrl (Python >= 3.12): the adapter warns and imports
 print("wheel ok:", where)
 """
 
