@@ -71,7 +71,7 @@ SKYRL_VERSIONS = list(TESTED["skyrl"])
 #: what skyrl's loss / worker / trainer / entry-point modules import beyond skyrl's own dependencies: its
 #: `skyrl-train` extra at its pins, less what needs a GPU or the network (flash-attn, vllm, nixl, s5cmd, cloud storage)
 SKYRL_DEPS = ["ray==2.57.0", "skyrl-gym", "loguru", "jaxtyping", "omegaconf", "tensordict", "torchdata", "orjson",
-              "pybase64"]  # fmt: skip
+              "pybase64", "aiohttp"]  # fmt: skip
 
 
 def _find_python(version: str) -> str | None:

@@ -113,8 +113,15 @@ def test_skyrls_fully_async_trainer_takes_cfpo(loss):
     if loss == "regular":
         with pytest.raises(AssertionError, match="Fully async training should use rollout logprobs"):
             build()
-    else:
-        assert build().max_staleness_steps == cfg.trainer.fully_async.max_staleness_steps
+        return
+    trainer = build()
+    assert trainer.max_staleness_steps == cfg.trainer.fully_async.max_staleness_steps
+    # the ratio's π_old: SkyRL skips its old-log-prob forward pass only for losses that read the rollout log-probs
+    # instead (rollout_is, dppo); for cfpo it recomputes them, even with no correction on and rollout log-probs present
+    cfg.trainer.algorithm.off_policy_correction.tis_ratio_type = None
+    assert trainer._skip_policy_forward({"rollout_logprobs": torch.zeros(1, 1)}) is False
+    cfg.trainer.algorithm.policy_loss_type = "rollout_is"  # the control: SkyRL does skip it for such a loss
+    assert trainer._skip_policy_forward({"rollout_logprobs": torch.zeros(1, 1)}) is True
 
 
 def test_check_config_refuses_by_name_and_warns_on_uncorrected_fully_async():
