@@ -12,16 +12,22 @@ lowest torch pyproject.toml claims (`TORCH_FLOOR` in _support.py), PyPI's CUDA b
 documentation site strictly and runs every Python block of the docs (the framework sessions run them too, so the
 blocks that need a framework run where it is installed).
 
-Every framework version the adapters claim is tested: the `verl` and `openrlhf` sessions are parametrised
+`skyrl` runs on Python 3.12 (skyrl needs it), found at load time (`_find_python`); the others on nox's Python.
+
+Every framework version the adapters claim is tested: the `verl`, `openrlhf` and `skyrl` sessions are parametrised
 over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
 `nox -l` lists them). The first version of each is the extra's default and also runs the framework's own
-test suite with our adapter loaded; the others run our adapter tests against that version.
+test suite with our adapter loaded (skyrl's PyPI sdist ships none of its trainer tests); the others run our adapter
+tests against that version.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import shutil
+import subprocess
 
 import nox
 
@@ -35,7 +41,7 @@ TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["lint", "core", "package", "docs", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["lint", "core", "package", "docs", "trl", "verl", "openrlhf", "skyrl"]
 
 TORCH_VERSIONS = list(_support.TORCH_TESTED)  # the newest first: every framework session runs on it
 TORCH = f"torch=={TORCH_VERSIONS[0]}"
@@ -61,6 +67,36 @@ OPENRLHF_PINS = {
     "0.10.4": ["deepspeed==0.19.1", "transformers==5.7.0", "ray[default]==2.55.0"],
 }
 assert set(OPENRLHF_PINS) == set(OPENRLHF_VERSIONS), "every tested OpenRLHF needs its pins here"
+SKYRL_VERSIONS = list(TESTED["skyrl"])
+#: what skyrl's loss / worker / trainer / entry-point modules import beyond skyrl's own dependencies: its
+#: `skyrl-train` extra at its pins, less what needs a GPU or the network (flash-attn, vllm, nixl, s5cmd, cloud storage)
+SKYRL_DEPS = ["ray==2.57.0", "skyrl-gym", "loguru", "jaxtyping", "omegaconf", "tensordict", "torchdata", "orjson",
+              "pybase64", "aiohttp"]  # fmt: skip
+
+
+def _find_python(version: str) -> str | None:
+    """An interpreter of ``version`` that runs: $CFPO_PYTHON<major><minor>, ``python<version>`` on PATH, or a pyenv
+    install (whose shim on PATH may not run when that version is not selected). None if there is none."""
+    env = os.environ.get("CFPO_PYTHON" + version.replace(".", ""))
+    pyenv = os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv"))
+    candidates = [
+        env,
+        shutil.which(f"python{version}"),
+        *sorted(glob.glob(f"{pyenv}/versions/{version}.*/bin/python{version}"), reverse=True),
+    ]
+    for candidate in filter(None, candidates):
+        try:
+            out = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip() == version:
+            return os.path.realpath(candidate) if candidate != env else candidate
+    return None
+
+
+#: skyrl 0.4.0 needs Python >= 3.12 (on 3.11 it fails at import)
+SKYRL_PYTHON = _find_python("3.12")
 
 ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -164,6 +200,7 @@ eps = [e for e in md.entry_points(group="verl.plugins") if e.name == "cfpo_loss"
 assert [e.value for e in eps] == ["cfpo_loss.adapters.verl"], eps
 import cfpo_loss.adapters.trl, cfpo_loss.adapters.openrlhf, cfpo_loss.adapters.openrlhf.train_ppo_ray
 import cfpo_loss.adapters.verl  # verl is not installed here: the adapter says so and imports
+import cfpo_loss.adapters.skyrl  # nor skyrl (Python >= 3.12): the adapter warns and imports
 print("wheel ok:", where)
 """
 
@@ -277,6 +314,25 @@ def openrlhf(session: nox.Session, version: str) -> None:
         f.write(standins + "\n")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/openrlhf", *DOC_TESTS)
+
+
+@nox.session(python=SKYRL_PYTHON or False)
+@nox.parametrize("version", SKYRL_VERSIONS, ids=SKYRL_VERSIONS)
+def skyrl(session: nox.Session, version: str) -> None:
+    """SkyRL adapter against a real skyrl (each of TESTED["skyrl"]) on Python 3.12: its loss registry, its losses,
+    its worker's forward_backward, a local Ray worker, its entry point and its fully-async trainer.
+
+    skyrl's `skyrl-train` extra pins flash-attn (no CPU build) and vllm, so skyrl is installed with its own
+    dependencies plus SKYRL_DEPS. On cp312, torch 2.13.0 from the index is the CUDA build (it runs on the CPU).
+    """
+    if SKYRL_PYTHON is None:
+        session.error("skyrl needs Python 3.12: none found (python3.12 on PATH, a pyenv 3.12, or $CFPO_PYTHON312)")
+    _base(session, f"skyrl=={version}", *SKYRL_DEPS, SYBIL)
+    status = session.run("python", "-m", "cfpo_loss", env=ENV, silent=True)
+    print(status)
+    if "skyrl loss registry: REGISTERED" not in status:
+        session.error("`python -m cfpo_loss` does not report cfpo / cfpo_seq in SkyRL's loss registry")
+    _pytest(session, "tests/skyrl", *DOC_TESTS)
 
 
 MUTMUT = "mutmut==3.8.1"

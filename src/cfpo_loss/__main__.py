@@ -22,6 +22,8 @@ def report() -> str:
         lines.append(f"{dist}: {state}")
     if installed_version("verl") is not None:
         lines.append(f"verl plugin: {_verl_plugin_status()}")
+    if installed_version("skyrl") is not None:
+        lines.append(f"skyrl loss registry: {_skyrl_status()}")
     return "\n".join(lines)
 
 
@@ -31,6 +33,14 @@ def _verl_plugin_status() -> str:
     except Exception as exc:  # noqa: BLE001 - the report must go on when the adapter itself cannot import: say why
         return f"adapter import failed: {type(exc).__name__}: {exc}"
     return plugin_status()
+
+
+def _skyrl_status() -> str:
+    try:
+        from .adapters.skyrl import status
+    except Exception as exc:  # noqa: BLE001 - the report must go on when the adapter itself cannot import: say why
+        return f"adapter import failed: {type(exc).__name__}: {exc}"
+    return status()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ A key is the framework's own name for the statistic where the framework has one 
 ``tr_exit_frac`` for clip, and the same statistic for cfpo, so runs compare in one dashboard), else the name the
 adapter adds (TRL ``cfpo/ratio_dev``); None where the adapter logs no such key. Beyond the table, verl logs every
 core metric as ``actor/cfpo/<core name>`` (``EVERY_CORE_METRIC``) and OpenRLHF's patched ``PolicyLoss`` keeps them
-all on ``loss_fn.cfpo_metrics``.
+all on ``loss_fn.cfpo_metrics``; SkyRL's adapter logs each as ``cfpo/<core name>`` (also ``EVERY_CORE_METRIC``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 __all__ = ["FRAMEWORKS", "METRIC_NAMES", "EVERY_CORE_METRIC", "NOTES", "MetricName", "framework_keys", "markdown_table"]
 
-FRAMEWORKS = ("trl", "verl", "openrlhf")
+FRAMEWORKS = ("trl", "verl", "openrlhf", "skyrl")
 
 
 class MetricName(NamedTuple):
@@ -24,6 +24,7 @@ class MetricName(NamedTuple):
     trl: str | None = None  # CFPOTrainer / CFPORLOOTrainer's key in trainer logs
     verl: str | None = None  # the key in the metrics dict the verl loss returns
     openrlhf: str | None = None  # the name of PolicyLoss.forward's return value that carries it
+    skyrl: str | None = None  # the key in the metrics dict the SkyRL loss returns (its worker adds loss_metrics/)
 
 
 #: in the core's buffer order (metrics.metric_names(dual_clip=True, penalty=True)); a test holds the two together
@@ -33,7 +34,8 @@ METRIC_NAMES: tuple[MetricName, ...] = (
     MetricName("ratio_max", "max r", trl="cfpo/ratio_max"),
     MetricName("ratio_dev", "mean |r − 1|", trl="cfpo/ratio_dev"),
     MetricName("tr_exit_frac", "fraction with A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low (for clip: the clip "
-               "fraction)", trl="clip_ratio/region_mean", verl="actor/pg_clipfrac", openrlhf="clip_ratio"),
+               "fraction)", trl="clip_ratio/region_mean", verl="actor/pg_clipfrac", openrlhf="clip_ratio",
+               skyrl="clip_ratio"),
     MetricName("tr_exit_low", "fraction with A < 0 and r < 1 − ε_low", trl="clip_ratio/low_mean"),
     MetricName("tr_exit_high", "fraction with A > 0 and r > 1 + ε_high", trl="clip_ratio/high_mean"),
     MetricName("approx_kl_k1", "mean(log π_old − log π_θ), the log-ratio clamped to ±20", verl="actor/ppo_kl"),
@@ -44,7 +46,7 @@ METRIC_NAMES: tuple[MetricName, ...] = (
 )  # fmt: skip
 
 #: framework -> the prefix under which its adapter also logs every core metric, by its core name
-EVERY_CORE_METRIC = {"verl": "actor/cfpo/"}
+EVERY_CORE_METRIC = {"verl": "actor/cfpo/", "skyrl": "cfpo/"}
 
 #: what the table alone does not say, one line each (rendered below it)
 NOTES = (
@@ -56,6 +58,9 @@ NOTES = (
     "OpenRLHF: `clip_ratio` is `PolicyLoss.forward`'s second return value; every core metric of the last call is on "
     "`loss_fn.cfpo_metrics`. Its `ppo_kl` is OpenRLHF's own masked mean of log π_old − log π_θ (no clamp), computed "
     "as OpenRLHF does, not `approx_kl_k1`.",
+    "SkyRL: logged as `loss_metrics/<key>`; every core metric also as `loss_metrics/cfpo/<core name>`, over the "
+    "tokens of `loss_mask` before the off-policy rejection (as SkyRL's `clip_ratio`); SkyRL's own off-policy "
+    "metrics (`is_ratio_mean`, ...) unchanged.",
 )
 
 
@@ -68,7 +73,7 @@ def framework_keys(framework: str) -> dict[str, str]:
 
 def markdown_table() -> str:
     """The table as Markdown (with ``NOTES`` below it), for the docs."""
-    lines = ["| core metric | meaning | TRL | verl | OpenRLHF |", "|---|---|---|---|---|"]
+    lines = ["| core metric | meaning | TRL | verl | OpenRLHF | SkyRL |", "|---|---|---|---|---|---|"]
     for row in METRIC_NAMES:
         keys = (f"`{getattr(row, fw)}`" if getattr(row, fw) is not None else "—" for fw in FRAMEWORKS)
         meaning = row.meaning.replace("|", "\\|")  # a bare | would end the cell

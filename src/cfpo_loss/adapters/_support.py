@@ -21,6 +21,8 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "verl": ("0.8.0", "0.10"),
     # 0.10.4-0.11.1 have the older PolicyLoss IS-correction API (enable_vllm_is_correction, 4-tuple return)
     "openrlhf": ("0.10.4", "0.12"),
+    # Python >= 3.12 (skyrl 0.4.0 fails at import on 3.11); the registry and loss signature read from 0.4.0
+    "skyrl": ("0.4.0", "0.5"),
 }
 
 #: distribution name -> the releases CI tests (one nox session each; the first is the extra's pin)
@@ -28,6 +30,7 @@ TESTED: dict[str, tuple[str, ...]] = {
     "trl": ("1.16.0",),
     "verl": ("0.9.1", "0.9.0", "0.8.0"),
     "openrlhf": ("0.11.2", "0.10.4"),
+    "skyrl": ("0.4.0",),
 }
 
 
