@@ -21,6 +21,8 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "verl": ("0.8.0", "0.10"),
     # 0.10.4-0.11.1 have the older PolicyLoss IS-correction API (enable_vllm_is_correction, 4-tuple return)
     "openrlhf": ("0.10.4", "0.12"),
+    # 1.0.4 is the only 1.0.x release; the adapter's guard also pins the text of every AReaL function it relies on
+    "areal": ("1.0.4", "1.1"),
 }
 
 #: distribution name -> the releases CI tests (one nox session each; the first is the extra's pin)
@@ -28,6 +30,7 @@ TESTED: dict[str, tuple[str, ...]] = {
     "trl": ("1.16.0",),
     "verl": ("0.9.1", "0.9.0", "0.8.0"),
     "openrlhf": ("0.11.2", "0.10.4"),
+    "areal": ("1.0.4",),
 }
 
 
