@@ -2,12 +2,13 @@
 
 `pytest README.md README.pypi.md CHANGELOG.md CONTRIBUTING.md benchmarks/README.md docs` (the `docs` nox session,
 and the trl / verl / openrlhf sessions after their own tests) runs each page's ```python blocks in order, in one
-namespace per page. That namespace starts with four booleans, so a block that needs more than the core says so in
+namespace per page. That namespace starts with five booleans, so a block that needs more than the core says so in
 the HTML comment before it, and is skipped, with its reason shown by `pytest -rs`, where that is missing:
 
     <!-- skip: next if(not has_trl, reason="needs trl: runs in nox -s trl") -->
     <!-- skip: next if(not has_verl, reason="needs verl: runs in nox -s verl") -->
     <!-- skip: next if(not has_openrlhf, reason="needs openrlhf: runs in nox -s openrlhf") -->
+    <!-- skip: next if(not has_areal, reason="needs areal: runs in nox -s areal") -->
     <!-- skip: next "needs a GPU" -->
 
 Sessions without sybil (core, package) never collect Markdown, so the import is optional.
@@ -36,6 +37,7 @@ def _namespace(namespace: dict) -> None:
         has_trl=importlib.util.find_spec("trl") is not None,
         has_verl=importlib.util.find_spec("verl") is not None,
         has_openrlhf=importlib.util.find_spec("openrlhf") is not None,
+        has_areal=importlib.util.find_spec("areal") is not None,
         has_cuda=torch.cuda.is_available(),
     )
 

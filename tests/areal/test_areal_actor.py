@@ -16,6 +16,7 @@ from areal.api.cli_args import PPOActorConfig, RejectionSamplingConfig
 from areal.engine import FSDPPPOActor
 from areal_helpers import actor_config, make_actor, train
 
+from cfpo_loss.adapters._metric_names import framework_keys
 from cfpo_loss.adapters.areal import CFPOActorConfig, CFPOFSDPPPOActor, _loss
 
 
@@ -54,8 +55,15 @@ def test_clip_mode_updates_equal_areals_own_actor_exactly(tiny_model_dir, areal_
 
 
 def test_cfpo_mode_trains_with_the_cfpo_objective(tiny_model_dir, areal_params, core_calls):
+    from areal.utils import stats_tracker
+
     _, clip_params = areal_params
+    stats_tracker.export(reset=True)
     got = train(make_actor(CFPOFSDPPPOActor, actor_config(CFPOActorConfig, tiny_model_dir)))
+    logged = stats_tracker.export(reset=True)
+    for key in framework_keys("areal").values():  # the metric table's AReaL keys are what AReaL logs
+        assert f"ppo_actor/update/{key}" in logged, (key, sorted(logged))
+    assert logged["ppo_actor/update/clip_ratio/avg"] > 0.0  # the trust-region exit, logged for cfpo too
     assert [c["objective"] for c in core_calls] == ["cfpo"] * 4
     assert all(c["ratio_level"] == "token" and c["weights"] is None for c in core_calls)
     assert "penalty" in core_calls[-1]["metrics"]  # the cfpo objective's own metric

@@ -6,4 +6,6 @@ metric names -> each framework's keys).
                                   GRPOTrainer and RLOOTrainer (python -m cfpo_loss.adapters.trl_check: a new TRL's diff)
     cfpo_loss.adapters.verl       registers loss_mode "cfpo" / "cfpo_seq" (loaded by verl's plugin entry point)
     cfpo_loss.adapters.openrlhf   install() and the train_ppo_ray launcher for --actor.policy_loss_type cfpo
+    cfpo_loss.adapters.areal      PPOTrainer / CFPOConfig for AReaL's PPOTrainer / GRPOConfig, policy_loss_fn
+                                  (python -m cfpo_loss.adapters.areal_check: a new AReaL's diff)
 """

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 __all__ = ["FRAMEWORKS", "METRIC_NAMES", "EVERY_CORE_METRIC", "NOTES", "MetricName", "framework_keys", "markdown_table"]
 
-FRAMEWORKS = ("trl", "verl", "openrlhf")
+FRAMEWORKS = ("trl", "verl", "openrlhf", "areal")
 
 
 class MetricName(NamedTuple):
@@ -24,22 +24,24 @@ class MetricName(NamedTuple):
     trl: str | None = None  # CFPOTrainer / CFPORLOOTrainer's key in trainer logs
     verl: str | None = None  # the key in the metrics dict the verl loss returns
     openrlhf: str | None = None  # the name of PolicyLoss.forward's return value that carries it
+    areal: str | None = None  # the stat AReaL's grpo_loss_fn logs from policy_loss_fn's stat dict
 
 
 #: in the core's buffer order (metrics.metric_names(dual_clip=True, penalty=True)); a test holds the two together
 METRIC_NAMES: tuple[MetricName, ...] = (
-    MetricName("ratio_mean", "mean r"),
-    MetricName("ratio_min", "min r", trl="cfpo/ratio_min"),
-    MetricName("ratio_max", "max r", trl="cfpo/ratio_max"),
+    MetricName("ratio_mean", "mean r", areal="importance_weight/avg"),
+    MetricName("ratio_min", "min r", trl="cfpo/ratio_min", areal="importance_weight/min"),
+    MetricName("ratio_max", "max r", trl="cfpo/ratio_max", areal="importance_weight/max"),
     MetricName("ratio_dev", "mean |r − 1|", trl="cfpo/ratio_dev"),
     MetricName("tr_exit_frac", "fraction with A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low (for clip: the clip "
-               "fraction)", trl="clip_ratio/region_mean", verl="actor/pg_clipfrac", openrlhf="clip_ratio"),
+               "fraction)", trl="clip_ratio/region_mean", verl="actor/pg_clipfrac", openrlhf="clip_ratio",
+               areal="clip_ratio/avg"),
     MetricName("tr_exit_low", "fraction with A < 0 and r < 1 − ε_low", trl="clip_ratio/low_mean"),
     MetricName("tr_exit_high", "fraction with A > 0 and r > 1 + ε_high", trl="clip_ratio/high_mean"),
     MetricName("approx_kl_k1", "mean(log π_old − log π_θ), the log-ratio clamped to ±20", verl="actor/ppo_kl"),
     MetricName("approx_kl_k3", "mean(r − 1 − log r)"),
     MetricName("dual_clip_frac", "fraction with A < 0 and r > dual_clip (clip with a dual clip only)",
-               verl="actor/pg_clipfrac_lower"),
+               verl="actor/pg_clipfrac_lower", areal="dual_clip_ratio/avg"),
     MetricName("penalty", "mean |A| / (2ε) · (r − 1)² (cfpo only)", trl="cfpo/penalty"),
 )  # fmt: skip
 
@@ -56,6 +58,9 @@ NOTES = (
     "OpenRLHF: `clip_ratio` is `PolicyLoss.forward`'s second return value; every core metric of the last call is on "
     "`loss_fn.cfpo_metrics`. Its `ppo_kl` is OpenRLHF's own masked mean of log π_old − log π_θ (no clamp), computed "
     "as OpenRLHF does, not `approx_kl_k1`.",
+    "AReaL: logged under `ppo_actor/update/`, per token, over the valid tokens before rejection sampling (a rejected "
+    "token counts with `importance_weight` 0, as in AReaL's own loss); `dual_clip_ratio` is 0 for cfpo. AReaL's own "
+    "`approx_kl` is log π_θ − log π_prox, the opposite sign of `approx_kl_k1`.",
 )
 
 
@@ -68,7 +73,7 @@ def framework_keys(framework: str) -> dict[str, str]:
 
 def markdown_table() -> str:
     """The table as Markdown (with ``NOTES`` below it), for the docs."""
-    lines = ["| core metric | meaning | TRL | verl | OpenRLHF |", "|---|---|---|---|---|"]
+    lines = ["| core metric | meaning | TRL | verl | OpenRLHF | AReaL |", "|---|---|---|---|---|---|"]
     for row in METRIC_NAMES:
         keys = (f"`{getattr(row, fw)}`" if getattr(row, fw) is not None else "—" for fw in FRAMEWORKS)
         meaning = row.meaning.replace("|", "\\|")  # a bare | would end the cell

@@ -32,7 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["FINGERPRINTED_AREAL_VERSION", "FINGERPRINTS", "Fingerprint", "installed_text", "main", "stored_text"]
+__all__ = [
+    "FINGERPRINTED_AREAL_VERSION",
+    "FINGERPRINTS",
+    "Fingerprint",
+    "installed_text",
+    "main",
+    "problems",
+    "stored_text",
+]
 
 #: the AReaL release whose texts are stored in STORE_DIR and hashed in FINGERPRINTS
 FINGERPRINTED_AREAL_VERSION = "1.0.4"
@@ -97,6 +105,32 @@ def stored_path(fp: Fingerprint) -> Path:
 
 def stored_text(fp: Fingerprint) -> str:
     return stored_path(fp).read_text(encoding="utf-8")
+
+
+def problems() -> list[str]:
+    """Every way the installed AReaL differs from the one the adapter is written against ([] when none): the
+    version outside ``SUPPORTED["areal"]``, a function gone, a function whose text hashes differently."""
+    from ._support import installed_version, is_supported, supported_range
+
+    version = installed_version("areal")
+    found = []
+    if version is None or not is_supported("areal", version):
+        found.append(f"areal=={version} is outside the supported range {supported_range('areal')}")
+    for fp in FINGERPRINTS:
+        try:
+            text = installed_text(fp)
+        except ImportError as exc:
+            found.append(f"{fp.name} cannot be imported ({type(exc).__name__}: {exc})")
+            continue
+        except AttributeError as exc:
+            found.append(f"{fp.name} is missing ({type(exc).__name__}: {exc})")
+            continue
+        except (OSError, TypeError) as exc:  # no source (replaced at run time, zipapp, frozen): cannot be trusted
+            found.append(f"{fp.name}: its source cannot be read ({type(exc).__name__}: {exc}), so it cannot be checked")
+            continue
+        if sha256(text) != fp.sha256:
+            found.append(f"{fp.name} differs from the areal=={FINGERPRINTED_AREAL_VERSION} text ({fp.why})")
+    return found
 
 
 def _diff(fp: Fingerprint, text: str, label: str) -> str:

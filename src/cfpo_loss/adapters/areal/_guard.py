@@ -10,31 +10,10 @@ from __future__ import annotations
 import os
 import warnings
 
-from .._support import installed_version, is_supported, supported_range
-from ..areal_check import FINGERPRINTED_AREAL_VERSION, FINGERPRINTS, installed_text, sha256
+from .._support import supported_range
+from ..areal_check import problems
 
 ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_AREAL"
-
-
-def problems() -> list[str]:
-    """Every way the installed AReaL differs from the one the adapter is written against ([] when none)."""
-    version = installed_version("areal")
-    found = []
-    if version is None or not is_supported("areal", version):
-        found.append(f"areal=={version} is outside the supported range {supported_range('areal')}")
-    for fp in FINGERPRINTS:
-        try:
-            text = installed_text(fp)
-        except (ImportError, AttributeError) as exc:
-            found.append(f"{fp.name} is missing ({type(exc).__name__}: {exc})")
-            continue
-        except (OSError, TypeError):  # no source shipped (zipapp, frozen): the version check alone
-            warnings.warn(f"cfpo_loss.adapters.areal: cannot read the source of {fp.name}; relying on the version "
-                          "check only", RuntimeWarning, stacklevel=3)  # fmt: skip
-            continue
-        if sha256(text) != fp.sha256:
-            found.append(f"{fp.name} differs from the areal=={FINGERPRINTED_AREAL_VERSION} text ({fp.why})")
-    return found
 
 
 def check_areal() -> None:
