@@ -3,7 +3,8 @@
 Nothing of AReaL is mocked. The engines read the single-process distributed setup from the environment set here
 (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), as AReaL's launcher would set it. TORCHDYNAMO_DISABLE:
 AReaL wraps its log-prob gather in ``torch.compile``, whose first CPU compilation costs ~50 s here; eager runs the
-same Python function, for AReaL's actor and the adapter's alike.
+same Python function, for AReaL's actor and the adapter's alike (the docs' blocks that this session also runs
+then run eagerly too; the `docs` session runs them compiled).
 """
 
 from __future__ import annotations
