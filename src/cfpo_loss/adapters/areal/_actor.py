@@ -72,12 +72,12 @@ def cfpo_loss_fn(loss_fn, objective: str):
     """``loss_fn`` (the actor's ``functools.partial(grpo_loss_fn, ...)``) with the PPO loss inside it replaced."""
     if not (isinstance(loss_fn, functools.partial) and loss_fn.func is areal_actor.grpo_loss_fn):
         raise RuntimeError(
-            f"cfpo_loss.adapters.areal: the actor engine was handed the loss function {loss_fn!r}, not a "
+            f"{ADAPTER_MODULE}: the actor engine was handed the loss function {loss_fn!r}, not a "
             "functools.partial of areal.trainer.ppo.actor.grpo_loss_fn; training it would bypass the "
             f"{objective!r} objective, so it is refused"
         )
     if loss_fn.keywords.get("use_sapo_loss"):
-        raise RuntimeError("cfpo_loss.adapters.areal: use_sapo_loss=True would train with AReaL's SAPO loss")
+        raise RuntimeError(f"{ADAPTER_MODULE}: use_sapo_loss=True would train with AReaL's SAPO loss")
     return functools.partial(grpo_loss_with(objective), *loss_fn.args, **loss_fn.keywords)
 
 

@@ -12,6 +12,7 @@ import warnings
 
 from .._support import supported_range
 from ..areal_check import problems
+from ._names import ADAPTER_MODULE
 
 ALLOW_ENV = "CFPO_LOSS_ALLOW_UNSUPPORTED_AREAL"
 
@@ -22,7 +23,7 @@ def check_areal() -> None:
     if not found:
         return
     msg = (
-        "cfpo_loss.adapters.areal: " + "; ".join(found) + ". The adapter reproduces AReaL's loss around the CFPO "
+        f"{ADAPTER_MODULE}: " + "; ".join(found) + ". The adapter reproduces AReaL's loss around the CFPO "
         "objective and swaps its actor's engine; on another AReaL it could silently compute a wrong loss or train "
         f"with AReaL's own. Install areal{supported_range('areal')}, or set {ALLOW_ENV}=1 to proceed anyway at your "
         "own risk. `python -m cfpo_loss.adapters.areal_check` shows how the installed AReaL's functions differ."
