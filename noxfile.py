@@ -311,6 +311,7 @@ def areal(session: nox.Session, version: str) -> None:
     if "areal adapter: READY" not in status:
         session.error("`python -m cfpo_loss` does not report the AReaL adapter ready")
     _pytest(session, "tests/areal", *DOC_TESTS)
+    _pytest_second_rounding(session, "tests/areal")
 
 
 MUTMUT = "mutmut==3.8.1"
