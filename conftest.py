@@ -9,6 +9,7 @@ the HTML comment before it, and is skipped, with its reason shown by `pytest -rs
     <!-- skip: next if(not has_verl, reason="needs verl: runs in nox -s verl") -->
     <!-- skip: next if(not has_openrlhf, reason="needs openrlhf: runs in nox -s openrlhf") -->
     <!-- skip: next if(not has_skyrl, reason="needs skyrl: runs in nox -s skyrl") -->
+    <!-- skip: next if(not has_areal, reason="needs areal: runs in nox -s areal") -->
     <!-- skip: next "needs a GPU" -->
 
 Sessions without sybil (core, package) never collect Markdown, so the import is optional.
@@ -38,6 +39,7 @@ def _namespace(namespace: dict) -> None:
         has_verl=importlib.util.find_spec("verl") is not None,
         has_openrlhf=importlib.util.find_spec("openrlhf") is not None,
         has_skyrl=importlib.util.find_spec("skyrl") is not None,
+        has_areal=importlib.util.find_spec("areal") is not None,
         has_cuda=torch.cuda.is_available(),
     )
 

@@ -41,7 +41,7 @@ TESTED = _support.TESTED
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["lint", "core", "package", "docs", "trl", "verl", "openrlhf", "skyrl"]
+nox.options.sessions = ["lint", "core", "package", "docs", "trl", "verl", "openrlhf", "skyrl", "areal"]
 
 TORCH_VERSIONS = list(_support.TORCH_TESTED)  # the newest first: every framework session runs on it
 TORCH = f"torch=={TORCH_VERSIONS[0]}"
@@ -97,6 +97,21 @@ def _find_python(version: str) -> str | None:
 
 #: skyrl 0.4.0 needs Python >= 3.12 (on 3.11 it fails at import)
 SKYRL_PYTHON = _find_python("3.12")
+
+AREAL_VERSIONS = list(TESTED["areal"])
+#: AReaL declares torch>=2.9.1,<2.11, outside TORCH_TESTED: its session runs on PyPI's torch 2.10.0 (a CUDA build,
+#: ~2 min and ~7 GB with its nvidia libraries, run on the CPU), pinned like TORCH everywhere else
+AREAL_TORCH = "torch==2.10.0"
+#: what the AReaL adapter's import path imports (areal's trainer, FSDP engine, worker service, config loader), at
+#: AReaL's own pins where it has them (peft<=0.18.1, networkx==3.3, transformers<=5.3.0, omegaconf / hydra-core
+#: pre-releases); the rest of its ~80 declared dependencies (agent SDKs, sglang, litellm, ...) is never imported
+AREAL_IMPORT_DEPS = [
+    "transformers==5.3.0", "omegaconf==2.4.0.dev2", "hydra-core==1.4.0.dev1", "peft==0.18.1", "networkx==3.3",
+    "ray==2.55.0", "datasets==5.2.0", "torchdata==0.11.0", "numba==0.68.1", "wandb==0.31.0", "swanlab==0.10.3",
+    "trackio==0.43.0", "tensorboardX==2.6.5", "openai==3.63.0", "aiohttp==3.14.5", "aiofiles==25.1.0",
+    "flask==3.1.3", "uvloop==0.23.0", "lark==1.3.1", "einops==0.8.2", "orjson==3.13.0", "tabulate==0.10.0",
+    "pybase64==1.5.1", "colorlog==6.12.0", "tenacity==9.2.1", "pillow==12.3.0",
+]  # fmt: skip
 
 ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -333,6 +348,27 @@ def skyrl(session: nox.Session, version: str) -> None:
     if "skyrl loss registry: REGISTERED" not in status:
         session.error("`python -m cfpo_loss` does not report cfpo / cfpo_seq in SkyRL's loss registry")
     _pytest(session, "tests/skyrl", *DOC_TESTS)
+
+
+@nox.session
+@nox.parametrize("version", AREAL_VERSIONS, ids=AREAL_VERSIONS)
+def areal(session: nox.Session, version: str) -> None:
+    """AReaL adapter against a real AReaL (each of TESTED["areal"]): its loss function, its FSDP actor on a tiny Qwen2
+    (FSDP2 over gloo, CPU), its trainer's engine swap and worker service, its config loader.
+
+    AReaL declares ~80 dependencies (agent SDKs, sglang, litellm, ...) that its training path never imports: it is
+    installed with --no-deps plus AREAL_IMPORT_DEPS, on AREAL_TORCH (inside AReaL's declared torch range).
+    """
+    _base(session, SYBIL, torch=AREAL_TORCH)
+    _install(session, "--no-deps", f"areal=={version}", torch=AREAL_TORCH)
+    _install(session, *AREAL_IMPORT_DEPS, torch=AREAL_TORCH)
+    session.run("python", "-m", "cfpo_loss.adapters.areal_check", env=ENV)  # MATCH, or the diff to review
+    status = session.run("python", "-m", "cfpo_loss", env=ENV, silent=True)
+    print(status)
+    if "areal adapter: READY" not in status:
+        session.error("`python -m cfpo_loss` does not report the AReaL adapter ready")
+    _pytest(session, "tests/areal", *DOC_TESTS)
+    _pytest_second_rounding(session, "tests/areal")
 
 
 MUTMUT = "mutmut==3.8.1"

@@ -24,6 +24,8 @@ def report() -> str:
         lines.append(f"verl plugin: {_verl_plugin_status()}")
     if installed_version("skyrl") is not None:
         lines.append(f"skyrl loss registry: {_skyrl_status()}")
+    if installed_version("areal") is not None:
+        lines.append(f"areal adapter: {_areal_adapter_status()}")
     return "\n".join(lines)
 
 
@@ -41,6 +43,18 @@ def _skyrl_status() -> str:
     except Exception as exc:  # noqa: BLE001 - the report must go on when the adapter itself cannot import: say why
         return f"adapter import failed: {type(exc).__name__}: {exc}"
     return status()
+
+
+def _areal_adapter_status() -> str:
+    try:
+        from .adapters.areal_check import FINGERPRINTS, problems
+
+        found = problems()
+    except Exception as exc:  # noqa: BLE001 - the report must go on when AReaL itself cannot import: say why
+        return f"check failed: {type(exc).__name__}: {exc}"
+    if found:
+        return "REFUSED (`python -m cfpo_loss.adapters.areal_check` shows why): " + "; ".join(found)
+    return f"READY (the version and the text of the {len(FINGERPRINTS)} AReaL functions it relies on match)"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def test_python_m_cfpo_loss_reports_versions():
     out = subprocess.run([sys.executable, "-m", "cfpo_loss"], capture_output=True, text=True, check=True).stdout
     assert f"cfpo_loss {cfpo_loss.__version__}" in out
     assert f"torch {torch.__version__}" in out
-    for name in ("trl", "verl", "openrlhf"):
+    for name in ("trl", "verl", "openrlhf", "areal"):
         (line,) = [line for line in out.splitlines() if line.startswith(f"{name}: ")]
         assert supported_range(name) in line and f"tested: {', '.join(TESTED[name])}" in line, line
 

@@ -33,6 +33,9 @@ def test_the_adapters_keys():
                                       "dual_clip_frac": "actor/pg_clipfrac_lower"}  # fmt: skip
     assert framework_keys("openrlhf") == {"tr_exit_frac": "clip_ratio"}
     assert framework_keys("skyrl") == {"tr_exit_frac": "clip_ratio"}
+    assert framework_keys("areal") == {"ratio_mean": "importance_weight/avg", "ratio_min": "importance_weight/min",
+                                       "ratio_max": "importance_weight/max", "tr_exit_frac": "clip_ratio/avg",
+                                       "dual_clip_frac": "dual_clip_ratio/avg"}  # fmt: skip
     with pytest.raises(ValueError, match="unknown framework 'deepspeed'"):
         framework_keys("deepspeed")
 
@@ -40,12 +43,12 @@ def test_the_adapters_keys():
 def test_markdown_rendering():
     text = markdown_table()
     lines = text.splitlines()
-    assert lines[0] == "| core metric | meaning | TRL | verl | OpenRLHF | SkyRL |"
-    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[0] == "| core metric | meaning | TRL | verl | OpenRLHF | SkyRL | AReaL |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
     rows = lines[2 : 2 + len(METRIC_NAMES)]
-    assert all(line.count(" | ") == 5 and line.startswith("| `") and line.endswith(" |") for line in rows)
+    assert all(line.count(" | ") == 6 and line.startswith("| `") and line.endswith(" |") for line in rows)
     assert ("| `tr_exit_frac` | fraction with A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low (for clip: the "
-            "clip fraction) | `clip_ratio/region_mean` | `actor/pg_clipfrac` | `clip_ratio` | `clip_ratio` |"
-            ) in rows  # fmt: skip
-    assert "| `ratio_dev` | mean \\|r − 1\\| | `cfpo/ratio_dev` | — | — | — |" in rows  # a bare | would split the cell
+            "clip fraction) | `clip_ratio/region_mean` | `actor/pg_clipfrac` | `clip_ratio` | `clip_ratio` | "
+            "`clip_ratio/avg` |") in rows  # fmt: skip
+    assert "| `ratio_dev` | mean \\|r − 1\\| | `cfpo/ratio_dev` | — | — | — | — |" in rows  # a bare | would split the cell
     assert text.endswith("".join(f"- {note}\n" for note in NOTES))

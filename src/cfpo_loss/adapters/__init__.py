@@ -8,4 +8,6 @@ metric names -> each framework's keys).
     cfpo_loss.adapters.openrlhf   install() and the train_ppo_ray launcher for --actor.policy_loss_type cfpo
     cfpo_loss.adapters.skyrl      registers policy_loss_type "cfpo" / "cfpo_seq" in SkyRL's PolicyLossRegistry
                                   (trainer.override_entrypoint=cfpo_loss.adapters.skyrl on SkyRL's entry point)
+    cfpo_loss.adapters.areal      PPOTrainer / CFPOConfig for AReaL's PPOTrainer / GRPOConfig, policy_loss_fn
+                                  (python -m cfpo_loss.adapters.areal_check: a new AReaL's diff)
 """

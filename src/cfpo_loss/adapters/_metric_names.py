@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 __all__ = ["FRAMEWORKS", "METRIC_NAMES", "EVERY_CORE_METRIC", "NOTES", "MetricName", "framework_keys", "markdown_table"]
 
-FRAMEWORKS = ("trl", "verl", "openrlhf", "skyrl")
+FRAMEWORKS = ("trl", "verl", "openrlhf", "skyrl", "areal")
 
 
 class MetricName(NamedTuple):
@@ -25,23 +25,24 @@ class MetricName(NamedTuple):
     verl: str | None = None  # the key in the metrics dict the verl loss returns
     openrlhf: str | None = None  # the name of PolicyLoss.forward's return value that carries it
     skyrl: str | None = None  # the key in the metrics dict the SkyRL loss returns (its worker adds loss_metrics/)
+    areal: str | None = None  # the stat AReaL's grpo_loss_fn logs from policy_loss_fn's stat dict
 
 
 #: in the core's buffer order (metrics.metric_names(dual_clip=True, penalty=True)); a test holds the two together
 METRIC_NAMES: tuple[MetricName, ...] = (
-    MetricName("ratio_mean", "mean r"),
-    MetricName("ratio_min", "min r", trl="cfpo/ratio_min"),
-    MetricName("ratio_max", "max r", trl="cfpo/ratio_max"),
+    MetricName("ratio_mean", "mean r", areal="importance_weight/avg"),
+    MetricName("ratio_min", "min r", trl="cfpo/ratio_min", areal="importance_weight/min"),
+    MetricName("ratio_max", "max r", trl="cfpo/ratio_max", areal="importance_weight/max"),
     MetricName("ratio_dev", "mean |r − 1|", trl="cfpo/ratio_dev"),
     MetricName("tr_exit_frac", "fraction with A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low (for clip: the clip "
                "fraction)", trl="clip_ratio/region_mean", verl="actor/pg_clipfrac", openrlhf="clip_ratio",
-               skyrl="clip_ratio"),
+               skyrl="clip_ratio", areal="clip_ratio/avg"),
     MetricName("tr_exit_low", "fraction with A < 0 and r < 1 − ε_low", trl="clip_ratio/low_mean"),
     MetricName("tr_exit_high", "fraction with A > 0 and r > 1 + ε_high", trl="clip_ratio/high_mean"),
     MetricName("approx_kl_k1", "mean(log π_old − log π_θ), the log-ratio clamped to ±20", verl="actor/ppo_kl"),
     MetricName("approx_kl_k3", "mean(r − 1 − log r)"),
     MetricName("dual_clip_frac", "fraction with A < 0 and r > dual_clip (clip with a dual clip only)",
-               verl="actor/pg_clipfrac_lower"),
+               verl="actor/pg_clipfrac_lower", areal="dual_clip_ratio/avg"),
     MetricName("penalty", "mean |A| / (2ε) · (r − 1)² (cfpo only)", trl="cfpo/penalty"),
 )  # fmt: skip
 
@@ -61,6 +62,9 @@ NOTES = (
     "SkyRL: logged as `loss_metrics/<key>`; every core metric also as `loss_metrics/cfpo/<core name>`, over the "
     "tokens of `loss_mask` before the off-policy rejection (as SkyRL's `clip_ratio`); SkyRL's own off-policy "
     "metrics (`is_ratio_mean`, ...) unchanged.",
+    "AReaL: logged under `ppo_actor/update/`, per token, over the valid tokens before rejection sampling (a rejected "
+    "token counts with `importance_weight` 0, as in AReaL's own loss); `dual_clip_ratio` is 0 for cfpo. AReaL's own "
+    "`approx_kl` is log π_θ − log π_prox, the opposite sign of `approx_kl_k1`.",
 )
 
 
@@ -73,7 +77,7 @@ def framework_keys(framework: str) -> dict[str, str]:
 
 def markdown_table() -> str:
     """The table as Markdown (with ``NOTES`` below it), for the docs."""
-    lines = ["| core metric | meaning | TRL | verl | OpenRLHF | SkyRL |", "|---|---|---|---|---|---|"]
+    lines = ["| core metric | meaning | TRL | verl | OpenRLHF | SkyRL | AReaL |", "|---|---|---|---|---|---|---|"]
     for row in METRIC_NAMES:
         keys = (f"`{getattr(row, fw)}`" if getattr(row, fw) is not None else "—" for fw in FRAMEWORKS)
         meaning = row.meaning.replace("|", "\\|")  # a bare | would end the cell

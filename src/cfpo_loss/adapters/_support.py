@@ -23,6 +23,8 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "openrlhf": ("0.10.4", "0.12"),
     # Python >= 3.12 (skyrl 0.4.0 fails at import on 3.11); the registry and loss signature read from 0.4.0
     "skyrl": ("0.4.0", "0.5"),
+    # 1.0.4 is the only 1.0.x release; the adapter's guard also pins the text of every AReaL function it relies on
+    "areal": ("1.0.4", "1.1"),
 }
 
 #: distribution name -> the releases CI tests (one nox session each; the first is the extra's pin)
@@ -31,6 +33,7 @@ TESTED: dict[str, tuple[str, ...]] = {
     "verl": ("0.9.1", "0.9.0", "0.8.0"),
     "openrlhf": ("0.11.2", "0.10.4"),
     "skyrl": ("0.4.0",),
+    "areal": ("1.0.4",),
 }
 
 
