@@ -50,5 +50,6 @@ def test_markdown_rendering():
     assert ("| `tr_exit_frac` | fraction with A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low (for clip: the "
             "clip fraction) | `clip_ratio/region_mean` | `actor/pg_clipfrac` | `clip_ratio` | `clip_ratio` | "
             "`clip_ratio/avg` |") in rows  # fmt: skip
-    assert "| `ratio_dev` | mean \\|r − 1\\| | `cfpo/ratio_dev` | — | — | — | — |" in rows  # a bare | would split the cell
+    # a bare | would split the cell
+    assert "| `ratio_dev` | mean \\|r − 1\\| | `cfpo/ratio_dev` | — | — | — | — |" in rows
     assert text.endswith("".join(f"- {note}\n" for note in NOTES))
