@@ -141,6 +141,18 @@ def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
     _install(session, "--no-deps", "-e", ".", torch=torch)
 
 
+def _expect_report(session: nox.Session, needles: tuple[str, ...], env: dict | None = None) -> None:
+    """Print `python -m cfpo_loss` and fail the session unless it contains every one of ``needles``. Under
+    `nox --install-only` nothing runs (session.run returns None) and nothing is checked."""
+    status = session.run("python", "-m", "cfpo_loss", env=env or ENV, silent=True)
+    if status is None:
+        return
+    print(status)
+    missing = [needle.strip() for needle in needles if needle not in status]
+    if missing:
+        session.error(f"`python -m cfpo_loss` does not report {missing}")
+
+
 def _pytest(session: nox.Session, *paths: str) -> None:
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs", *paths]  # -rs: every skip with its reason
     session.run("python", "-m", "pytest", *args, env=ENV)
@@ -173,7 +185,8 @@ def core(session: nox.Session, torch: str) -> None:
     """Framework-free core: only torch, pytest and hypothesis; once on each torch of TORCH_TESTED (the newest, and
     the floor pyproject claims: that one is PyPI's CUDA build, ~3 GB with its nvidia libraries, run on the CPU)."""
     _base(session, torch=f"torch=={torch}")
-    session.run("python", "-c", "import sys, cfpo_loss; assert not {'trl','verl','openrlhf'} & set(sys.modules)")
+    frameworks = repr(set(TESTED))  # `import cfpo_loss` imports none of them
+    session.run("python", "-c", f"import sys, cfpo_loss; assert not {frameworks} & set(sys.modules)")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/core")
     if torch == TORCH_VERSIONS[0]:
@@ -266,17 +279,14 @@ def verl(session: nox.Session, version: str) -> None:
     _base(session, spec, *VERL_EXTRA.get(version, []), *VERL_MAIN_PPO_DEPS, SYBIL)  # `-e .` writes the entry point
     entry_points = _support.version_key(version) >= (0, 9, 0)
     env = dict(ENV) if entry_points else {**ENV, "VERL_USE_EXTERNAL_MODULES": "cfpo_loss.adapters.verl"}
-    status = session.run("python", "-m", "cfpo_loss", env=env, silent=True)
-    print(status)
     mechanism = "entry point" if entry_points else "VERL_USE_EXTERNAL_MODULES"
-    if "verl plugin: REGISTERED" not in status or f"mechanism: {mechanism}\n" not in status:
-        session.error(f"`python -m cfpo_loss` does not report the plugin registered through {mechanism}")
+    _expect_report(session, ("verl plugin: REGISTERED", f"mechanism: {mechanism}\n"), env=env)
     _pytest(session, "tests/verl", *DOC_TESTS)
     if version != VERL_VERSIONS[0] or session.posargs:
         return
 
     tmp = session.create_tmp()
-    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", spec, "-d", tmp)
+    session.run_install("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:", spec, "-d", tmp)
     (sdist,) = glob.glob(os.path.join(tmp, "verl-*.tar.gz"))
     upstream = os.path.join(tmp, "verl_upstream")
     with tarfile.open(sdist) as tar:
@@ -323,7 +333,8 @@ def openrlhf(session: nox.Session, version: str) -> None:
     # datasets: openrlhf.trainer.ppo_trainer(_async) load the prompts with it (tests/openrlhf/test_async.py)
     _install(session, *pins, "peft", "torchdata", "tqdm", "sympy", "pylatexenc", "pillow", "datasets")
     # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
-    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
+    # run_install: the .pth is part of installing, so `nox --install-only` writes it too
+    site = session.run_install("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
     standins = os.path.abspath("tests/openrlhf/standins")
     with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
         f.write(standins + "\n")
@@ -343,10 +354,7 @@ def skyrl(session: nox.Session, version: str) -> None:
     if SKYRL_PYTHON is None:
         session.error("skyrl needs Python 3.12: none found (python3.12 on PATH, a pyenv 3.12, or $CFPO_PYTHON312)")
     _base(session, f"skyrl=={version}", *SKYRL_DEPS, SYBIL)
-    status = session.run("python", "-m", "cfpo_loss", env=ENV, silent=True)
-    print(status)
-    if "skyrl loss registry: REGISTERED" not in status:
-        session.error("`python -m cfpo_loss` does not report cfpo / cfpo_seq in SkyRL's loss registry")
+    _expect_report(session, ("skyrl loss registry: REGISTERED",))
     _pytest(session, "tests/skyrl", *DOC_TESTS)
 
 
@@ -363,10 +371,7 @@ def areal(session: nox.Session, version: str) -> None:
     _install(session, "--no-deps", f"areal=={version}", torch=AREAL_TORCH)
     _install(session, *AREAL_IMPORT_DEPS, torch=AREAL_TORCH)
     session.run("python", "-m", "cfpo_loss.adapters.areal_check", env=ENV)  # MATCH, or the diff to review
-    status = session.run("python", "-m", "cfpo_loss", env=ENV, silent=True)
-    print(status)
-    if "areal adapter: READY" not in status:
-        session.error("`python -m cfpo_loss` does not report the AReaL adapter ready")
+    _expect_report(session, ("areal adapter: READY",))
     _pytest(session, "tests/areal", *DOC_TESTS)
     _pytest_second_rounding(session, "tests/areal")
 

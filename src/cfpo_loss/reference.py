@@ -136,13 +136,17 @@ def rounding_bound(
     objective: str = "cfpo",
     eps_low: float = 0.2,
     eps_high: float | None = None,
+    advantage_error: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> RoundingBound:
     """Bounds for an evaluation in ``dtype`` of ``loss = Σ_k coef_k · (−J(ratio_k, advantages_k))``.
 
     All inputs are the oracle's float64 values over the valid elements only (1-D, same length): ``coef`` the weight
     of each element's objective in the loss (1/N for a token mean, times any per-token weight), ``log_ratio_cond``
-    c_k as defined above. Returns ``RoundingBound(loss, grad, ratio)``."""
+    c_k as defined above. ``advantage_error``: a bound on the error of the advantages the evaluation uses, where it
+    computes them itself (a sequence's mean advantage), first order (SAFETY is applied here); it enters through
+    |∂J/∂A| and |∂G/∂A|.
+    Returns ``RoundingBound(loss, grad, ratio, objective)``."""
     u = SAFETY * UNIT_ROUNDOFF[dtype]
     r, a, w = ratio.double(), advantages.double(), coef.double().abs()
     eps_high = eps_low if eps_high is None else eps_high
@@ -159,9 +163,14 @@ def rounding_bound(
         raise ValueError(f"unknown objective {objective!r}")
     d_ratio = r * (u * log_ratio_cond.double() + 4 * u)
     d_objective = djdr.abs() * d_ratio + 6 * u * ((r * a).abs() + penalty)
+    grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 12 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
+    if advantage_error is not None:  # |∂J/∂A| <= r + (r−1)²/(2ε) (cfpo), r + |r−1| (clip); |∂G/∂A| <= w·r·(1 + |r−1|/ε)
+        d_a = SAFETY * advantage_error.double()
+        dj_da = r + ((r - 1) ** 2 / (2 * eps) if objective == "cfpo" else (r - 1).abs())
+        d_objective = d_objective + dj_da * d_a
+        grad = grad + w * r * (1 + (r - 1).abs() / eps) * d_a
     n = r.numel()
     loss = float((w * (d_objective + (n + 2) * u * j.abs())).sum())
-    grad = w * ((d2jdr2 * r + djdr).abs() * d_ratio + 12 * u * r * (a.abs() + a.abs() / eps * (r - 1).abs()))
     return RoundingBound(loss, grad, d_ratio, d_objective)
 
 
@@ -179,13 +188,15 @@ def policy_loss_bound(
     weights: Tensor | None = None,
     coef: Tensor | None = None,
     log_prob_error: Tensor | None = None,
+    advantage_error: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> RoundingBound:
     """``rounding_bound`` for ``policy_loss`` with these arguments evaluated in ``dtype`` from inputs stored in it:
     ``loss`` as there, ``grad`` and ``ratio`` per token (B, T), zero at masked positions. ``coef`` (B, T): each
     token's weight in the aggregation, where it is not ``aggregate``'s (a data-parallel global count); by default
     taken from ``aggregate``, which is linear in the per-token loss. ``log_prob_error`` (B, T): a bound on the error
-    ``log_prob`` itself carries, where it was computed in ``dtype`` (an LM head's log-softmax), not given."""
+    ``log_prob`` itself carries, where it was computed in ``dtype`` (an LM head's log-softmax), not given;
+    ``advantage_error`` (B, T) likewise for advantages the evaluation computes (``rounding_bound``)."""
     mask = mask.bool()
     log_r, cond = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level, log_prob_error, dtype)
     adv = advantages.double().reshape(mask.shape[0], -1).expand(mask.shape)
@@ -194,6 +205,8 @@ def policy_loss_bound(
         (coef,) = torch.autograd.grad(aggregate(probe, mask, agg), probe)
     coef = torch.where(mask, coef.double() * (1.0 if weights is None else weights.double()), 0.0)
     kw = dict(objective=objective, eps_low=eps_low, eps_high=eps_high, dtype=dtype)
+    if advantage_error is not None:
+        kw["advantage_error"] = advantage_error.double().expand(mask.shape)[mask]
     bound = rounding_bound(log_r[mask].exp(), adv[mask], coef[mask], cond[mask], **kw)
     grad, d_ratio, d_objective = (torch.zeros(mask.shape, dtype=torch.float64) for _ in range(3))
     grad[mask], d_ratio[mask], d_objective[mask] = bound.grad, bound.ratio, bound.objective

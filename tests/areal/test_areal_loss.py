@@ -63,14 +63,17 @@ def clip_bound(batch, eps_low, eps_high, level, rs):
     if rs is not None:
         out = apply_rejection_sampling(batch["proximal_logprobs"], batch["old_logprobs"], batch["loss_mask"], None, rs)
         mask, weight = out.loss_mask.bool(), out.behave_imp_weight
-    adv = batch["advantages"].double()
-    if level == "sequence":
+    adv, adv_error = batch["advantages"].double(), None
+    if level == "sequence":  # each evaluation takes the row's mean advantage in fp32: n additions and a division
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
         total = torch.where(mask, adv, 0.0).sum(-1, keepdim=True)
-        adv = (total / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(adv)
+        adv = (total / n).expand_as(adv)
+        adv_error = (n + 1) * reference.UNIT_ROUNDOFF[torch.float32] * torch.where(
+            mask, batch["advantages"].double().abs(), 0.0).sum(-1, keepdim=True) / n  # fmt: skip
     coef = torch.full(mask.shape, 1.0, dtype=torch.float64) / mask0.sum().clamp(min=1)
     bound = reference.policy_loss_bound(batch["logprobs"], batch["proximal_logprobs"], adv, mask, objective="clip",
                                         eps_low=eps_low, eps_high=eps_high, ratio_level=level, weights=weight,
-                                        coef=coef)  # fmt: skip
+                                        coef=coef, advantage_error=adv_error)  # fmt: skip
     return bound, (torch.ones(mask.shape) if weight is None else weight).double()
 
 
