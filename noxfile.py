@@ -356,6 +356,7 @@ def skyrl(session: nox.Session, version: str) -> None:
     _base(session, f"skyrl=={version}", *SKYRL_DEPS, SYBIL)
     _expect_report(session, ("skyrl loss registry: REGISTERED",))
     _pytest(session, "tests/skyrl", *DOC_TESTS)
+    _pytest_second_rounding(session, "tests/skyrl")
 
 
 @nox.session
