@@ -14,15 +14,16 @@ blocks that need a framework run where it is installed).
 
 `skyrl` runs on Python 3.12 (skyrl needs it), found at load time (`_find_python`); the others on nox's Python.
 
-Every framework version the adapters claim is tested: the `verl`, `openrlhf` and `skyrl` sessions are parametrised
-over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"` one;
-`nox -l` lists them). The first version of each is the extra's default and also runs the framework's own
+Every framework version the adapters claim is tested: the `verl`, `openrlhf`, `skyrl` and `areal` sessions are
+parametrised over `TESTED` in src/cfpo_loss/adapters/_support.py (`nox -s verl` runs them all, `nox -s "verl(0.8.0)"`
+one; `nox -l` lists them). The first version of each is the extra's default and also runs the framework's own
 test suite with our adapter loaded (skyrl's PyPI sdist ships none of its trainer tests); the others run our adapter
 tests against that version.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -153,6 +154,21 @@ def _expect_report(session: nox.Session, needles: tuple[str, ...], env: dict | N
         session.error(f"`python -m cfpo_loss` does not report {missing}")
 
 
+def _pruned(func):
+    """With CFPO_PRUNE_VENVS=1 (CI sets it) the session's virtualenv is deleted when the session ends, pass or fail:
+    the matrix's environments together take ~30 GB, one at a time at most ~8 GB (AReaL's)."""
+
+    @functools.wraps(func)
+    def run(session: nox.Session, *args, **kwargs) -> None:
+        try:
+            func(session, *args, **kwargs)
+        finally:
+            if os.environ.get("CFPO_PRUNE_VENVS") == "1" and session.virtualenv.location:
+                shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+    return run
+
+
 def _pytest(session: nox.Session, *paths: str) -> None:
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs", *paths]  # -rs: every skip with its reason
     session.run("python", "-m", "pytest", *args, env=ENV)
@@ -181,6 +197,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 @nox.parametrize("torch", TORCH_VERSIONS, ids=TORCH_VERSIONS)
+@_pruned
 def core(session: nox.Session, torch: str) -> None:
     """Framework-free core: only torch, pytest and hypothesis; once on each torch of TORCH_TESTED (the newest, and
     the floor pyproject claims: that one is PyPI's CUDA build, ~3 GB with its nvidia libraries, run on the CPU)."""
@@ -194,6 +211,7 @@ def core(session: nox.Session, torch: str) -> None:
 
 
 @nox.session
+@_pruned
 def package(session: nox.Session) -> None:
     """The package as users get it: build the sdist and the wheel, check them, install the WHEEL (not editable)
     with the trl extra into this fresh environment, and use it from outside the source tree: `python -m cfpo_loss`,
@@ -234,6 +252,7 @@ print("wheel ok:", where)
 
 
 @nox.session
+@_pruned
 def docs(session: nox.Session) -> None:
     """The documentation site, which cannot go stale: `mkdocs build --strict` (any warning fails: a broken link or
     anchor, an unresolved API reference, a page missing from the nav) into .nox/docs/tmp/site, then every Python
@@ -248,6 +267,7 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+@_pruned
 def trl(session: nox.Session) -> None:
     """TRL adapter against the real trl==1.16.0 GRPOTrainer and RLOOTrainer; then the examples, briefly, so they
     cannot rot."""
@@ -263,6 +283,7 @@ def trl(session: nox.Session) -> None:
 
 @nox.session
 @nox.parametrize("version", VERL_VERSIONS, ids=VERL_VERSIONS)
+@_pruned
 def verl(session: nox.Session, version: str) -> None:
     """verl plugin against a real verl (each of TESTED["verl"]): registry, loss path, verl's own Ray workers.
 
@@ -312,6 +333,7 @@ def verl(session: nox.Session, version: str) -> None:
 
 @nox.session
 @nox.parametrize("version", OPENRLHF_VERSIONS, ids=OPENRLHF_VERSIONS)
+@_pruned
 def openrlhf(session: nox.Session, version: str) -> None:
     """OpenRLHF adapter against a real OpenRLHF (each of TESTED["openrlhf"]): its PolicyLoss, its CLI, Ray actors
     and its own wheel tests. 0.11.2 has the is_correction_* PolicyLoss API, 0.10.4 (like 0.11.0 / 0.11.1) the
@@ -344,6 +366,7 @@ def openrlhf(session: nox.Session, version: str) -> None:
 
 @nox.session(python=SKYRL_PYTHON or False)
 @nox.parametrize("version", SKYRL_VERSIONS, ids=SKYRL_VERSIONS)
+@_pruned
 def skyrl(session: nox.Session, version: str) -> None:
     """SkyRL adapter against a real skyrl (each of TESTED["skyrl"]) on Python 3.12: its loss registry, its losses,
     its worker's forward_backward, a local Ray worker, its entry point and its fully-async trainer.
@@ -361,6 +384,7 @@ def skyrl(session: nox.Session, version: str) -> None:
 
 @nox.session
 @nox.parametrize("version", AREAL_VERSIONS, ids=AREAL_VERSIONS)
+@_pruned
 def areal(session: nox.Session, version: str) -> None:
     """AReaL adapter against a real AReaL (each of TESTED["areal"]): its loss function, its FSDP actor on a tiny Qwen2
     (FSDP2 over gloo, CPU), its trainer's engine swap and worker service, its config loader.
