@@ -239,6 +239,8 @@ def _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level, log_prob_erro
     """(B, T) float64 log-ratio as ``ratio`` takes it, and c, the magnitude its working-precision evaluation rounds:
     a token's is one subtraction of stored values (c = |log r|), plus the error log π carries (in units of u); a
     sequence's mean of n of them costs n + 1 more roundings of their sum and one of the mean."""
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"unknown ratio_level {ratio_level!r}")
     log_ratio = torch.where(mask, log_prob.detach().double() - old_log_prob.double(), 0.0).clamp(-20.0, 20.0)
     token = log_ratio.abs()
     if log_prob_error is not None:
@@ -328,50 +330,29 @@ def token_rounding_bound(
     d_t = log π_t − log π_old,t: the n_i subtractions (u·(|d_t| + log_prob_cond_t) each), the recursive sum
     ((n_i − 1)·u·Σ|d_t|) and the division (u·|log r_i|), so c_i = Σ_t |d_t| + Σ_t log_prob_cond_t / n_i + |log r_i|.
 
-    Returns ``RoundingBound(loss, grad, ratio)`` with ``grad`` and ``ratio`` (B, T), zero off the mask; ``grad``
+    ``policy_loss_bound`` with ``coef`` given and ``log_prob_cond`` in units of u, plus ``coef_roundings``.
+    Returns ``RoundingBound`` with ``grad``, ``ratio`` and ``objective`` (B, T), zero off the mask; ``grad``
     bounds d loss / d log_prob_t. At sequence level that is (1/n_i)·Σ_t' over the row of the per-token bounds (the
     gradient of exp(mean_t log r_t)); GSPO's token form sg[s_i]·π_t/sg[π_t] gives token t its own term only, which
     is the same where coef is constant within a row."""
     mask = mask.bool()
     shape = mask.shape
-    d = torch.where(mask, log_prob.detach().double() - old_log_prob.detach().double(), 0.0).clamp(-20.0, 20.0)
-    extra = torch.zeros(shape, dtype=torch.float64) if log_prob_cond is None else log_prob_cond.double().expand(shape)
-    extra = torch.where(mask, extra, 0.0)
-    a = advantages.detach().double().reshape(shape[0], -1).expand(shape)
     w = coef.detach().double().expand(shape)
-    if ratio_level == "sequence":
-        n = mask.sum(-1, keepdim=True).clamp(min=1)
-        log_r = d.sum(-1, keepdim=True) / n
-        cond = d.abs().sum(-1, keepdim=True) + extra.sum(-1, keepdim=True) / n + log_r.abs()
-        log_r, cond = log_r.expand(shape), cond.expand(shape)
-    elif ratio_level == "token":
-        log_r, cond = d, d.abs() + extra
-    else:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}")
-    valid = mask.flatten()
-    flat = rounding_bound(
-        log_r.exp().flatten()[valid],
-        a.flatten()[valid],
-        w.flatten()[valid],
-        cond.flatten()[valid],
-        objective=objective,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dtype=dtype,
-    )
-    grad, ratio_err = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    grad[mask], ratio_err[mask] = flat.grad, flat.ratio
-    loss = flat.loss
-    if coef_roundings:
-        r, a_abs = log_r.exp(), a.abs()
-        eps_high = eps_low if eps_high is None else eps_high
-        eps = torch.where(a > 0, eps_high, eps_low)
-        ku = coef_roundings * SAFETY * UNIT_ROUNDOFF[dtype] * w.abs()
-        loss += float(torch.where(mask, ku * (r * a_abs + a_abs / (2 * eps) * (r - 1) ** 2), 0.0).sum())
-        grad += torch.where(mask, ku * r * a_abs * (1 + (r - 1).abs() / eps), 0.0)
+    error = None if log_prob_cond is None else log_prob_cond.double().expand(shape) * UNIT_ROUNDOFF[dtype]
+    kw = dict(objective=objective, eps_low=eps_low, eps_high=eps_high, ratio_level=ratio_level, dtype=dtype)
+    bound = policy_loss_bound(log_prob, old_log_prob, advantages, mask, coef=w, log_prob_error=error, **kw)
+    if not coef_roundings:
+        return bound
+    r = _log_ratio_and_cond(log_prob, old_log_prob, mask, ratio_level)[0].exp()
+    a = advantages.detach().double().reshape(shape[0], -1).expand(shape)
+    eps_high = eps_low if eps_high is None else eps_high
+    eps = torch.where(a > 0, eps_high, eps_low)
+    ku = coef_roundings * SAFETY * UNIT_ROUNDOFF[dtype] * w.abs()
+    loss = bound.loss + float(torch.where(mask, ku * (r * a.abs() + a.abs() / (2 * eps) * (r - 1) ** 2), 0.0).sum())
+    grad = torch.where(mask, ku * r * a.abs() * (1 + (r - 1).abs() / eps), 0.0)
     if ratio_level == "sequence":
         grad = torch.where(mask, grad.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1), 0.0)
-    return RoundingBound(loss, grad, ratio_err)
+    return RoundingBound(loss, bound.grad + grad, bound.ratio, bound.objective)
 
 
 def sum_bound(values: Tensor, dtype: torch.dtype = torch.float32) -> float:
