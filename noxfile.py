@@ -303,6 +303,8 @@ def verl(session: nox.Session, version: str) -> None:
     mechanism = "entry point" if entry_points else "VERL_USE_EXTERNAL_MODULES"
     _expect_report(session, ("verl plugin: REGISTERED", f"mechanism: {mechanism}\n"), env=env)
     _pytest(session, "tests/verl", *DOC_TESTS)
+    if version == VERL_VERSIONS[0]:
+        _pytest_second_rounding(session, "tests/verl")
     if version != VERL_VERSIONS[0] or session.posargs:
         return
 
@@ -362,6 +364,8 @@ def openrlhf(session: nox.Session, version: str) -> None:
         f.write(standins + "\n")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/openrlhf", *DOC_TESTS)
+    if version == OPENRLHF_VERSIONS[0]:
+        _pytest_second_rounding(session, "tests/openrlhf")
 
 
 @nox.session(python=SKYRL_PYTHON or False)
