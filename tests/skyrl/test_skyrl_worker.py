@@ -150,3 +150,30 @@ def test_a_dual_clip_bound_is_refused_in_the_worker():
     cfg.trainer.algorithm.clip_ratio_c = 10.0
     with pytest.raises(ValueError, match=r"trainer\.algorithm\.clip_ratio_c=10\.0 has no meaning"):
         _run(cfg, _data())
+
+
+def test_a_foreign_loss_under_our_name_is_kept_with_a_warning():
+    """Another package's "cfpo" in SkyRL's real registry (no Ray: its local table) stays, with a warning naming it,
+    until register(override=True); then the name maps to CFPO again."""
+    from skyrl.backends.skyrl_train.utils.ppo_utils import PolicyLossRegistry
+
+    from cfpo_loss.adapters import skyrl as adapter
+
+    def foreign(*args, **kwargs):  # somebody else's "cfpo"
+        raise AssertionError
+
+    PolicyLossRegistry.unregister("cfpo")
+    PolicyLossRegistry.register("cfpo", foreign)
+    try:
+        with pytest.warns(RuntimeWarning, match="already registered") as caught:
+            assert adapter.register() == ("cfpo_seq",)
+        assert PolicyLossRegistry._functions["cfpo"] is foreign
+        (warning,) = caught.list
+        assert "foreign; leaving it in place (policy_loss_type=cfpo will NOT be CFPO)" in str(warning.message)
+        assert warning.filename == __file__  # attributed to the caller of register()
+        assert adapter.register(override=True) == adapter.LOSS_NAMES
+    finally:
+        if PolicyLossRegistry._functions.get("cfpo") is not compute_policy_loss_cfpo:
+            PolicyLossRegistry.unregister("cfpo")
+            PolicyLossRegistry.register("cfpo", compute_policy_loss_cfpo)
+    assert PolicyLossRegistry._functions["cfpo"] is compute_policy_loss_cfpo

@@ -144,9 +144,13 @@ def test_foreign_loss_under_our_name_is_kept_with_a_warning(verl_registry):
         raise AssertionError
 
     verl_registry["cfpo"] = foreign
-    with pytest.warns(RuntimeWarning, match="already registered"):
+    with pytest.warns(RuntimeWarning, match="already registered") as caught:
         assert plugin.register() == ("cfpo_seq",)
     assert verl_registry["cfpo"] is foreign
+    (warning,) = caught.list
+    assert "'cfpo' is already registered by test_verl_plugin." in str(warning.message)
+    assert "foreign; leaving it in place (loss_mode=cfpo will NOT be CFPO)" in str(warning.message)
+    assert warning.filename == __file__  # attributed to the caller of register()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plugin.register(override=True) == plugin.LOSS_NAMES

@@ -90,3 +90,18 @@ def warn_if_unsupported(
     if logger is not None:
         logger.warning(msg)
     return msg
+
+
+def warn_name_taken(
+    framework: str, option: str, name: str, existing: object, plugin: str, logger: logging.Logger
+) -> None:
+    """Warn (RuntimeWarning, and on ``logger`` at WARNING: what a Ray worker's log shows) that ``name`` in the
+    framework's loss registry belongs to another package's ``existing`` and is left in place: ``option=name``
+    will not run CFPO. Shared by the registry adapters (verl, SkyRL); warns from the caller of ``register``."""
+    owner = f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}"
+    msg = (
+        f"cfpo_loss: {framework} policy loss {name!r} is already registered by {owner}; leaving it in place "
+        f"({option}={name} will NOT be CFPO). Call {plugin}.register(override=True) to replace it."
+    )
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)  # 3: the caller of the adapter's register()
+    logger.warning(msg)

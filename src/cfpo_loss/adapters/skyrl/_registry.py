@@ -14,6 +14,7 @@ import traceback
 import warnings
 from typing import Any
 
+from .._support import warn_name_taken
 from ._loss import LOSSES, MARK
 
 __all__ = ["LOSS_NAMES", "PLUGIN_MODULE", "register", "register_at_import", "registration_error", "status"]
@@ -53,14 +54,7 @@ def register(*, override: bool = False) -> tuple[str, ...]:
             continue
         if existing is not None:
             if not override:
-                msg = (
-                    f"cfpo_loss: SkyRL policy loss {name!r} is already registered by "
-                    f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}; leaving "
-                    f"it in place (policy_loss_type={name} will NOT be CFPO). "
-                    f"Call {PLUGIN_MODULE}.register(override=True) to replace it."
-                )
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                _LOG.warning(msg)
+                warn_name_taken("SkyRL", "policy_loss_type", name, existing, PLUGIN_MODULE, _LOG)
                 continue
             PolicyLossRegistry.unregister(name)
         PolicyLossRegistry.register(name, fn)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import traceback
 import warnings
 
+from .._support import warn_name_taken
 from ._bypass import BYPASS_SWITCH, install_hooks
 from ._common import LOG, LOSS_NAMES, PLUGIN_MODULE, is_ours, state, verl_version
 from ._loss import LOSSES
@@ -32,14 +33,7 @@ def register(*, override: bool = False) -> tuple[str, ...]:
             done.append(name)
             continue
         if existing is not None and not is_ours(existing) and not override:
-            msg = (
-                f"cfpo_loss: verl policy loss {name!r} is already registered by "
-                f"{getattr(existing, '__module__', '?')}.{getattr(existing, '__qualname__', existing)!s}; "
-                f"leaving it in place (loss_mode={name} will NOT be CFPO). "
-                f"Call {PLUGIN_MODULE}.register(override=True) to replace it."
-            )
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            LOG.warning(msg)
+            warn_name_taken("verl", "loss_mode", name, existing, PLUGIN_MODULE, LOG)
             continue
         register_policy_loss(name)(fn)
         done.append(name)
