@@ -177,6 +177,51 @@ def fp32_grad_bounds(inp, kw):
     return grad_h.reshape(h.shape), grad_w, grad_b
 
 
+def k3_bound(ref, log_prob, error, mask):
+    """Per valid token, a first-order bound (x SAFETY) on one fp32 evaluation of TRL's k3 = e^d − d − 1,
+    d = ref − log π, from a log π carrying ``error``: |dk3/dlog π| = |e^d − 1|, and four roundings of its terms."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    d = (ref.double() - log_prob.detach().double())[mask]
+    return SAFETY * ((d.exp() - 1).abs() * error[mask] + 4 * u * (d.exp() + 1 + d.abs()))
+
+
+def entropy_bound(logits, logit_error):
+    """Per row of ``logits`` (float64, already / temperature), a first-order bound (x SAFETY) on one fp32 evaluation
+    of H = lse(z) − Σ p·z from logits carrying ``logit_error``: ∂H/∂z_j = −p_j·(z_j − Σ p·z), plus the roundings
+    of the V-term sums (exp, the log, the products): (V + 4)·u·(|lse| + Σ p·|z|)."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    p, lse = logits.softmax(-1), logits.logsumexp(-1)
+    mean_z = (p * logits).sum(-1, keepdim=True)
+    first = (p * (logits - mean_z).abs() * logit_error).sum(-1)
+    return SAFETY * (first + (logits.shape[-1] + 4) * u * (lse.abs() + (p * logits.abs()).sum(-1)))
+
+
+def mean_bound(values, per_value_bounds):
+    """The bound on a masked mean of values each within its bound, plus the fp32 sum and division (x SAFETY)."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    n = values.numel()
+    return float(per_value_bounds.mean() + SAFETY * (n + 1) * u * values.double().abs().mean())
+
+
+def logit_error(inp, temperature=1.0):
+    """(B, T, V) the error of fp32 logits z = (h·Wᵀ + b) / temperature: (H + 2)·u·(|h|·|W|ᵀ + |b|) (Higham 3.5)."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    h, w = inp["hidden"].detach().double(), inp["weight"].detach().double()
+    b = 0.0 if inp["bias"] is None else inp["bias"].detach().double().abs()
+    return (w.shape[1] + 2) * u * (h.abs() @ w.abs().T + b) / temperature
+
+
+def assert_fp32_loss_and_grads(inp, kw, loss, grads, what):
+    """One fp32 fused evaluation against the fp32 unfused path with the same arguments: within twice the derived
+    bounds (fp32_loss_bound, fp32_grad_bounds), two evaluations."""
+    loss_u, _, log_prob_u = unfused(inp, **kw)
+    assert_within(loss, loss_u.detach(), 2 * fp32_loss_bound(inp, kw, log_prob_u), f"{what} loss")
+    if grads is not None:
+        for name, a, b, bound in zip(("hidden", "weight", "bias"), grads, torch.autograd.grad(loss_u, params(inp)),
+                                     fp32_grad_bounds(inp, kw)):  # fmt: skip
+            assert_within(a, b, 2 * bound, f"{what} grad {name}")
+
+
 def assert_same(inp, f_kw, u_kw=None, rtol=1e-5):
     u_kw = f_kw if u_kw is None else u_kw
     loss_u, out_u, log_prob_u = unfused(inp, **u_kw)
@@ -289,7 +334,10 @@ def test_kl_term_matches_trl_k3(agg):
     m = inp["mask"]
     lp = unfused(inp)[2].detach()
     delta = inp["ref"][m] - lp[m]
-    torch.testing.assert_close(out.metrics["kl"], (delta.exp() - delta - 1).mean(), rtol=1e-5, atol=1e-7)
+    k3 = delta.exp() - delta - 1
+    # two fp32 evaluations of the mean k3, each from a log π within lm_head_log_prob_error
+    bound = 2 * mean_bound(k3, k3_bound(inp["ref"], lp, lm_head_log_prob_error(inp), m))
+    assert_within(out.metrics["kl"], k3.mean(), bound, "kl metric")
 
 
 @pytest.mark.parametrize(
@@ -318,16 +366,20 @@ def test_kl_and_entropy_metrics_of_a_single_valid_token():
     logits = (torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"])).double()[2, 3]
     logp = logits.log_softmax(-1)
     delta = inp["ref"][2, 3].double() - logp[inp["target"][2, 3]]
-    torch.testing.assert_close(out.metrics["kl"].double(), delta.exp() - delta - 1, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out.metrics["entropy"].double(), -(logp.exp() * logp).sum(), rtol=1e-5, atol=1e-6)
+    # one fp32 evaluation against float64 (of the same fp32 logits: the fused GEMM's own rounding is the error)
+    only_lp = torch.zeros(inp["mask"].shape, dtype=torch.float64)
+    only_lp[2, 3] = logp[inp["target"][2, 3]]
+    error = lm_head_log_prob_error(inp)
+    kl_bound = k3_bound(inp["ref"], only_lp, error, only)[0]
+    assert_within(out.metrics["kl"], delta.exp() - delta - 1, kl_bound, "kl 1 token")
+    want = -(logp.exp() * logp).sum()
+    assert_within(out.metrics["entropy"], want, entropy_bound(logits, logit_error(inp)[2, 3]), "entropy 1 token")
 
 
 def test_advantages_per_token_and_int_mask_and_2d_hidden():
     inp = make_inputs(seed=6)
     adv_bt = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
     inp["adv"] = adv_bt
-    loss_u, _, _ = unfused(inp, objective="clip")
-    gu = torch.autograd.grad(loss_u, params(inp))
     out = fused_linear_policy_loss(
         inp["hidden"].reshape(36, -1),
         inp["weight"],
@@ -340,8 +392,7 @@ def test_advantages_per_token_and_int_mask_and_2d_hidden():
         chunk_size=8,
     )
     gf = torch.autograd.grad(out.loss, params(inp))
-    torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
-    assert_grads_close(gf, gu)
+    assert_fp32_loss_and_grads(inp, dict(objective="clip"), out.loss, gf, "per-token A, int mask, 2-D hidden")
 
 
 def test_upstream_gradient_scales_and_frozen_weight():
@@ -371,10 +422,9 @@ def test_all_masked_batch_is_zero_loss_zero_grad():
 
 def test_no_grad_inputs_give_loss_and_metrics():
     inp = make_inputs(seed=9)
-    loss_u, _, _ = unfused(inp, objective="clip")
     with torch.no_grad():
         out = fused(inp, objective="clip", chunk_size=5)
-    torch.testing.assert_close(out.loss, loss_u.detach(), rtol=1e-5, atol=1e-7)
+    assert_fp32_loss_and_grads(inp, dict(objective="clip"), out.loss, None, "no_grad")
     assert not out.loss.requires_grad
 
 
@@ -384,8 +434,6 @@ def test_on_policy_old_log_prob_none_is_detached_current_policy():
     for objective in OBJECTIVES:
         logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).float()
         lp = logits.log_softmax(-1).gather(-1, inp["target"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        want = compute_policy_loss(lp, lp.detach(), inp["adv"], inp["mask"], objective=objective)
-        gw = torch.autograd.grad(want.loss, params(inp))
         out = fused_linear_policy_loss(
             inp["hidden"],
             inp["weight"],
@@ -398,8 +446,8 @@ def test_on_policy_old_log_prob_none_is_detached_current_policy():
             chunk_size=7,
         )
         gf = torch.autograd.grad(out.loss, params(inp))
-        torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-5, atol=1e-7)
-        assert_grads_close(gf, gw)
+        # r = 1 on both sides: the unfused path with old = its own detached log π is what fused computes
+        assert_fp32_loss_and_grads(dict(inp, old=lp.detach()), dict(objective=objective), out.loss, gf, "old None")
         assert out.metrics["ratio_max"].item() == out.metrics["ratio_min"].item() == 1.0
 
 
@@ -411,7 +459,10 @@ def test_entropy_metric(temperature):
         logp = logits.log_softmax(-1)
         ent = -(logp.exp() * logp).sum(-1)[inp["mask"]].mean()
     out = fused(inp, chunk_size=5, temperature=temperature, compute_entropy=True)
-    torch.testing.assert_close(out.metrics["entropy"], ent, rtol=1e-5, atol=1e-6)
+    m = inp["mask"]
+    logits64 = logits.double()[m]
+    per_token = entropy_bound(logits64, logit_error(inp, temperature)[m])
+    assert_within(out.metrics["entropy"], ent, 2 * mean_bound(ent.expand(int(m.sum())), per_token), "entropy")
     assert "entropy" not in fused(inp, chunk_size=5).metrics
 
 
@@ -467,7 +518,7 @@ def test_cfpo_from_the_paper_equation_float64():
 def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, temperature):
     inp = make_inputs(b, t, h, v, seed=seed, dtype=torch.float64, fully_masked_row=seed % 2 == 0)
     kw = dict(objective=objective, agg=agg, ratio_level=ratio_level)
-    loss_u, _, _ = unfused(inp, temperature=temperature, **kw)
+    loss_u, _, lp32 = unfused(inp, temperature=temperature, **kw)
     out = fused(inp, chunk_size=chunk, temperature=temperature, **kw)
     # the unfused reference casts logits to fp32 (as trainers do), so compare the float64 fused path to
     # a float64 unfused path instead: same code with the .float() removed
@@ -478,7 +529,9 @@ def test_float64_sweep(b, t, h, v, chunk, seed, objective, agg, ratio_level, tem
     gf = torch.autograd.grad(out.loss, params(inp))
     torch.testing.assert_close(out.loss, want.detach(), rtol=1e-10, atol=1e-12)
     assert_grads_close(gf, gw, rtol=1e-10)
-    torch.testing.assert_close(out.loss.float(), loss_u.detach(), rtol=1e-4, atol=1e-5)
+    # the fp32 unfused path (its logits rounded to fp32, log_softmax in fp32) within one fp32 evaluation's bound
+    bound = fp32_loss_bound(inp, dict(kw, temperature=temperature), lp32)
+    assert_within(out.loss, loss_u.detach(), bound, "fp64 vs fp32")
 
 
 # ---- bfloat16 ----------------------------------------------------------------------------------------
@@ -630,8 +683,11 @@ def test_gpu_fold_float32_matches_unfused(compiled_fold, objective):
         out = assert_same(inp, dict(kw, chunk_size=5), u_kw)
         if kw.get("compute_entropy"):
             logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).double() / 0.7
-            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[inp["mask"]].mean()
-            torch.testing.assert_close(out.metrics["entropy"].double(), ent, rtol=1e-5, atol=1e-6)
+            m = inp["mask"]
+            per_token_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[m]
+            per_token = entropy_bound(logits[m], logit_error(inp, 0.7)[m])
+            bound = 2 * mean_bound(per_token_ent, per_token)  # the oracle's logits are fp32 GEMM output as well
+            assert_within(out.metrics["entropy"], per_token_ent.mean(), bound, "entropy (fold)")
 
 
 @pytest.mark.parametrize("compiled_fold", [False, True], ids=["twin", "compiled"], indirect=True)
@@ -650,13 +706,25 @@ def test_fold_twins_agree_on_one_tile():
     zz = z64.clone().requires_grad_()
     lp_ref = (zz / 1.3).log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
     (dz_ref,) = torch.autograd.grad((lp_ref * upstream).sum(), zz)
+    # first-order bounds (x SAFETY) of one fp32 fold: z rounded to fp32, times 1/T (itself rounded): 3u·|z|/T per
+    # logit; log π as in lm_head_log_prob_error; dz_j = up·(δ_jy − p_j)/T: p_j moves by p_j·(its logit's error + the
+    # largest + (V + 4)·u·(|lse| + |z_j/T|)), and six roundings of |up·(δ_jy − p_j)/T| (the upstream's cast, the
+    # difference, the product, 1/T and its product, the store)
+    u, temp, v = UNIT_ROUNDOFF[torch.float32], 1.3, z64.shape[-1]
+    zt, z_err = z64 / temp, 3 * u * z64.abs() / temp
+    lse, p = zt.logsumexp(-1, keepdim=True), zt.softmax(-1)
+    z_y, err_y = zt.gather(-1, tgt[:, None])[:, 0], z_err.gather(-1, tgt[:, None])[:, 0]
+    lp_bound = SAFETY * (err_y + z_err.amax(-1) + (v + 4) * u * (z_y.abs() + lse[:, 0].abs()))
+    onehot = torch.nn.functional.one_hot(tgt, v).double()
+    d_p = p * (z_err + z_err.amax(-1, keepdim=True) + (v + 4) * u * (lse.abs() + zt.abs()))
+    dz_bound = SAFETY * upstream.abs()[:, None] * (d_p + 6 * u * (onehot - p).abs()) / temp
     for fold in (fused_mod.InPlaceFold(), fused_mod.CompiledFold(compile=False), fused_mod.CompiledFold(compile=True)):
         z = z64.float()
         stats = fold.forward(z, tgt, 1.3, False)
-        torch.testing.assert_close(stats.log_prob.double(), lp_ref.detach(), rtol=1e-6, atol=1e-6)
+        assert_within(stats.log_prob, lp_ref.detach(), lp_bound, f"{type(fold).__name__} log π")
         dz = fold.backward_(z, tgt, stats, upstream.float(), 1.3)
         assert dz.data_ptr() == z.data_ptr()  # written over the tile
-        torch.testing.assert_close(dz.double(), dz_ref, rtol=1e-5, atol=1e-6)
+        assert_within(dz, dz_ref, dz_bound, f"{type(fold).__name__} dz")
 
 
 def test_fp32_accumulation_of_low_precision_products():
