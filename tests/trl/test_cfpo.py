@@ -27,6 +27,17 @@ def _core_agg(loss_type, inputs):
     }[loss_type]
 
 
+def _rounding_bound(inputs, log_prob, loss_type, level="token"):
+    """reference.policy_loss_bound of one fp32 evaluation of cfpo on these inputs, each token weighted as the core's
+    aggregation weighs it for this loss_type."""
+    mask = inputs["completion_mask"].bool()
+    agg = dict(_core_agg(loss_type, inputs))
+    probe = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
+    (coef,) = torch.autograd.grad(aggregate_loss(probe, mask, agg.pop("agg"), **agg), probe)
+    return reference.policy_loss_bound(log_prob, inputs["old_per_token_logps"], inputs["advantages"], mask,
+                                       eps_low=EPS_LOW, eps_high=EPS_HIGH, ratio_level=level, coef=coef)  # fmt: skip
+
+
 def _capture_logps(trainer):
     """Wrap the trainer's own (real) log-prob method to keep the tensor it returns, with .retain_grad()."""
     captured = []
@@ -108,14 +119,8 @@ def test_cfpo_loss_equals_core(tiny_model_dir, tokenizer, tmp_path, loss_type, l
         ratio_level=level,
         **_core_agg(loss_type, inputs),
     )
-    # two fp32 evaluations of one loss (TRL's path, the core): within twice the derived rounding bound, each token
-    # weighted as the core's aggregation weighs it for this loss_type
-    info = _core_agg(loss_type, inputs)
-    probe = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
-    agg = dict(info)
-    (coef,) = torch.autograd.grad(aggregate_loss(probe, mask, agg.pop("agg"), **agg), probe)
-    bound = reference.policy_loss_bound(log_prob, inputs["old_per_token_logps"], inputs["advantages"], mask,
-                                        eps_low=EPS_LOW, eps_high=EPS_HIGH, ratio_level=level, coef=coef)  # fmt: skip
+    # two fp32 evaluations of one loss (TRL's path, the core): within twice the derived rounding bound
+    bound = _rounding_bound(inputs, log_prob, loss_type, level)
     reference.assert_within(loss, core.loss, 2 * bound.loss, "loss")
     # the gradient w.r.t. the per-token log-probs: through TRL's path and through the core
     core.loss.backward()
@@ -180,6 +185,7 @@ def test_cfpo_equals_clip_on_policy(tiny_model_dir, tokenizer, tmp_path):
     assert cfpo._metrics["train"]["cfpo/penalty"][-1] == 0.0
 
 
+@pytest.mark.rounding
 def test_plain_grpo_config_means_cfpo(tiny_model_dir, tokenizer, tmp_path):
     trainer = _make(CFPOTrainer, GRPOConfig, tiny_model_dir, tokenizer, tmp_path)
     assert trainer.policy_objective == "cfpo"
@@ -195,4 +201,5 @@ def test_plain_grpo_config_means_cfpo(tiny_model_dir, tokenizer, tmp_path):
         eps_high=EPS_HIGH,
         **_core_agg("dapo", inputs),
     )
-    torch.testing.assert_close(loss, core.loss, atol=1e-6, rtol=1e-6)
+    bound = _rounding_bound(inputs, logps.detach(), "dapo")
+    reference.assert_within(loss, core.loss, 2 * bound.loss, "plain GRPOConfig loss")  # two fp32 evaluations
