@@ -78,3 +78,26 @@ def test_the_sessions_run_the_markdown_conftest_collects():
         )
 
     assert set(assigned(ROOT / "noxfile.py", "DOC_TESTS")) == assigned(ROOT / "conftest.py", "DOC_FILES") | {"docs"}
+
+
+def test_the_clip_is_flat_on_one_side_only_as_the_docs_say():
+    """The clipped objective's gradient is 0 only past the bound the advantage pushes r towards; beyond the other
+    bound it is A. The pages that summarise the objective say exactly that, and none says "0 outside"."""
+    import torch
+
+    from cfpo_loss import clipped_surrogate
+
+    def gradient(r: float, a: float) -> float:
+        ratio = torch.tensor([r], requires_grad=True)
+        (grad,) = torch.autograd.grad(clipped_surrogate(ratio, torch.tensor([a]), 0.2, 0.28).sum(), ratio)
+        return grad.item()
+
+    assert gradient(1.5, 1.0) == 0.0 and gradient(0.5, -1.0) == 0.0  # A > 0, r > 1 + ε; A < 0, r < 1 − ε: flat
+    assert gradient(0.5, 1.0) == 1.0 and gradient(1.5, -1.0) == -1.0  # the other side: A
+    assert gradient(1.1, 1.0) == 1.0 and gradient(0.9, -1.0) == -1.0  # inside: A
+    for page in ("README.md", "README.pypi.md", "docs/objective.md"):
+        text = " ".join((ROOT / page).read_text(encoding="utf-8").split())
+        assert "(r > 1 + ε with A > 0, r < 1 − ε with A < 0)" in text, f"{page}: the one-sided flatness, stated"
+        assert "on the other side the gradient is still A" in text, page
+        for wrong in ("0 outside", "outside that interval", "flat beyond 1 ± ε"):
+            assert wrong not in text, f"{page} says {wrong!r}: the clip is flat on one side only"
