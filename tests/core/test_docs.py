@@ -101,3 +101,18 @@ def test_the_clip_is_flat_on_one_side_only_as_the_docs_say():
         assert "on the other side the gradient is still A" in text, page
         for wrong in ("0 outside", "outside that interval", "flat beyond 1 ± ε"):
             assert wrong not in text, f"{page} says {wrong!r}: the clip is flat on one side only"
+
+
+def test_the_install_commands_work_today():
+    """cfpo-loss is not on the package index: page one says so and gives the commands that work (a clone, the wheel
+    `nox -s package` builds, named with the current version), and a torch line that really gives a CPU build."""
+    from cfpo_loss import __version__
+
+    cpu_torch = "--index-url https://download.pytorch.org/whl/cpu"
+    for page in ("README.md", "docs/getting-started.md"):
+        text = " ".join((ROOT / page).read_text(encoding="utf-8").split())
+        assert "not on the package index yet" in text, f"{page}: say that `pip install cfpo-loss` fails today"
+        assert 'pip install "./cfpo_loss[trl]"' in text, f"{page}: the install from a clone"
+        assert f"cfpo_loss-{__version__}-py3-none-any.whl" in text, f"{page}: the wheel, named as it is built"
+        assert cpu_torch in text, f"{page}: a CPU torch comes from PyTorch's CPU index, not from PyPI"
+        assert "pip install torch==2.13.0`" not in text, f"{page}: a bare pin gives PyPI's CUDA build"
