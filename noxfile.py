@@ -235,7 +235,10 @@ def docs(session: nox.Session) -> None:
     _install(session, "-e", ".[docs]")  # the pinned toolchain of pyproject's `docs` extra
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
-    session.log(f"site: file://{os.path.abspath(site)}/index.html")
+    session.log(f"site: file://{os.path.abspath(site)}/index.html (no search there: a browser runs no web worker")
+    session.log(
+        f"from file://; with search: `python3 -m http.server -d {os.path.relpath(site)}`, http://localhost:8000)"
+    )
     # tests/docs: nothing behind a horizontal scroll bar at 1280 px (a headless Chromium; skipped, saying why, without)
     session.env["CFPO_SITE"] = os.path.abspath(site)
     _pytest(session, *DOC_TESTS, "tests/core/test_docs.py", "tests/docs")
