@@ -116,3 +116,30 @@ def test_the_install_commands_work_today():
         assert f"cfpo_loss-{__version__}-py3-none-any.whl" in text, f"{page}: the wheel, named as it is built"
         assert cpu_torch in text, f"{page}: a CPU torch comes from PyTorch's CPU index, not from PyPI"
         assert "pip install torch==2.13.0`" not in text, f"{page}: a bare pin gives PyPI's CUDA build"
+
+
+def test_every_args_entry_names_one_parameter_of_its_function():
+    """The API page renders a docstring's `Args:` entry as a parameter with its type and default only when the entry
+    names exactly one parameter of the signature; "eps_low, eps_high: ..." renders as an untyped "required" one."""
+    import ast
+
+    entry = re.compile(r"^(?P<indent> *)(?P<name>\*{0,2}[A-Za-z_][\w, *]*?)(?: \([^)]*\))?: ")
+    wrong = []
+    for path in sorted((ROOT / "src" / "cfpo_loss").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not ast.get_docstring(node):
+                continue
+            lines = ast.get_docstring(node).splitlines()
+            if "Args:" not in [line.strip() for line in lines]:
+                continue
+            params = {a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)}
+            params |= {f"*{a.arg}" for a in [node.args.vararg] if a} | {f"**{a.arg}" for a in [node.args.kwarg] if a}
+            start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+            indent = len(lines[start]) - len(lines[start].lstrip()) + 4
+            for line in lines[start + 1 :]:
+                if line.strip() and len(line) - len(line.lstrip()) < indent:
+                    break  # the next section
+                m = entry.match(line)
+                if m and len(m["indent"]) == indent and m["name"].lstrip("*") not in {p.lstrip("*") for p in params}:
+                    wrong.append(f"{path.relative_to(ROOT)}: {node.name}: {m['name']!r}")
+    assert not wrong, "Args: entries that are not one parameter of the signature:\n" + "\n".join(wrong)
