@@ -140,7 +140,7 @@ def _constraints(session: nox.Session, torch: str = TORCH) -> str:
 
 
 def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
-    _install(session, torch, torch=torch)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, torch, torch=torch)  # first and alone: every later install keeps it (the module docstring)
     _install(session, *TEST_DEPS, *extra, torch=torch)
     _install(session, "--no-deps", "-e", ".", torch=torch)
 

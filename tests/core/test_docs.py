@@ -143,3 +143,43 @@ def test_every_args_entry_names_one_parameter_of_its_function():
                 if m and len(m["indent"]) == indent and m["name"].lstrip("*") not in {p.lstrip("*") for p in params}:
                     wrong.append(f"{path.relative_to(ROOT)}: {node.name}: {m['name']!r}")
     assert not wrong, "Args: entries that are not one parameter of the signature:\n" + "\n".join(wrong)
+
+
+#: what a reader of the repository, the package or the site does not have: the maintainers' design notes, their
+#: issue tracker's numbers, the work sessions and the lent machines the text was written in (a nox session is fine)
+INTERNAL = {
+    "a design file": re.compile(r"\bDESIGN\b|(?<![\w.-])shared/"),
+    "an issue number": re.compile(r"\bissues? \d+", re.I),
+    "a work session": re.compile(
+        r"\bnext session\b|\bsession (lent|of \d{4})|\bthis session's changes|"
+        r"\b(a|the) session with (a GPU|less)",
+        re.I,
+    ),
+    "a lent machine": re.compile(r"\blent\b|\bdevice call\b|\bcarr(y|ied)\b[^.\n]{0,30}\.whl", re.I),
+}
+#: the files a reader gets: the package, the site's sources, the repository's docs, tests, benchmarks and tooling
+PUBLIC = ["README.md", "README.pypi.md", "CHANGELOG.md", "CONTRIBUTING.md", "noxfile.py", "pyproject.toml",
+          "mkdocs.yml", "conftest.py", "src", "docs", "tests", "benchmarks", "examples", ".ci"]  # fmt: skip
+#: third-party text kept byte for byte (the adapters' fingerprints guard it) and raw benchmark logs
+NOT_OURS = ("src/cfpo_loss/adapters/trl/mirror/", "src/cfpo_loss/adapters/areal/fingerprinted/", "benchmarks/results/")
+
+
+def test_no_reference_to_notes_issues_or_sessions_a_reader_does_not_have():
+    found = []
+    for top in PUBLIC:
+        paths = [ROOT / top] if (ROOT / top).is_file() else sorted((ROOT / top).rglob("*"))
+        for path in paths:
+            relative = path.relative_to(ROOT).as_posix()
+            if path.suffix not in {".md", ".py", ".sh", ".toml", ".yml", ".yaml", ".txt", ".css", ""} or any(
+                relative.startswith(p) for p in NOT_OURS
+            ):
+                continue
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                found += [
+                    f"{relative}:{n}: {what}: {line.strip()[:100]}" for what, p in INTERNAL.items() if p.search(line)
+                ]
+    # this file names the patterns themselves
+    found = [f for f in found if not f.startswith("tests/core/test_docs.py:")]
+    assert not found, "references a reader cannot follow:\n" + "\n".join(found)
