@@ -199,7 +199,7 @@ def package(session: nox.Session) -> None:
     files = sorted(glob.glob(os.path.join(dist, "*")))
     session.run("python", "-m", "twine", "check", "--strict", *files)
     (wheel,) = glob.glob(os.path.join(dist, "*.whl"))
-    session.log(f"wheel: {wheel}")  # `pip install "<this path>[trl]"` installs cfpo-loss anywhere (README: Install)
+    session.log(f"wheel: {os.path.abspath(wheel)}")  # `pip install "<this path>[trl]"` anywhere (README: Install)
     _install(session, TORCH)
     _install(session, f"{wheel}[trl]", *TEST_DEPS)
     tests = os.path.abspath("tests/core")

@@ -183,3 +183,22 @@ def test_no_reference_to_notes_issues_or_sessions_a_reader_does_not_have():
     # this file names the patterns themselves
     found = [f for f in found if not f.startswith("tests/core/test_docs.py:")]
     assert not found, "references a reader cannot follow:\n" + "\n".join(found)
+
+
+#: the longest code line the site shows without a scroll bar at 1280 px is ~118 characters (tests/docs measures it in
+#: a browser); this leaves a few for another monospace font, and runs without a browser
+CODE_WIDTH = 116
+
+
+def test_code_lines_fit_the_site_without_a_scroll_bar():
+    fence = re.compile(r"^\s*(`{3,}|~{3,})[\w+-]*\s*$")
+    pages = [ROOT / p for p in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md", "benchmarks/README.md")]
+    too_long = []
+    for page in [*pages, *sorted(DOCS.rglob("*.md"))]:
+        in_code = False
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if fence.match(line):
+                in_code = not in_code
+            elif in_code and len(line) > CODE_WIDTH:
+                too_long.append(f"{page.relative_to(ROOT)}:{n}: {len(line)} characters")
+    assert not too_long, f"code lines over {CODE_WIDTH} characters (a scroll bar on the site):\n" + "\n".join(too_long)
