@@ -1,13 +1,17 @@
 """The test matrix: one virtual environment per framework, each built from nothing.
 
 The three frameworks cannot share one environment (their transformers / ray / tensordict pins
-conflict, see shared DESIGN.md §5), so every framework gets its own nox session. `nox` with no
+conflict: a version of one that another cannot import), so every framework gets its own nox session. `nox` with no
 arguments runs them all; `nox -s core` runs only the framework-free core.
 
-torch is pinned to 2.13.0 everywhere: that CPU wheel lies on the build machines' disk, and an
-unpinned torch pulls a multi-GB CUDA build. Every later install keeps it (`_install` passes it as
-a constraint), so no framework can swap it for a CUDA build. The one exception is `core(2.6.0)`: the
-lowest torch pyproject.toml claims (`TORCH_FLOOR` in _support.py), PyPI's CUDA build run on the CPU.
+torch is pinned to 2.13.0 everywhere and installed first, alone; every later install keeps it (`_install` passes
+the pin as a constraint), so no framework can swap it for another torch. The pin does not choose the build: pip
+takes the torch 2.13.0 it finds. CI's build machines hold the CPU wheel (2.13.0+cpu) in a local wheel folder that
+their pip configuration points at; from PyPI alone, on Linux x86-64, it is the CUDA build with about 20 nvidia
+packages (several GB; it runs on a CPU too). For the CPU build elsewhere, add PyTorch's CPU index:
+`PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu python3 -m nox` (2.13.0+cpu satisfies `torch==2.13.0`
+and sorts above 2.13.0, so pip takes it). `core(2.6.0)` runs the lowest torch pyproject.toml claims (`TORCH_FLOOR`
+in _support.py); from PyPI that is the CUDA build, run on the CPU.
 `package` builds the wheel and tests it installed as a user installs it (not editable). `docs` builds the
 documentation site strictly and runs every Python block of the docs (the framework sessions run them too, so the
 blocks that need a framework run where it is installed).
@@ -137,7 +141,7 @@ def _constraints(session: nox.Session, torch: str = TORCH) -> str:
 
 
 def _base(session: nox.Session, *extra: str, torch: str = TORCH) -> None:
-    _install(session, torch, torch=torch)  # first and alone, so nothing later drags in a CUDA build
+    _install(session, torch, torch=torch)  # first and alone: every later install keeps it (the module docstring)
     _install(session, *TEST_DEPS, *extra, torch=torch)
     _install(session, "--no-deps", "-e", ".", torch=torch)
 
@@ -226,6 +230,7 @@ def package(session: nox.Session) -> None:
     files = sorted(glob.glob(os.path.join(dist, "*")))
     session.run("python", "-m", "twine", "check", "--strict", *files)
     (wheel,) = glob.glob(os.path.join(dist, "*.whl"))
+    session.log(f"wheel: {os.path.abspath(wheel)}")  # `pip install "<this path>[trl]"` anywhere (README: Install)
     _install(session, TORCH)
     _install(session, f"{wheel}[trl]", *TEST_DEPS)
     tests = os.path.abspath("tests/core")
@@ -258,12 +263,17 @@ def docs(session: nox.Session) -> None:
     anchor, an unresolved API reference, a page missing from the nav) into .nox/docs/tmp/site, then every Python
     block of the docs as a test (Sybil; a block that needs a framework or a GPU is skipped with its reason shown, and
     runs in its framework's session) and tests/core/test_docs.py (the metric table, the nav, the README)."""
-    _install(session, TORCH)  # first and alone, so nothing later drags in a CUDA build
-    _install(session, "-e", ".[docs]", "numpy")  # the pinned toolchain of pyproject's `docs` extra; numpy for torch
+    _install(session, TORCH)  # first and alone: the later installs keep it (see the module docstring)
+    _install(session, "-e", ".[docs]")  # the pinned toolchain of pyproject's `docs` extra
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
-    session.log(f"site: file://{os.path.abspath(site)}/index.html")
-    _pytest(session, *DOC_TESTS, "tests/core/test_docs.py")
+    session.log(f"site: file://{os.path.abspath(site)}/index.html (no search there: a browser runs no web worker")
+    session.log(
+        f"from file://; with search: `python3 -m http.server -d {os.path.relpath(site)}`, http://localhost:8000)"
+    )
+    # tests/docs: nothing behind a horizontal scroll bar at 1280 px (a headless Chromium; skipped, saying why, without)
+    session.env["CFPO_SITE"] = os.path.abspath(site)
+    _pytest(session, *DOC_TESTS, "tests/core/test_docs.py", "tests/docs")
 
 
 @nox.session

@@ -29,7 +29,7 @@ compute_policy_loss_vanilla itself does (pg_metrics = {"actor/pg_clipfrac": pg_c
 
 Our rows read the metrics with PolicyLossOutput.metric_floats() (what the verl adapter does): with the
 default finite check the loss's one device sync already brought them to the host, so this reads nothing
-more; the script prints METRICS_READER. (Before issue 28 they were read with cfpo_loss.read_metrics,
+more; the script prints METRICS_READER. (Before that they were read with cfpo_loss.read_metrics,
 a second transfer.)
 
 Timing: each call is bracketed by torch.cuda.synchronize() on CUDA (a no-op on CPU) and timed with the wall

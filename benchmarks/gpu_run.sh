@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run ON THE CUDA DEVICE MACHINE, from the repo root, with .whl/ carried (see benchmarks/gpu_wheels.sh):
+# Run ON THE GPU MACHINE, from the repo root, with .whl/ copied there (see benchmarks/gpu_wheels.sh):
 #     bash benchmarks/gpu_run.sh PART...      PART: env check elementwise fused trl-small trl-1.5b
-# Installs the carried wheels into /tmp/site (no index, no deps: torch/triton/transformers stay the image's),
+# Installs those wheels into /tmp/site (no index, no deps: torch/triton/transformers stay the image's),
 # puts src/ on PYTHONPATH (cfpo_loss from this working tree), and runs each part in turn, writing its log and
-# JSON to $OUT (what comes back from the device). A part that fails does not stop the next one.
+# JSON to $OUT (default /tmp/bench_out). A part that fails does not stop the next one.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -12,7 +12,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD/src
 else
-    echo "no .whl/ carried: trl, liger and datasets rows will fail (run benchmarks/gpu_wheels.sh here first)"
+    echo "no .whl/ here: trl, liger and datasets rows will fail (run benchmarks/gpu_wheels.sh here first)"
     export PYTHONPATH=$PWD/src
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

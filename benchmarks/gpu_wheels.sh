@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run HERE (the machine with PyPI), from the repo root, before the first device call: downloads the pure-Python
-# wheels the GPU benchmarks need and the device image lacks (trl, liger-kernel, datasets and datasets' two
-# missing dependencies) into .whl/, which git ignores and `carry` takes to the device machine (about 2 MiB).
-# The image already has torch, triton, transformers, accelerate, pyarrow, pandas, xxhash, huggingface-hub.
+# Run on a machine with PyPI, from the repo root, before benchmarks/gpu_run.sh on a GPU machine that may reach no
+# package index: downloads the pure-Python wheels the GPU benchmarks need beyond torch, triton, transformers,
+# accelerate, pyarrow, pandas, xxhash and huggingface-hub (trl, liger-kernel, datasets and datasets' two missing
+# dependencies) into .whl/ (about 2 MiB), which git ignores; copy it to the GPU machine with the working tree.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 exclude=$(git rev-parse --git-path info/exclude)

@@ -55,6 +55,15 @@ def aggregate_loss(
     """Aggregate ``per_token_loss`` (B, T) over valid positions of ``mask`` (B, T) into a scalar.
 
     Masked positions are selected away with ``torch.where`` so NaN/inf padding never leaks in.
+
+    Args:
+        per_token_loss: (B, T) loss per token; anything (NaN, ±inf) at masked positions.
+        mask: (B, T) bool (or 0/1) marking the valid tokens.
+        mode: one of ``AGG_MODES`` (the module docstring gives each formula).
+        dp_size: data-parallel ranks whose gradients are averaged; the loss is multiplied by it.
+        batch_num_tokens: valid tokens in the global batch (token-mean); None: this batch's own count.
+        global_batch_size: sequences in the global batch (seq-mean-* modes); None: this batch's own count.
+        loss_scale_factor: the divisor of seq-mean-token-sum-norm; None: T, the padded length.
     """
     if per_token_loss.dim() != 2 or per_token_loss.shape != mask.shape:
         raise ValueError(

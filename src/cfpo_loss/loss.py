@@ -122,7 +122,8 @@ def compute_policy_loss(
         advantages: (B,), (B, 1) or (B, T).
         mask: (B, T) bool (or 0/1) marking valid response tokens. Masked positions may hold anything.
         objective: "cfpo" or "clip".
-        eps_low, eps_high: trust-region half-widths (eps_high defaults to eps_low).
+        eps_low: the trust region's lower half-width: ε for tokens with A < 0, in (0, 1).
+        eps_high: the upper half-width: ε for tokens with A > 0; None means ``eps_low``.
         dual_clip: c > 1 for dual-clip PPO (clip objective only; ignored by cfpo, which has no clip).
         agg: one of ``AGG_MODES`` (verl ``agg_loss`` semantics, see ``aggregation.py``).
         ratio_level: "token", or "sequence" for the GSPO ratio exp(mean_t log r) per sequence.
@@ -130,7 +131,11 @@ def compute_policy_loss(
             (rollout / train mismatch corrections); no gradient flows into them.
         check_finite: raise on NaN/inf at valid positions. Costs the call's one device sync, which also
             brings every metric to the host (``metric_floats()`` then costs none); off: no sync at all.
-        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: see ``aggregate_loss``.
+        dp_size: data-parallel ranks whose gradients are averaged; the loss is multiplied by it
+            (``aggregate_loss``).
+        batch_num_tokens: valid tokens in the global batch (token-mean); None: this batch's own count.
+        global_batch_size: sequences in the global batch (seq-mean-* modes); None: this batch's own count.
+        loss_scale_factor: the divisor of seq-mean-token-sum-norm; None: T, the padded length.
         compile: True runs the per-token pass and the aggregation through ``torch.compile`` (the first
             call per shape family compiles: seconds to tens of seconds; afterwards faster than the default
             eager pass: benchmarks/README.md). Same loss, gradient and metrics; no ``per_token_loss``.

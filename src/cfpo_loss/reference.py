@@ -105,12 +105,13 @@ def policy_loss(
 #                                      (twelve: r − 1, |A|/ε, the products and the difference of J'·r, the
 #                                      weight, the upstream gradient, and a backward that recomputes r)
 #
-# with P = |A|/(2ε)·(r−1)² the penalty, J' = A − |A|/ε·(r−1) and J'' = −|A|/ε for cfpo; J' = A inside the clip
-# range (0 outside) and J'' = 0 for clip. Two working-precision evaluations of the same loss (ours and a
-# framework's) differ by at most twice the bound. Not covered: a ratio within δr of a clip boundary, where the two
-# sides of the kink may be taken differently (tests keep their ratios off the kinks). Every bound returned here is
-# that first-order worst case times SAFETY, for what the model leaves out: second-order terms, exp / log libraries
-# less accurate than 2 ulp on other CPUs, and a summation written differently from the one assumed.
+# with P = |A|/(2ε)·(r−1)² the penalty, J' = A − |A|/ε·(r−1) and J'' = −|A|/ε for cfpo; for clip J'' = 0 and J' = A,
+# except where the clip binds: 0 for A > 0 with r > 1 + ε_high and for A < 0 with r < 1 − ε_low. Two working-precision
+# evaluations of the same loss (ours and a framework's) differ by at most twice the bound. Not covered: a ratio within
+# δr of a clip boundary, where the two sides of the kink may be taken differently (tests keep their ratios off the
+# kinks). Every bound returned here is that first-order worst case times SAFETY, for what the model leaves out:
+# second-order terms, exp / log libraries less accurate than 2 ulp on other CPUs, and a summation written differently
+# from the one assumed.
 
 #: the unit roundoff u of each dtype: the largest relative error of one correctly rounded operation
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

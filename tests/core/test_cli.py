@@ -75,3 +75,21 @@ def test_the_one_range_warning(caplog):
         f"openrlhf>=0.10.4,<0.12 (tested: {tested_versions('openrlhf')}), found 0.12.0; the consequence."
     )
     assert caught[0].filename == __file__  # stacklevel 1: this line, as warnings.warn's own stacklevel counts
+
+
+def test_python_m_cfpo_loss_prints_no_warning():
+    """The README's first command runs clean: without numpy, `import torch` warns "Failed to initialize NumPy",
+    which is why numpy is a core dependency (pyproject.toml) although cfpo_loss never imports it."""
+    out = subprocess.run([sys.executable, "-m", "cfpo_loss"], capture_output=True, text=True, check=True)
+    assert out.stderr == "", out.stderr
+
+
+def test_numpy_is_a_core_dependency():
+    import pathlib
+    import re
+
+    pyproject = pathlib.Path(__file__).parents[2] / "pyproject.toml"
+    if not pyproject.is_file():  # the package session runs these tests on the installed wheel, outside the repo
+        pytest.skip("no source tree here")
+    (dependencies,) = re.findall(r"^dependencies = \[(.*)\]", pyproject.read_text(), re.M)
+    assert '"numpy"' in dependencies, dependencies

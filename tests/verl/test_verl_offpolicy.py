@@ -1,4 +1,4 @@
-"""verl's rollout-correction modes with ``loss_mode=cfpo`` / ``cfpo_seq`` (issue 18), on the real verl of the session.
+"""verl's rollout-correction modes with ``loss_mode=cfpo`` / ``cfpo_seq``, on the real verl of the session.
 
 What runs where in verl 0.8.0 - 0.9.1 (read from the wheels; the Ray test below shows it):
 

@@ -7,7 +7,7 @@ Select the loss with::
 
 How verl finds this module (``python -m cfpo_loss`` says which mechanism is active):
 
-* **verl 0.9.x**: nothing to do. ``pip install cfpo-loss`` declares this module under the entry-point
+* **verl 0.9.x**: nothing to do. Installing cfpo-loss declares this module under the entry-point
   group ``verl.plugins``; ``import verl`` loads every entry point of that group, in the driver and in
   every Ray worker (``VERL_USE_EXTERNAL_PLUGINS``: "auto" by default, "none" disables, or a comma list
   of entry-point names such as "cfpo_loss").
