@@ -58,9 +58,9 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_float, check_positive_int, check_tensor
+from ._checks import Batch, check_batch, check_choice, check_float, check_positive_int, check_tensor
 from .aggregation import AGG_MODES, GlobalBatch, aggregate_loss, row_weights
-from .loss import Batch, PolicyLossOutput, check_batch, compute_policy_loss, pass_options
+from .loss import PolicyLossOutput, compute_policy_loss, pass_options
 from .onepass import PassOptions, compiled_policy_grad, policy_grad
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]

@@ -11,19 +11,18 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._checks import (
+    cast,
+    check_batch,
     check_choice,
     check_dual_clip,
     check_eps,
     check_finite_where,
-    check_mask,
     check_tensor,
-    compute_dtype,
     raise_if_mask_invalid,
 )
 from .aggregation import AGG_MODES, GlobalBatch, row_weights
@@ -162,7 +161,7 @@ def compute_policy_loss(
         log_prob=log_prob,
         defer_mask_check=check_finite,
     )
-    log_prob = _cast(log_prob, dtype)
+    log_prob = cast(log_prob, dtype)
     if (
         type(dp_size) is int
         and dp_size == 1
@@ -200,51 +199,3 @@ def compute_policy_loss(
     return PolicyLossOutput(
         loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio, _host_metrics=host
     )
-
-
-class Batch(NamedTuple):
-    old_log_prob: Tensor | None
-    advantages: Tensor  # (B, T)
-    mask: Tensor  # bool
-    weights: Tensor | None
-    dtype: torch.dtype  # the compute dtype: fp32, or fp64 when any input is fp64
-    mask_invalid: Tensor | None  # deferred check of a 0/1 mask's values (see _checks.check_mask)
-
-
-def check_batch(
-    shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None, defer_mask_check=False
-) -> Batch:
-    """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
-    for a bool mask, nor with ``defer_mask_check``) and cast them to the compute dtype."""
-    if old_log_prob is not None:  # None: on-policy (the fused path)
-        check_tensor("old_log_prob", old_log_prob)
-    check_tensor("advantages", advantages)
-    if weights is not None:
-        check_tensor("weights", weights)
-    dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
-    shape = torch.Size(shape)
-    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("weights", weights)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
-    if old_log_prob is not None and old_log_prob.shape != shape:
-        raise ValueError(
-            f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}"
-        )
-    if advantages.shape in ((shape[0],), (shape[0], 1)):
-        advantages = advantages.reshape(shape[0], 1).expand(shape)
-    elif advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be (B,), (B, 1) or (B, T) with (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
-    if weights is not None:
-        if weights.shape != shape:
-            raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
-        weights = _cast(weights, dtype)
-    mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
-    old_log_prob = None if old_log_prob is None else _cast(old_log_prob, dtype)
-    return Batch(old_log_prob, _cast(advantages, dtype), mask, weights, dtype, mask_invalid)
-
-
-def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x.to(dtype)``, without the call (about a microsecond of host time) when it would return x itself."""
-    return x if x.dtype == dtype else x.to(dtype)
