@@ -20,7 +20,8 @@ L = Σ_b w_b Σ_t ℓ_bt, and its row weights w_b depend only on the mask and th
     grad_h[blk] = z @ W                                    GEMM 2
     grad_W += z.T @ h_blk,  grad_b += Σ z                  GEMM 3, accumulated in fp32
 
-The returned loss, metrics and ratio are the core's ``compute_policy_loss`` on the gathered log-probs.
+The returned loss, metrics and ratio are the core's policy loss on the gathered log-probs (``loss.policy_loss``, the
+call ``compute_policy_loss`` makes after its checks), from the plan's checked batch and row weight.
 
 The file reads top-down: the entry point; the plan (every check, once, before the pass); the layout (which
 valid tokens form each block); the pass and one block's step; the folds; the fp32 accumulation; the KL term;
@@ -50,6 +51,7 @@ accumulator would round every block's contribution; TRL's chunked kernel makes t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,9 +60,9 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ._checks import Batch, check_batch, check_choice, check_float, check_positive_int, check_tensor
-from .aggregation import AGG_MODES, GlobalBatch, aggregate_loss, row_weights
-from .loss import PolicyLossOutput, compute_policy_loss, pass_options
+from ._checks import Batch, check_batch, check_float, check_positive_int, check_tensor
+from .aggregation import GlobalBatch, row_weights, weighted_row_sum
+from .loss import PolicyLossOutput, pass_options, policy_loss
 from .onepass import PassOptions, compiled_policy_grad, policy_grad
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
@@ -199,8 +201,9 @@ class Gradients(NamedTuple):
 class FusedConfig:
     """The scalar options of one call, validated: the one copy of the configuration."""
 
-    options: PassOptions  # objective record, eps_low, eps_high, dual_clip, ratio_level (no metrics per block)
-    agg: str
+    options: PassOptions  # objective record, eps_low, eps_high, dual_clip, ratio_level; with metrics (the loss)
+    block_options: PassOptions  # the same without metrics: the per-block gradient pass
+    agg: str  # validated with the global batch by ``make_plan`` (``aggregation.row_weights``)
     global_batch: GlobalBatch
     temperature: float
     beta: float
@@ -222,34 +225,16 @@ class FusedConfig:
         compute_entropy,
         global_batch: GlobalBatch,
     ) -> FusedConfig:
-        options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
-        check_choice("agg", agg, AGG_MODES)
+        options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
         return FusedConfig(
             options,
+            dataclasses.replace(options, with_metrics=False),
             agg,
             global_batch,
             check_float("temperature", temperature, above=0.0),
             check_float("beta", beta, at_least=0.0),
             bool(check_finite),
             bool(compute_entropy),
-        )
-
-    def policy_loss_kwargs(self, weights: Tensor | None) -> dict:
-        """The keyword arguments of the final ``compute_policy_loss`` call (which computes the metrics)."""
-        o, g = self.options, self.global_batch
-        return dict(
-            objective=o.objective,
-            eps_low=o.eps_low,
-            eps_high=o.eps_high,
-            dual_clip=o.dual_clip,
-            ratio_level=o.ratio_level,
-            agg=self.agg,
-            weights=weights,
-            check_finite=self.check_finite,
-            dp_size=g.dp_size,
-            batch_num_tokens=g.batch_num_tokens,
-            global_batch_size=g.global_batch_size,
-            loss_scale_factor=g.loss_scale_factor,
         )
 
 
@@ -262,6 +247,7 @@ class FusedPlan:
     seq: int
     chunk_size: int  # valid tokens per block
     batch: Batch  # old_log_prob (None: on-policy), advantages (B, T), mask (bool), weights, compute dtype
+    row_weight: Tensor  # (B, 1) the aggregation as one weight per row (``aggregation.row_weights``), compute dtype
     ref_log_prob: Tensor | None  # only when beta > 0
 
     @property
@@ -326,9 +312,9 @@ def make_plan(
                 f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}"
             )
     batch = check_batch((bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
-    row_weights(batch.mask, config.agg, config.global_batch)  # validates dp_size and the global counts
+    row_weight = row_weights(batch.mask, config.agg, config.global_batch, dtype=batch.dtype)  # validates agg too
     ref = ref_log_prob.to(batch.dtype) if config.beta > 0 else None
-    return FusedPlan(config, bsz, seq, chunk_size, batch, ref)
+    return FusedPlan(config, bsz, seq, chunk_size, batch, row_weight, ref)
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu") -> int:
@@ -467,10 +453,10 @@ def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, want
     """Log-probs of the valid tokens, the entropy sum and the wanted gradients, block by block."""
     vocab = head.weight.shape[0]
     layout = make_layout(plan, target_ids, vocab)
-    row_weight = row_weights(plan.mask, plan.config.agg, plan.config.global_batch, dtype=plan.batch.dtype)
+    row_weight = plan.row_weight
     inputs = gather_inputs(plan, layout.tokens, target_ids, row_weight)
     buffers = allocate(plan, layout, head, fold, wanted)
-    grad_fn = fold.policy_grad(plan.config.options)
+    grad_fn = fold.policy_grad(plan.config.block_options)
     for block in layout.blocks:
         block_step(plan, layout.tokens, block, head, fold, grad_fn, inputs, row_weight, buffers, wanted)
     grads = buffers.grads
@@ -745,25 +731,18 @@ def kl_k3_grad(delta: Tensor) -> Tensor:
 
 
 def loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | None) -> PolicyLossOutput:
-    """The core's compute_policy_loss on the gathered log-probs (+ the KL term and the entropy metric)."""
+    """The core's policy loss on the gathered log-probs, from the plan's checked batch, options and row weight
+    (+ the KL term and the entropy metric)."""
     config, batch = plan.config, plan.batch
-    old = log_prob if batch.old_log_prob is None else batch.old_log_prob
-    out = compute_policy_loss(log_prob, old, batch.advantages, batch.mask, **config.policy_loss_kwargs(batch.weights))
+    if batch.old_log_prob is None:  # on-policy: π_old = the current policy, r = 1
+        batch = batch._replace(old_log_prob=log_prob)
+    out = policy_loss(log_prob, batch, config.options, plan.row_weight, check_finite=config.check_finite)
     loss, per_token, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
     count = batch.mask.sum().clamp(min=1)
     if plan.ref_log_prob is not None:
         kl = kl_k3(torch.where(batch.mask, plan.ref_log_prob - log_prob, 0.0))
         per_token = per_token + config.beta * kl
-        g = config.global_batch
-        loss = aggregate_loss(
-            per_token,
-            batch.mask,
-            config.agg,
-            dp_size=g.dp_size,
-            batch_num_tokens=g.batch_num_tokens,
-            global_batch_size=g.global_batch_size,
-            loss_scale_factor=g.loss_scale_factor,
-        )
+        loss = weighted_row_sum(torch.where(batch.mask, per_token, 0.0), plan.row_weight)
         metrics["kl"] = (kl.sum() / count).float()
     if entropy_sum is not None:
         metrics["entropy"] = (entropy_sum / count).float()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
+    Batch,
     cast,
     check_batch,
     check_choice,
@@ -25,7 +26,7 @@ from ._checks import (
     check_tensor,
     raise_if_mask_invalid,
 )
-from .aggregation import AGG_MODES, GlobalBatch, row_weights
+from .aggregation import GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
 from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
@@ -145,13 +146,12 @@ def compute_policy_loss(
             raise ValueError("compute_policy_loss: pass compile=..., not both compile= and the deprecated fast=")
         compile = fast
     options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
-    check_choice("agg", agg, AGG_MODES)
     check_choice("compile", compile, (False, True))
     check_tensor("log_prob", log_prob)
     check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
-    old_log_prob, advantages, mask, weights, dtype, mask_invalid = check_batch(
+    batch = check_batch(
         log_prob.shape,
         log_prob.device,
         old_log_prob,
@@ -161,7 +161,6 @@ def compute_policy_loss(
         log_prob=log_prob,
         defer_mask_check=check_finite,
     )
-    log_prob = cast(log_prob, dtype)
     if (
         type(dp_size) is int
         and dp_size == 1
@@ -172,27 +171,51 @@ def compute_policy_loss(
         global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
     else:
         global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    row_weight = row_weights(mask, agg, global_batch, dtype=dtype)
+    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype)  # validates agg and the counts
+    return policy_loss(
+        cast(log_prob, batch.dtype), batch, options, row_weight, compile=compile, check_finite=check_finite
+    )
+
+
+def policy_loss(
+    log_prob: Tensor,
+    batch: Batch,
+    options: PassOptions,
+    row_weight: Tensor,
+    *,
+    compile: bool = False,
+    check_finite: bool = True,
+) -> PolicyLossOutput:
+    """The policy loss of checked inputs: the one core call behind ``compute_policy_loss`` and the fused path.
+
+    ``log_prob`` (B, T) in the compute dtype ``batch.dtype``; ``batch`` from ``check_batch`` (``old_log_prob``
+    given); ``options`` from ``pass_options`` (with metrics); ``row_weight`` (B, 1) from ``aggregation.row_weights``:
+    the aggregation mode and the global batch, as the one weight per row (loss = Σ_b w_b Σ_t ℓ_bt)."""
     if compile:
         loss, _, ratio, metrics, checksum = compiled_policy_loss(
-            log_prob, old_log_prob, advantages, mask, row_weight, weights, options
+            log_prob, batch.old_log_prob, batch.advantages, batch.mask, row_weight, batch.weights, options
         )
         per_token_loss = None
     else:
         loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
-            log_prob, old_log_prob, advantages, mask, weights, row_weight, options
+            log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
     if check_finite:  # THE one device sync: the checksum and every metric in one transfer
+        mask_invalid = batch.mask_invalid
         if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
             checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
         *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
         if not math.isfinite(total):
             raise_if_mask_invalid(mask_invalid)
             check_finite_where(
-                mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages, weights=weights
+                batch.mask,
+                log_prob=log_prob.detach(),
+                old_log_prob=batch.old_log_prob,
+                advantages=batch.advantages,
+                weights=batch.weights,
             )
         host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
