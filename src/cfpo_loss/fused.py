@@ -24,11 +24,12 @@ The returned loss, metrics and ratio are the core's policy loss on the gathered 
 call ``compute_policy_loss`` makes after its checks), from the plan's checked batch and row weight.
 
 The file reads top-down: the entry point; the plan (every check, once, before the pass); the layout (which
-valid tokens form each block); the pass and one block's step; the folds; the fp32 accumulation; the KL term;
-the autograd wrapper that hands the precomputed gradients back.
+valid tokens form each block); the pass (``Pass``: its state, built once) and one block's step; the folds; the
+fp32 accumulation; the KL term; the autograd wrapper that hands the precomputed gradients back.
 
 Two folds, one per device, behind one protocol (``Fold``: ``forward`` gives a tile's log-softmax statistics,
-``backward_`` writes dL/dz over the tile, ``policy_grad`` is the per-token pass the device runs):
+``backward_`` writes dL/dz over the tile; ``compiled`` says whether it runs compiled kernels, and so whether the
+pass runs the core's per-token pass compiled too, a choice ``Pass.build`` makes once):
 
 * ``InPlaceFold`` (CPU): an fp32 tile; exp(z − max) is written over the tile in the forward and turned
   into dL/dz in the backward, in place. Fewest passes over memory, which is what a CPU is bound by.
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -158,8 +158,11 @@ def fused_linear_policy_loss(
     )
     head = LMHead(hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1]), lm_head_weight, lm_head_bias)
     wanted = Wanted.of(head) if torch.is_grad_enabled() else Wanted(False, False, False)
-    with torch.no_grad():
-        result = run_pass(plan, head.detached(), target_ids, default_fold(hidden.device), wanted)
+    with torch.no_grad():  # the pass: every block's log-probs and gradients, no host sync inside the loop
+        state = Pass.build(plan, head.detached(), target_ids, default_fold(hidden.device), wanted)
+        for block in state.blocks:
+            state.step(block)
+        result = state.result()
     out = loss_and_metrics(plan, result.log_prob, result.entropy_sum)
     loss = _FusedLoss.apply(out.loss.detach(), result.grads, head.hidden, head.weight, head.bias)
     return PolicyLossOutput(loss=loss, metrics=out.metrics, per_token_loss=out.per_token_loss, ratio=out.ratio)
@@ -417,7 +420,7 @@ def make_layout(plan: FusedPlan, target_ids: Tensor, vocab: int) -> Layout:
     return Layout(tokens, blocks)
 
 
-# ---- the pass: the loop over blocks, and one block's step ----------------------------------------------------
+# ---- the pass: its state, built once, and one block's step ---------------------------------------------------
 
 
 class PassResult(NamedTuple):
@@ -449,33 +452,102 @@ class Buffers(NamedTuple):
     low: Tensor | None
 
 
-def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> PassResult:
-    """Log-probs of the valid tokens, the entropy sum and the wanted gradients, block by block."""
-    vocab = head.weight.shape[0]
-    layout = make_layout(plan, target_ids, vocab)
-    row_weight = plan.row_weight
-    inputs = gather_inputs(plan, layout.tokens, target_ids, row_weight)
-    buffers = allocate(plan, layout, head, fold, wanted)
-    grad_fn = fold.policy_grad(plan.config.block_options)
-    for block in layout.blocks:
-        block_step(plan, layout.tokens, block, head, fold, grad_fn, inputs, row_weight, buffers, wanted)
-    grads = buffers.grads
-    grads = Gradients(
-        grads.hidden,
-        None if grads.weight is None else grads.weight.to(head.weight.dtype),
-        None if grads.bias is None else grads.bias.to(head.bias.dtype),
-    )
-    log_prob = layout.tokens.scatter(buffers.log_prob).view(plan.bsz, plan.seq)
-    return PassResult(log_prob, buffers.entropy_sum, grads)
+class Pass:
+    """One pass over the blocks: everything a block's step reads, built once (``Pass.build``).
+
+    The plan, the valid tokens and their blocks, the detached LM head, the fold, the wanted gradients, the
+    per-token inputs gathered once, the buffers the loop writes, and the two choices a block's dL/dlog π
+    depends on, made here and not per block: the core's per-token pass, eager or compiled (``token_pass``,
+    compiled where the fold is), and the layout it is given a block in (``block_grad``: token level, the block's
+    tokens as one row; sequence level, its whole rows)."""
+
+    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, token_pass):
+        self.plan, self.tokens, self.blocks = plan, layout.tokens, layout.blocks
+        self.head, self.fold, self.wanted = head, fold, wanted
+        self.inputs, self.buffers, self.token_pass = inputs, buffers, token_pass
+        self.block_grad = self.token_level_grad if plan.token_level else self.sequence_level_grad
+
+    @staticmethod
+    def build(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> Pass:
+        layout = make_layout(plan, target_ids, head.weight.shape[0])
+        options = plan.config.block_options
+        token_pass = compiled_policy_grad(options) if fold.compiled else functools.partial(policy_grad, options=options)
+        inputs = gather_inputs(plan, layout.tokens, target_ids)
+        return Pass(plan, layout, head, fold, wanted, inputs, allocate(plan, layout, head, fold, wanted), token_pass)
+
+    def step(self, block: Block) -> None:
+        """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
+        n, config = block.end - block.start, self.plan.config
+        head, buffers, wanted = self.head, self.buffers, self.wanted
+        h_blk = self.tokens.take_rows(head.hidden, block)
+        target = self.inputs.targets[block.tokens]
+        z, gemm_out = buffers.tile[:n], (buffers.tile if buffers.low is None else buffers.low)[:n]
+        if head.bias is not None:  # GEMM 1, in the input dtype
+            torch.addmm(head.bias, h_blk, head.weight.t(), out=gemm_out)
+        else:
+            torch.mm(h_blk, head.weight.t(), out=gemm_out)
+        if buffers.low is not None:
+            z.copy_(gemm_out)
+        stats = self.fold.forward(z, target, config.temperature, buffers.entropy_sum is not None)
+        buffers.log_prob[block.tokens] = stats.log_prob
+        if buffers.entropy_sum is not None:
+            buffers.entropy_sum.add_(stats.entropy.sum())
+        if not any(wanted):
+            return
+        g = self.block_grad(block, stats.log_prob)
+        if self.inputs.ref_log_prob is not None:  # TRL's KL term, β·w·k3 per token
+            sl = block.tokens
+            g = g + config.beta * self.inputs.row_weight[sl] * kl_k3_grad(self.inputs.ref_log_prob[sl] - stats.log_prob)
+        dz = self.fold.backward_(z, target, stats, g, config.temperature)
+        grads = buffers.grads
+        if wanted.hidden:  # GEMM 2, in the input dtype
+            low = head.hidden.dtype
+            dz_low = dz if dz.dtype == low else buffers.low[:n].copy_(dz)
+            self.tokens.mm_into_rows(grads.hidden, block, dz_low, head.weight)
+        if wanted.weight:  # GEMM 3, accumulated in fp32
+            accumulate_fp32(grads.weight, dz.t(), h_blk)
+        if wanted.bias:
+            grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
+
+    def token_level_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """dL/dlog π of a token-level block: its tokens laid out as one row, each with its own row's weight."""
+        sl, inputs = block.tokens, self.inputs
+        lp = log_prob[None]
+        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
+        weights = None if inputs.weights is None else inputs.weights[sl][None]
+        every = inputs.every[:, : lp.shape[1]]
+        return self.token_pass(lp, old, inputs.advantages[sl][None], every, inputs.row_weight[sl][None], weights)[0]
+
+    def sequence_level_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """dL/dlog π of a sequence-level block: its whole rows laid out as rows (a token's ratio is its row's)."""
+        plan, batch, rows = self.plan, self.plan.batch, block.rows
+        local = self.tokens.block_positions(block) - rows.start * plan.seq
+        lp = log_prob.new_zeros((rows.stop - rows.start) * plan.seq).index_copy_(0, local, log_prob)
+        lp = lp.view(rows.stop - rows.start, plan.seq)
+        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
+        weights = None if batch.weights is None else batch.weights[rows]
+        g = self.token_pass(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
+        return g.reshape(-1).index_select(0, local)
+
+    def result(self) -> PassResult:
+        """The log-probs as (B, T), the entropy sum, the gradients (weight and bias cast to their dtype)."""
+        grads, head = self.buffers.grads, self.head
+        grads = Gradients(
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(head.weight.dtype),
+            None if grads.bias is None else grads.bias.to(head.bias.dtype),
+        )
+        log_prob = self.tokens.scatter(self.buffers.log_prob).view(self.plan.bsz, self.plan.seq)
+        return PassResult(log_prob, self.buffers.entropy_sum, grads)
 
 
-def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor, row_weight: Tensor) -> TokenInputs:
+def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor) -> TokenInputs:
     batch = plan.batch
     token_level, kl = plan.token_level, plan.ref_log_prob is not None
     gather = lambda x: None if x is None else tokens.gather(x)
     return TokenInputs(
         targets=gather(target_ids),
-        row_weight=gather(row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
+        row_weight=gather(plan.row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
         every=torch.ones(1, min(plan.chunk_size, max(tokens.count, 1)), dtype=torch.bool, device=target_ids.device)
         if token_level
         else None,
@@ -506,79 +578,6 @@ def allocate(plan: FusedPlan, layout: Layout, head: LMHead, fold: Fold, wanted: 
     )
 
 
-def block_step(
-    plan: FusedPlan,
-    tokens: ValidTokens,
-    block: Block,
-    head: LMHead,
-    fold: Fold,
-    grad_fn,
-    inputs: TokenInputs,
-    row_weight: Tensor,
-    buffers: Buffers,
-    wanted: Wanted,
-) -> None:
-    """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
-    n, config = block.end - block.start, plan.config
-    h_blk = tokens.take_rows(head.hidden, block)
-    target = inputs.targets[block.tokens]
-    z, gemm_out = buffers.tile[:n], (buffers.tile if buffers.low is None else buffers.low)[:n]
-    if head.bias is not None:  # GEMM 1, in the input dtype
-        torch.addmm(head.bias, h_blk, head.weight.t(), out=gemm_out)
-    else:
-        torch.mm(h_blk, head.weight.t(), out=gemm_out)
-    if buffers.low is not None:
-        z.copy_(gemm_out)
-    stats = fold.forward(z, target, config.temperature, buffers.entropy_sum is not None)
-    buffers.log_prob[block.tokens] = stats.log_prob
-    if buffers.entropy_sum is not None:
-        buffers.entropy_sum.add_(stats.entropy.sum())
-    if not any(wanted):
-        return
-
-    g = log_prob_grad(plan, tokens, block, grad_fn, inputs, row_weight, stats.log_prob)
-    dz = fold.backward_(z, target, stats, g, config.temperature)
-    grads = buffers.grads
-    if wanted.hidden:  # GEMM 2, in the input dtype
-        low = head.hidden.dtype
-        tokens.mm_into_rows(grads.hidden, block, dz if dz.dtype == low else buffers.low[:n].copy_(dz), head.weight)
-    if wanted.weight:  # GEMM 3, accumulated in fp32
-        accumulate_fp32(grads.weight, dz.t(), h_blk)
-    if wanted.bias:
-        grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
-
-
-def log_prob_grad(
-    plan: FusedPlan,
-    tokens: ValidTokens,
-    block: Block,
-    grad_fn,
-    inputs: TokenInputs,
-    row_weight: Tensor,
-    log_prob: Tensor,
-) -> Tensor:
-    """dL/dlog π of the block's tokens: the core's per-token pass (+ the KL term's derivative)."""
-    sl, batch = block.tokens, plan.batch
-    if block.rows is None:  # token level: the block's tokens laid out as one row, each with its row's weight
-        lp = log_prob[None]
-        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
-        weights = None if inputs.weights is None else inputs.weights[sl][None]
-        every = inputs.every[:, : lp.shape[1]]
-        g = grad_fn(lp, old, inputs.advantages[sl][None], every, inputs.row_weight[sl][None], weights)[0]
-    else:  # sequence level: the block's whole rows, laid out as rows
-        rows, seq = block.rows, plan.seq
-        local = tokens.block_positions(block) - rows.start * seq
-        lp = log_prob.new_zeros((rows.stop - rows.start) * seq).index_copy_(0, local, log_prob)
-        lp = lp.view(rows.stop - rows.start, seq)
-        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
-        weights = None if batch.weights is None else batch.weights[rows]
-        g = grad_fn(lp, old, batch.advantages[rows], batch.mask[rows], row_weight[rows], weights)
-        g = g.reshape(-1).index_select(0, local)
-    if inputs.ref_log_prob is not None:  # TRL's KL term, β·w·k3 per token
-        g = g + plan.config.beta * inputs.row_weight[sl] * kl_k3_grad(inputs.ref_log_prob[sl] - log_prob)
-    return g
-
-
 # ---- the folds: one tile's log-softmax statistics forward, dL/dz backward -----------------------------------
 
 
@@ -595,8 +594,8 @@ class Fold(Protocol):
     def backward_(self, z: Tensor, target: Tensor, stats, g: Tensor, temperature: float) -> Tensor:
         """Write dL/dz = g · (onehot(target) − softmax(z / T)) / T over ``z`` (in its dtype) and return it."""
 
-    def policy_grad(self, options: PassOptions) -> Callable[..., Tensor]:
-        """The per-token pass giving dL/dlog π (``onepass.policy_grad``, eager or compiled)."""
+    #: whether the fold runs compiled kernels: the pass then runs the core's per-token pass compiled too
+    compiled: bool
 
 
 class InPlaceStats(NamedTuple):
@@ -607,6 +606,8 @@ class InPlaceStats(NamedTuple):
 
 class InPlaceFold:
     """CPU: the tile in fp32 (fp64 for fp64 inputs); softmax and its gradient written over it in place."""
+
+    compiled = False
 
     def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -626,9 +627,6 @@ class InPlaceFold:
         g = g.to(z.dtype) / temperature
         z.mul_((-g / stats.sum_exp)[:, None])  # −g·softmax
         return z.scatter_add_(1, target[:, None], g[:, None])  # + g·onehot
-
-    def policy_grad(self, options: PassOptions):
-        return functools.partial(policy_grad, options=options)
 
 
 class CompiledStats(NamedTuple):
@@ -664,7 +662,7 @@ class CompiledFold:
     their eager torch twins, which the tests hold the compiled ones to)."""
 
     def __init__(self, compile: bool = True):
-        self.compile = compile
+        self.compile = self.compiled = compile
 
     def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return input_dtype
@@ -677,9 +675,6 @@ class CompiledFold:
     def backward_(self, z, target, stats: CompiledStats, g, temperature) -> Tensor:
         fn = _compiled(fold_backward_) if self.compile else fold_backward_
         return fn(z, target, stats.logsumexp, g.to(stats.logsumexp.dtype), temperature)
-
-    def policy_grad(self, options: PassOptions):
-        return compiled_policy_grad(options) if self.compile else functools.partial(policy_grad, options=options)
 
 
 def default_fold(device: torch.device) -> Fold:
