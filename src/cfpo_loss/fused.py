@@ -15,7 +15,7 @@ L = Σ_b w_b Σ_t ℓ_bt, and its row weights w_b depend only on the mask and th
 
     z = h_blk @ W.T (+ b)                                  GEMM 1: one (n, V) tile
     log-softmax statistics, target log-probs               the fold's forward, in fp32
-    g = dL/dlog_prob                                       the core's per-token pass (onepass.policy_grad)
+    g = dL/dlog_prob                                       the core's per-token pass (_per_token.dloss_dlog_prob)
     z := g · (onehot − softmax(z / T)) / T                 the fold's backward, in place on the tile
     grad_h[blk] = z @ W                                    GEMM 2
     grad_W += z.T @ h_blk,  grad_b += Σ z                  GEMM 3, accumulated in fp32
@@ -61,9 +61,9 @@ import torch
 from torch import Tensor
 
 from ._checks import Batch, check_batch, check_float, check_positive_int, check_tensor
+from ._per_token import PassOptions, compiled_dloss_dlog_prob, dloss_dlog_prob
 from .aggregation import GlobalBatch, row_weights, weighted_row_sum
 from .loss import PolicyLossOutput, pass_options, policy_loss
-from .onepass import PassOptions, compiled_policy_grad, policy_grad
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 
@@ -457,23 +457,26 @@ class Pass:
 
     The plan, the valid tokens and their blocks, the detached LM head, the fold, the wanted gradients, the
     per-token inputs gathered once, the buffers the loop writes, and the two choices a block's dL/dlog π
-    depends on, made here and not per block: the core's per-token pass, eager or compiled (``token_pass``,
+    depends on, made here and not per block: the core's per-token pass, eager or compiled (``dloss_dlog_prob``,
     compiled where the fold is), and the layout it is given a block in (``block_grad``: token level, the block's
     tokens as one row; sequence level, its whole rows)."""
 
-    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, token_pass):
+    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, per_token):
         self.plan, self.tokens, self.blocks = plan, layout.tokens, layout.blocks
         self.head, self.fold, self.wanted = head, fold, wanted
-        self.inputs, self.buffers, self.token_pass = inputs, buffers, token_pass
+        self.inputs, self.buffers, self.dloss_dlog_prob = inputs, buffers, per_token
         self.block_grad = self.token_level_grad if plan.token_level else self.sequence_level_grad
 
     @staticmethod
     def build(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> Pass:
         layout = make_layout(plan, target_ids, head.weight.shape[0])
         options = plan.config.block_options
-        token_pass = compiled_policy_grad(options) if fold.compiled else functools.partial(policy_grad, options=options)
+        if fold.compiled:
+            per_token = compiled_dloss_dlog_prob(options)
+        else:
+            per_token = functools.partial(dloss_dlog_prob, options=options)
         inputs = gather_inputs(plan, layout.tokens, target_ids)
-        return Pass(plan, layout, head, fold, wanted, inputs, allocate(plan, layout, head, fold, wanted), token_pass)
+        return Pass(plan, layout, head, fold, wanted, inputs, allocate(plan, layout, head, fold, wanted), per_token)
 
     def step(self, block: Block) -> None:
         """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
@@ -516,7 +519,8 @@ class Pass:
         old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
         weights = None if inputs.weights is None else inputs.weights[sl][None]
         every = inputs.every[:, : lp.shape[1]]
-        return self.token_pass(lp, old, inputs.advantages[sl][None], every, inputs.row_weight[sl][None], weights)[0]
+        advantages, row_weight = inputs.advantages[sl][None], inputs.row_weight[sl][None]
+        return self.dloss_dlog_prob(lp, old, advantages, every, row_weight, weights)[0]
 
     def sequence_level_grad(self, block: Block, log_prob: Tensor) -> Tensor:
         """dL/dlog π of a sequence-level block: its whole rows laid out as rows (a token's ratio is its row's)."""
@@ -526,7 +530,7 @@ class Pass:
         lp = lp.view(rows.stop - rows.start, plan.seq)
         old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
         weights = None if batch.weights is None else batch.weights[rows]
-        g = self.token_pass(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
+        g = self.dloss_dlog_prob(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
         return g.reshape(-1).index_select(0, local)
 
     def result(self) -> PassResult:

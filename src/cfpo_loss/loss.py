@@ -1,7 +1,7 @@
 """compute_policy_loss: log-probs → ratio → surrogate objective → aggregation → metrics.
 
-This is the one place every adapter calls. The per-token math is in ``surrogates.py``, the one-pass
-evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the reduction in
+This is the one place every adapter calls. The per-token math is in ``surrogates.py``, the per-token
+pass (objective, analytic derivative, metrics in one sweep) in ``_per_token.py``, the reduction in
 ``aggregation.py``, the statistics in ``metrics.py``.
 """
 
@@ -26,9 +26,9 @@ from ._checks import (
     check_tensor,
     raise_if_mask_invalid,
 )
+from ._per_token import EagerPolicyLoss, PassOptions, compiled_policy_loss
 from .aggregation import GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
-from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
@@ -197,7 +197,7 @@ def policy_loss(
         )
         per_token_loss = None
     else:
-        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
+        loss, per_token_loss, ratio, metrics, checksum = EagerPolicyLoss.apply(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
