@@ -461,10 +461,10 @@ class Pass:
     compiled where the fold is), and the layout it is given a block in (``block_grad``: token level, the block's
     tokens as one row; sequence level, its whole rows)."""
 
-    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, per_token):
+    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, per_token_grad):
         self.plan, self.tokens, self.blocks = plan, layout.tokens, layout.blocks
         self.head, self.fold, self.wanted = head, fold, wanted
-        self.inputs, self.buffers, self.dloss_dlog_prob = inputs, buffers, per_token
+        self.inputs, self.buffers, self.dloss_dlog_prob = inputs, buffers, per_token_grad
         self.block_grad = self.token_level_grad if plan.token_level else self.sequence_level_grad
 
     @staticmethod
@@ -472,11 +472,11 @@ class Pass:
         layout = make_layout(plan, target_ids, head.weight.shape[0])
         options = plan.config.block_options
         if fold.compiled:
-            per_token = compiled_dloss_dlog_prob(options)
+            per_token_grad = compiled_dloss_dlog_prob(options)
         else:
-            per_token = functools.partial(dloss_dlog_prob, options=options)
-        inputs = gather_inputs(plan, layout.tokens, target_ids)
-        return Pass(plan, layout, head, fold, wanted, inputs, allocate(plan, layout, head, fold, wanted), per_token)
+            per_token_grad = functools.partial(dloss_dlog_prob, options=options)
+        inputs, buffers = gather_inputs(plan, layout.tokens, target_ids), allocate(plan, layout, head, fold, wanted)
+        return Pass(plan, layout, head, fold, wanted, inputs, buffers, per_token_grad)
 
     def step(self, block: Block) -> None:
         """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
@@ -736,16 +736,17 @@ def loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | No
     if batch.old_log_prob is None:  # on-policy: π_old = the current policy, r = 1
         batch = batch._replace(old_log_prob=log_prob)
     out = policy_loss(log_prob, batch, config.options, plan.row_weight, check_finite=config.check_finite)
-    loss, per_token, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
+    # the per-token term loss aggregates: the policy's (detached), + β·k3 with the KL term
+    loss, aggregated, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
     count = batch.mask.sum().clamp(min=1)
     if plan.ref_log_prob is not None:
         kl = kl_k3(torch.where(batch.mask, plan.ref_log_prob - log_prob, 0.0))
-        per_token = per_token + config.beta * kl
-        loss = weighted_row_sum(torch.where(batch.mask, per_token, 0.0), plan.row_weight)
+        aggregated = aggregated + config.beta * kl
+        loss = weighted_row_sum(torch.where(batch.mask, aggregated, 0.0), plan.row_weight)
         metrics["kl"] = (kl.sum() / count).float()
     if entropy_sum is not None:
         metrics["entropy"] = (entropy_sum / count).float()
-    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=per_token, ratio=out.ratio)
+    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=aggregated, ratio=out.ratio)
 
 
 class _FusedLoss(torch.autograd.Function):

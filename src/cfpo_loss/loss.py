@@ -42,8 +42,12 @@ class PolicyLossOutput:
     Attributes:
         loss: fp32 scalar to minimise (−aggregated objective), carries the autograd graph.
         metrics: detached 0-dim fp32 tensors keyed by the names in ``metrics.py``.
-        per_token_loss: (B, T) fp32 −objective (× weights), exactly 0 at masked positions, with graph; for
-            frameworks that aggregate, add KL terms etc. themselves.
+        per_token_loss: (B, T) fp32, the per-token term that ``loss`` aggregates (loss = Σ_b w_b Σ_t of it, w
+            the row weights of ``agg``), exactly 0 at masked positions: one meaning, three forms by entry point.
+            ``compute_policy_loss``: −objective (× weights), with graph, for frameworks that aggregate or add
+            KL terms etc. themselves; with ``compile=True``: None (the compiled pass never materialises it);
+            ``fused_linear_policy_loss``: −objective (× weights) + beta·k3 (its KL term, which it aggregates
+            too), detached (only ``loss`` carries a gradient there).
         ratio: (B, T) detached ratio as the objective used it (sequence ratio broadcast over T).
     """
 
