@@ -666,18 +666,18 @@ class CompiledFold:
     their eager torch twins, which the tests hold the compiled ones to)."""
 
     def __init__(self, compile: bool = True):
-        self.compile = self.compiled = compile
+        self.compiled = compile
 
     def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return input_dtype
 
     def forward(self, z, target, temperature, entropy) -> CompiledStats:
-        fn = _compiled(fold_forward) if self.compile else fold_forward
+        fn = _compiled(fold_forward) if self.compiled else fold_forward
         lse, z_target, ent = fn(z, target, temperature, entropy)
         return CompiledStats(z_target - lse, ent, lse)
 
     def backward_(self, z, target, stats: CompiledStats, g, temperature) -> Tensor:
-        fn = _compiled(fold_backward_) if self.compile else fold_backward_
+        fn = _compiled(fold_backward_) if self.compiled else fold_backward_
         return fn(z, target, stats.logsumexp, g.to(stats.logsumexp.dtype), temperature)
 
 
