@@ -163,6 +163,7 @@ def fused_linear_policy_loss(
         for block in state.blocks:
             state.step(block)
         result = state.result()
+        del state  # its buffers, the logits tile above all, go before the loss below allocates
     out = loss_and_metrics(plan, result.log_prob, result.entropy_sum)
     loss = _FusedLoss.apply(out.loss.detach(), result.grads, head.hidden, head.weight, head.bias)
     return PolicyLossOutput(loss=loss, metrics=out.metrics, per_token_loss=out.per_token_loss, ratio=out.ratio)
@@ -458,14 +459,13 @@ class Pass:
     The plan, the valid tokens and their blocks, the detached LM head, the fold, the wanted gradients, the
     per-token inputs gathered once, the buffers the loop writes, and the two choices a block's dL/dlog π
     depends on, made here and not per block: the core's per-token pass, eager or compiled (``dloss_dlog_prob``,
-    compiled where the fold is), and the layout it is given a block in (``block_grad``: token level, the block's
-    tokens as one row; sequence level, its whole rows)."""
+    compiled where the fold is), and the layout it is given a block in (``block_grad``: the subclass,
+    ``TokenLevelPass`` or ``SequenceLevelPass``)."""
 
     def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, per_token_grad):
         self.plan, self.tokens, self.blocks = plan, layout.tokens, layout.blocks
         self.head, self.fold, self.wanted = head, fold, wanted
         self.inputs, self.buffers, self.dloss_dlog_prob = inputs, buffers, per_token_grad
-        self.block_grad = self.token_level_grad if plan.token_level else self.sequence_level_grad
 
     @staticmethod
     def build(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> Pass:
@@ -476,7 +476,12 @@ class Pass:
         else:
             per_token_grad = functools.partial(dloss_dlog_prob, options=options)
         inputs, buffers = gather_inputs(plan, layout.tokens, target_ids), allocate(plan, layout, head, fold, wanted)
-        return Pass(plan, layout, head, fold, wanted, inputs, buffers, per_token_grad)
+        kind = TokenLevelPass if plan.token_level else SequenceLevelPass
+        return kind(plan, layout, head, fold, wanted, inputs, buffers, per_token_grad)
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """dL/dlog π of the block's tokens (policy term only), from their log-probs."""
+        raise NotImplementedError
 
     def step(self, block: Block) -> None:
         """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
@@ -512,27 +517,6 @@ class Pass:
         if wanted.bias:
             grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
 
-    def token_level_grad(self, block: Block, log_prob: Tensor) -> Tensor:
-        """dL/dlog π of a token-level block: its tokens laid out as one row, each with its own row's weight."""
-        sl, inputs = block.tokens, self.inputs
-        lp = log_prob[None]
-        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
-        weights = None if inputs.weights is None else inputs.weights[sl][None]
-        every = inputs.every[:, : lp.shape[1]]
-        advantages, row_weight = inputs.advantages[sl][None], inputs.row_weight[sl][None]
-        return self.dloss_dlog_prob(lp, old, advantages, every, row_weight, weights)[0]
-
-    def sequence_level_grad(self, block: Block, log_prob: Tensor) -> Tensor:
-        """dL/dlog π of a sequence-level block: its whole rows laid out as rows (a token's ratio is its row's)."""
-        plan, batch, rows = self.plan, self.plan.batch, block.rows
-        local = self.tokens.block_positions(block) - rows.start * plan.seq
-        lp = log_prob.new_zeros((rows.stop - rows.start) * plan.seq).index_copy_(0, local, log_prob)
-        lp = lp.view(rows.stop - rows.start, plan.seq)
-        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
-        weights = None if batch.weights is None else batch.weights[rows]
-        g = self.dloss_dlog_prob(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
-        return g.reshape(-1).index_select(0, local)
-
     def result(self) -> PassResult:
         """The log-probs as (B, T), the entropy sum, the gradients (weight and bias cast to their dtype)."""
         grads, head = self.buffers.grads, self.head
@@ -543,6 +527,35 @@ class Pass:
         )
         log_prob = self.tokens.scatter(self.buffers.log_prob).view(self.plan.bsz, self.plan.seq)
         return PassResult(log_prob, self.buffers.entropy_sum, grads)
+
+
+class TokenLevelPass(Pass):
+    """Token ratio: a token's gradient is its own, so a block is any run of valid tokens."""
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """The block's tokens laid out as one row, each with its own row's weight."""
+        sl, inputs = block.tokens, self.inputs
+        lp = log_prob[None]
+        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
+        weights = None if inputs.weights is None else inputs.weights[sl][None]
+        every = inputs.every[:, : lp.shape[1]]
+        advantages, row_weight = inputs.advantages[sl][None], inputs.row_weight[sl][None]
+        return self.dloss_dlog_prob(lp, old, advantages, every, row_weight, weights)[0]
+
+
+class SequenceLevelPass(Pass):
+    """Sequence ratio (GSPO): a token's gradient depends on its whole row, so a block is whole rows."""
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """The block's whole rows laid out as rows (a token's ratio is its row's)."""
+        plan, batch, rows = self.plan, self.plan.batch, block.rows
+        local = self.tokens.block_positions(block) - rows.start * plan.seq
+        lp = log_prob.new_zeros((rows.stop - rows.start) * plan.seq).index_copy_(0, local, log_prob)
+        lp = lp.view(rows.stop - rows.start, plan.seq)
+        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
+        weights = None if batch.weights is None else batch.weights[rows]
+        g = self.dloss_dlog_prob(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
+        return g.reshape(-1).index_select(0, local)
 
 
 def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor) -> TokenInputs:
