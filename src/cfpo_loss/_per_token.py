@@ -183,7 +183,8 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
 
 def chain_to_log_prob(grad_ratio: Tensor, terms: PolicyTerms, ratio_level: str) -> Tensor:
     """A gradient w.r.t. the ratio (per token) as one w.r.t. log π, by the chain rule: dr/dlog π_t = r (token
-    ratio), or r/|y| for every token of the row (sequence); 0 where the ±20 clamp cut the log-ratio."""
+    ratio), or r/|y| for every token of the row (sequence); 0 at masked tokens and where the ±20 clamp cut the
+    log-ratio (``terms.passes``)."""
     if ratio_level == "sequence":
         row = (grad_ratio * terms.ratio).sum(-1, keepdim=True) / terms.tokens_per_row
         return terms.passes.zero(row.expand_as(grad_ratio))
