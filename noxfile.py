@@ -420,7 +420,7 @@ MUTMUT = "mutmut==3.8.1"
 MUTATION_SCOPE = {
     "surrogates": ["test_surrogates.py", "test_loss.py"],
     "metrics": ["test_metrics.py", "test_ratio_sums.py", "test_loss.py"],
-    "onepass": ["test_onepass.py", "test_metrics.py", "test_loss.py"],
+    "_per_token": ["test_per_token.py", "test_metrics.py", "test_loss.py"],
     "loss": ["test_loss.py", "test_validation.py", "test_metrics.py"],
     "aggregation": ["test_loss.py", "test_validation.py"],
     "_checks": ["test_validation.py", "test_loss.py"],
@@ -453,7 +453,7 @@ def mutation(session: nox.Session) -> None:
     on the shared 2-core machine (fused alone 21 min): run it in two halves, `-- fused` and the other seven modules,
     about 30 min each. Score and survivors: CONTRIBUTING.md, "Testing".
 
-    `nox -s mutation` runs every module; `nox -s mutation -- metrics onepass` some. The work folders stay in
+    `nox -s mutation` runs every module; `nox -s mutation -- metrics _per_token` some. The work folders stay in
     .nox/mutation-work/MODULE: `cd` there and `../../mutation/bin/mutmut show NAME` prints a survivor's diff.
     cfpo_loss itself is not installed: the tests must import mutmut's mutated copy (mutants/src).
     """

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_elementwise import verl_style_clip
 
-import cfpo_loss.onepass as onepass
+import cfpo_loss._per_token as per_token
 from cfpo_loss import compute_policy_loss
 
 NO_KERNEL = {
@@ -115,7 +115,7 @@ def main() -> None:
     for select in ("where (as on CUDA)", "bit ops (as on CPU)"):
         for objective in ("clip", "cfpo"):
             rows.append((f"ours {objective}, eager, {select}", ours(objective), select.startswith("where")))
-    original = onepass.Select.__init__
+    original = per_token.Select.__init__
     print(f"policy loss fwd+bwd+metrics read, {args.batch}x{args.seq}, torch {torch.__version__}")
     print("| row | ops | syncs | ops / baseline |\n|---|---:|---:|---:|")
     base = None
@@ -125,13 +125,13 @@ def main() -> None:
             def init(self, m, dtype, bitwise=True, _where=where):  # force the row's select, whatever the size
                 original(self, m, dtype, not _where)
 
-            onepass.Select.__init__ = init
+            per_token.Select.__init__ = init
         try:
             fn()  # warm-up (lazy init, caches)
             with Count() as c:
                 fn()
         finally:
-            onepass.Select.__init__ = original
+            per_token.Select.__init__ = original
         base = base or c.ops
         print(f"| {name} | {c.ops} | {c.syncs} | {c.ops / base:.2f} |")
         if args.verbose:

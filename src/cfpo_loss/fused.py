@@ -15,19 +15,21 @@ L = Σ_b w_b Σ_t ℓ_bt, and its row weights w_b depend only on the mask and th
 
     z = h_blk @ W.T (+ b)                                  GEMM 1: one (n, V) tile
     log-softmax statistics, target log-probs               the fold's forward, in fp32
-    g = dL/dlog_prob                                       the core's per-token pass (onepass.policy_grad)
+    g = dL/dlog_prob                                       the core's per-token pass (_per_token.dloss_dlog_prob)
     z := g · (onehot − softmax(z / T)) / T                 the fold's backward, in place on the tile
     grad_h[blk] = z @ W                                    GEMM 2
     grad_W += z.T @ h_blk,  grad_b += Σ z                  GEMM 3, accumulated in fp32
 
-The returned loss, metrics and ratio are the core's ``compute_policy_loss`` on the gathered log-probs.
+The returned loss, metrics and ratio are the core's policy loss on the gathered log-probs (``loss.policy_loss``, the
+call ``compute_policy_loss`` makes after its checks), from the plan's checked batch and row weight.
 
 The file reads top-down: the entry point; the plan (every check, once, before the pass); the layout (which
-valid tokens form each block); the pass and one block's step; the folds; the fp32 accumulation; the KL term;
-the autograd wrapper that hands the precomputed gradients back.
+valid tokens form each block); the pass (``Pass``: its state, built once) and one block's step; the folds; the
+fp32 accumulation; the KL term; the autograd wrapper that hands the precomputed gradients back.
 
 Two folds, one per device, behind one protocol (``Fold``: ``forward`` gives a tile's log-softmax statistics,
-``backward_`` writes dL/dz over the tile, ``policy_grad`` is the per-token pass the device runs):
+``backward_`` writes dL/dz over the tile; ``compiled`` says whether it runs compiled kernels, and so whether the
+pass runs the core's per-token pass compiled too, a choice ``Pass.build`` makes once):
 
 * ``InPlaceFold`` (CPU): an fp32 tile; exp(z − max) is written over the tile in the forward and turned
   into dL/dz in the backward, in place. Fewest passes over memory, which is what a CPU is bound by.
@@ -50,18 +52,18 @@ accumulator would round every block's contribution; TRL's chunked kernel makes t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_float, check_positive_int, check_tensor
-from .aggregation import AGG_MODES, GlobalBatch, aggregate_loss, row_weights
-from .loss import Batch, PolicyLossOutput, check_batch, compute_policy_loss, pass_options
-from .onepass import PassOptions, compiled_policy_grad, policy_grad
+from ._checks import Batch, check_batch, check_float, check_positive_int, check_tensor
+from ._per_token import PassOptions, compiled_dloss_dlog_prob, dloss_dlog_prob
+from .aggregation import GlobalBatch, row_weights, weighted_row_sum
+from .loss import PolicyLossOutput, pass_options, policy_loss
 
 __all__ = ["fused_linear_policy_loss", "default_chunk_size"]
 
@@ -156,8 +158,12 @@ def fused_linear_policy_loss(
     )
     head = LMHead(hidden.reshape(plan.bsz * plan.seq, lm_head_weight.shape[1]), lm_head_weight, lm_head_bias)
     wanted = Wanted.of(head) if torch.is_grad_enabled() else Wanted(False, False, False)
-    with torch.no_grad():
-        result = run_pass(plan, head.detached(), target_ids, default_fold(hidden.device), wanted)
+    with torch.no_grad():  # the pass: every block's log-probs and gradients, no host sync inside the loop
+        state = Pass.build(plan, head.detached(), target_ids, default_fold(hidden.device), wanted)
+        for block in state.blocks:
+            state.step(block)
+        result = state.result()
+        del state  # its buffers, the logits tile above all, go before the loss below allocates
     out = loss_and_metrics(plan, result.log_prob, result.entropy_sum)
     loss = _FusedLoss.apply(out.loss.detach(), result.grads, head.hidden, head.weight, head.bias)
     return PolicyLossOutput(loss=loss, metrics=out.metrics, per_token_loss=out.per_token_loss, ratio=out.ratio)
@@ -199,8 +205,9 @@ class Gradients(NamedTuple):
 class FusedConfig:
     """The scalar options of one call, validated: the one copy of the configuration."""
 
-    options: PassOptions  # objective record, eps_low, eps_high, dual_clip, ratio_level (no metrics per block)
-    agg: str
+    options: PassOptions  # objective record, eps_low, eps_high, dual_clip, ratio_level; with metrics (the loss)
+    block_options: PassOptions  # the same without metrics: the per-block gradient pass
+    agg: str  # validated with the global batch by ``make_plan`` (``aggregation.row_weights``)
     global_batch: GlobalBatch
     temperature: float
     beta: float
@@ -222,34 +229,16 @@ class FusedConfig:
         compute_entropy,
         global_batch: GlobalBatch,
     ) -> FusedConfig:
-        options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level, with_metrics=False)
-        check_choice("agg", agg, AGG_MODES)
+        options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
         return FusedConfig(
             options,
+            dataclasses.replace(options, with_metrics=False),
             agg,
             global_batch,
             check_float("temperature", temperature, above=0.0),
             check_float("beta", beta, at_least=0.0),
             bool(check_finite),
             bool(compute_entropy),
-        )
-
-    def policy_loss_kwargs(self, weights: Tensor | None) -> dict:
-        """The keyword arguments of the final ``compute_policy_loss`` call (which computes the metrics)."""
-        o, g = self.options, self.global_batch
-        return dict(
-            objective=o.objective,
-            eps_low=o.eps_low,
-            eps_high=o.eps_high,
-            dual_clip=o.dual_clip,
-            ratio_level=o.ratio_level,
-            agg=self.agg,
-            weights=weights,
-            check_finite=self.check_finite,
-            dp_size=g.dp_size,
-            batch_num_tokens=g.batch_num_tokens,
-            global_batch_size=g.global_batch_size,
-            loss_scale_factor=g.loss_scale_factor,
         )
 
 
@@ -262,6 +251,7 @@ class FusedPlan:
     seq: int
     chunk_size: int  # valid tokens per block
     batch: Batch  # old_log_prob (None: on-policy), advantages (B, T), mask (bool), weights, compute dtype
+    row_weight: Tensor  # (B, 1) the aggregation as one weight per row (``aggregation.row_weights``), compute dtype
     ref_log_prob: Tensor | None  # only when beta > 0
 
     @property
@@ -326,9 +316,9 @@ def make_plan(
                 f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}"
             )
     batch = check_batch((bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
-    row_weights(batch.mask, config.agg, config.global_batch)  # validates dp_size and the global counts
+    row_weight = row_weights(batch.mask, config.agg, config.global_batch, dtype=batch.dtype)  # validates agg too
     ref = ref_log_prob.to(batch.dtype) if config.beta > 0 else None
-    return FusedPlan(config, bsz, seq, chunk_size, batch, ref)
+    return FusedPlan(config, bsz, seq, chunk_size, batch, row_weight, ref)
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu") -> int:
@@ -431,7 +421,7 @@ def make_layout(plan: FusedPlan, target_ids: Tensor, vocab: int) -> Layout:
     return Layout(tokens, blocks)
 
 
-# ---- the pass: the loop over blocks, and one block's step ----------------------------------------------------
+# ---- the pass: its state, built once, and one block's step ---------------------------------------------------
 
 
 class PassResult(NamedTuple):
@@ -463,33 +453,118 @@ class Buffers(NamedTuple):
     low: Tensor | None
 
 
-def run_pass(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> PassResult:
-    """Log-probs of the valid tokens, the entropy sum and the wanted gradients, block by block."""
-    vocab = head.weight.shape[0]
-    layout = make_layout(plan, target_ids, vocab)
-    row_weight = row_weights(plan.mask, plan.config.agg, plan.config.global_batch, dtype=plan.batch.dtype)
-    inputs = gather_inputs(plan, layout.tokens, target_ids, row_weight)
-    buffers = allocate(plan, layout, head, fold, wanted)
-    grad_fn = fold.policy_grad(plan.config.options)
-    for block in layout.blocks:
-        block_step(plan, layout.tokens, block, head, fold, grad_fn, inputs, row_weight, buffers, wanted)
-    grads = buffers.grads
-    grads = Gradients(
-        grads.hidden,
-        None if grads.weight is None else grads.weight.to(head.weight.dtype),
-        None if grads.bias is None else grads.bias.to(head.bias.dtype),
-    )
-    log_prob = layout.tokens.scatter(buffers.log_prob).view(plan.bsz, plan.seq)
-    return PassResult(log_prob, buffers.entropy_sum, grads)
+class Pass:
+    """One pass over the blocks: everything a block's step reads, built once (``Pass.build``).
+
+    The plan, the valid tokens and their blocks, the detached LM head, the fold, the wanted gradients, the
+    per-token inputs gathered once, the buffers the loop writes, and the two choices a block's dL/dlog π
+    depends on, made here and not per block: the core's per-token pass, eager or compiled (``dloss_dlog_prob``,
+    compiled where the fold is), and the layout it is given a block in (``block_grad``: the subclass,
+    ``TokenLevelPass`` or ``SequenceLevelPass``)."""
+
+    def __init__(self, plan, layout, head, fold, wanted, inputs, buffers, per_token_grad):
+        self.plan, self.tokens, self.blocks = plan, layout.tokens, layout.blocks
+        self.head, self.fold, self.wanted = head, fold, wanted
+        self.inputs, self.buffers, self.dloss_dlog_prob = inputs, buffers, per_token_grad
+
+    @staticmethod
+    def build(plan: FusedPlan, head: LMHead, target_ids: Tensor, fold: Fold, wanted: Wanted) -> Pass:
+        layout = make_layout(plan, target_ids, head.weight.shape[0])
+        options = plan.config.block_options
+        if fold.compiled:
+            per_token_grad = compiled_dloss_dlog_prob(options)
+        else:
+            per_token_grad = functools.partial(dloss_dlog_prob, options=options)
+        inputs, buffers = gather_inputs(plan, layout.tokens, target_ids), allocate(plan, layout, head, fold, wanted)
+        kind = TokenLevelPass if plan.token_level else SequenceLevelPass
+        return kind(plan, layout, head, fold, wanted, inputs, buffers, per_token_grad)
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """dL/dlog π of the block's tokens (policy term only), from their log-probs."""
+        raise NotImplementedError
+
+    def step(self, block: Block) -> None:
+        """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
+        n, config = block.end - block.start, self.plan.config
+        head, buffers, wanted = self.head, self.buffers, self.wanted
+        h_blk = self.tokens.take_rows(head.hidden, block)
+        target = self.inputs.targets[block.tokens]
+        z, gemm_out = buffers.tile[:n], (buffers.tile if buffers.low is None else buffers.low)[:n]
+        if head.bias is not None:  # GEMM 1, in the input dtype
+            torch.addmm(head.bias, h_blk, head.weight.t(), out=gemm_out)
+        else:
+            torch.mm(h_blk, head.weight.t(), out=gemm_out)
+        if buffers.low is not None:
+            z.copy_(gemm_out)
+        stats = self.fold.forward(z, target, config.temperature, buffers.entropy_sum is not None)
+        buffers.log_prob[block.tokens] = stats.log_prob
+        if buffers.entropy_sum is not None:
+            buffers.entropy_sum.add_(stats.entropy.sum())
+        if not any(wanted):
+            return
+        g = self.block_grad(block, stats.log_prob)
+        if self.inputs.ref_log_prob is not None:  # TRL's KL term, β·w·k3 per token
+            sl = block.tokens
+            g = g + config.beta * self.inputs.row_weight[sl] * kl_k3_grad(self.inputs.ref_log_prob[sl] - stats.log_prob)
+        dz = self.fold.backward_(z, target, stats, g, config.temperature)
+        grads = buffers.grads
+        if wanted.hidden:  # GEMM 2, in the input dtype
+            low = head.hidden.dtype
+            dz_low = dz if dz.dtype == low else buffers.low[:n].copy_(dz)
+            self.tokens.mm_into_rows(grads.hidden, block, dz_low, head.weight)
+        if wanted.weight:  # GEMM 3, accumulated in fp32
+            accumulate_fp32(grads.weight, dz.t(), h_blk)
+        if wanted.bias:
+            grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
+
+    def result(self) -> PassResult:
+        """The log-probs as (B, T), the entropy sum, the gradients (weight and bias cast to their dtype)."""
+        grads, head = self.buffers.grads, self.head
+        grads = Gradients(
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(head.weight.dtype),
+            None if grads.bias is None else grads.bias.to(head.bias.dtype),
+        )
+        log_prob = self.tokens.scatter(self.buffers.log_prob).view(self.plan.bsz, self.plan.seq)
+        return PassResult(log_prob, self.buffers.entropy_sum, grads)
 
 
-def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor, row_weight: Tensor) -> TokenInputs:
+class TokenLevelPass(Pass):
+    """Token ratio: a token's gradient is its own, so a block is any run of valid tokens."""
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """The block's tokens laid out as one row, each with its own row's weight."""
+        sl, inputs = block.tokens, self.inputs
+        lp = log_prob[None]
+        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
+        weights = None if inputs.weights is None else inputs.weights[sl][None]
+        every = inputs.every[:, : lp.shape[1]]
+        advantages, row_weight = inputs.advantages[sl][None], inputs.row_weight[sl][None]
+        return self.dloss_dlog_prob(lp, old, advantages, every, row_weight, weights)[0]
+
+
+class SequenceLevelPass(Pass):
+    """Sequence ratio (GSPO): a token's gradient depends on its whole row, so a block is whole rows."""
+
+    def block_grad(self, block: Block, log_prob: Tensor) -> Tensor:
+        """The block's whole rows laid out as rows (a token's ratio is its row's)."""
+        plan, batch, rows = self.plan, self.plan.batch, block.rows
+        local = self.tokens.block_positions(block) - rows.start * plan.seq
+        lp = log_prob.new_zeros((rows.stop - rows.start) * plan.seq).index_copy_(0, local, log_prob)
+        lp = lp.view(rows.stop - rows.start, plan.seq)
+        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
+        weights = None if batch.weights is None else batch.weights[rows]
+        g = self.dloss_dlog_prob(lp, old, batch.advantages[rows], batch.mask[rows], plan.row_weight[rows], weights)
+        return g.reshape(-1).index_select(0, local)
+
+
+def gather_inputs(plan: FusedPlan, tokens: ValidTokens, target_ids: Tensor) -> TokenInputs:
     batch = plan.batch
     token_level, kl = plan.token_level, plan.ref_log_prob is not None
     gather = lambda x: None if x is None else tokens.gather(x)
     return TokenInputs(
         targets=gather(target_ids),
-        row_weight=gather(row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
+        row_weight=gather(plan.row_weight.expand(plan.bsz, plan.seq)) if token_level or kl else None,
         every=torch.ones(1, min(plan.chunk_size, max(tokens.count, 1)), dtype=torch.bool, device=target_ids.device)
         if token_level
         else None,
@@ -520,79 +595,6 @@ def allocate(plan: FusedPlan, layout: Layout, head: LMHead, fold: Fold, wanted: 
     )
 
 
-def block_step(
-    plan: FusedPlan,
-    tokens: ValidTokens,
-    block: Block,
-    head: LMHead,
-    fold: Fold,
-    grad_fn,
-    inputs: TokenInputs,
-    row_weight: Tensor,
-    buffers: Buffers,
-    wanted: Wanted,
-) -> None:
-    """One block: the logits tile, its statistics, dL/dlog π, the tile's gradient in place, GEMMs 2 and 3."""
-    n, config = block.end - block.start, plan.config
-    h_blk = tokens.take_rows(head.hidden, block)
-    target = inputs.targets[block.tokens]
-    z, gemm_out = buffers.tile[:n], (buffers.tile if buffers.low is None else buffers.low)[:n]
-    if head.bias is not None:  # GEMM 1, in the input dtype
-        torch.addmm(head.bias, h_blk, head.weight.t(), out=gemm_out)
-    else:
-        torch.mm(h_blk, head.weight.t(), out=gemm_out)
-    if buffers.low is not None:
-        z.copy_(gemm_out)
-    stats = fold.forward(z, target, config.temperature, buffers.entropy_sum is not None)
-    buffers.log_prob[block.tokens] = stats.log_prob
-    if buffers.entropy_sum is not None:
-        buffers.entropy_sum.add_(stats.entropy.sum())
-    if not any(wanted):
-        return
-
-    g = log_prob_grad(plan, tokens, block, grad_fn, inputs, row_weight, stats.log_prob)
-    dz = fold.backward_(z, target, stats, g, config.temperature)
-    grads = buffers.grads
-    if wanted.hidden:  # GEMM 2, in the input dtype
-        low = head.hidden.dtype
-        tokens.mm_into_rows(grads.hidden, block, dz if dz.dtype == low else buffers.low[:n].copy_(dz), head.weight)
-    if wanted.weight:  # GEMM 3, accumulated in fp32
-        accumulate_fp32(grads.weight, dz.t(), h_blk)
-    if wanted.bias:
-        grads.bias.add_(dz.sum(0, dtype=grads.bias.dtype))
-
-
-def log_prob_grad(
-    plan: FusedPlan,
-    tokens: ValidTokens,
-    block: Block,
-    grad_fn,
-    inputs: TokenInputs,
-    row_weight: Tensor,
-    log_prob: Tensor,
-) -> Tensor:
-    """dL/dlog π of the block's tokens: the core's per-token pass (+ the KL term's derivative)."""
-    sl, batch = block.tokens, plan.batch
-    if block.rows is None:  # token level: the block's tokens laid out as one row, each with its row's weight
-        lp = log_prob[None]
-        old = lp if inputs.old_log_prob is None else inputs.old_log_prob[sl][None]
-        weights = None if inputs.weights is None else inputs.weights[sl][None]
-        every = inputs.every[:, : lp.shape[1]]
-        g = grad_fn(lp, old, inputs.advantages[sl][None], every, inputs.row_weight[sl][None], weights)[0]
-    else:  # sequence level: the block's whole rows, laid out as rows
-        rows, seq = block.rows, plan.seq
-        local = tokens.block_positions(block) - rows.start * seq
-        lp = log_prob.new_zeros((rows.stop - rows.start) * seq).index_copy_(0, local, log_prob)
-        lp = lp.view(rows.stop - rows.start, seq)
-        old = lp if batch.old_log_prob is None else batch.old_log_prob[rows]
-        weights = None if batch.weights is None else batch.weights[rows]
-        g = grad_fn(lp, old, batch.advantages[rows], batch.mask[rows], row_weight[rows], weights)
-        g = g.reshape(-1).index_select(0, local)
-    if inputs.ref_log_prob is not None:  # TRL's KL term, β·w·k3 per token
-        g = g + plan.config.beta * inputs.row_weight[sl] * kl_k3_grad(inputs.ref_log_prob[sl] - log_prob)
-    return g
-
-
 # ---- the folds: one tile's log-softmax statistics forward, dL/dz backward -----------------------------------
 
 
@@ -609,8 +611,8 @@ class Fold(Protocol):
     def backward_(self, z: Tensor, target: Tensor, stats, g: Tensor, temperature: float) -> Tensor:
         """Write dL/dz = g · (onehot(target) − softmax(z / T)) / T over ``z`` (in its dtype) and return it."""
 
-    def policy_grad(self, options: PassOptions) -> Callable[..., Tensor]:
-        """The per-token pass giving dL/dlog π (``onepass.policy_grad``, eager or compiled)."""
+    #: whether the fold runs compiled kernels: the pass then runs the core's per-token pass compiled too
+    compiled: bool
 
 
 class InPlaceStats(NamedTuple):
@@ -621,6 +623,8 @@ class InPlaceStats(NamedTuple):
 
 class InPlaceFold:
     """CPU: the tile in fp32 (fp64 for fp64 inputs); softmax and its gradient written over it in place."""
+
+    compiled = False
 
     def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -640,9 +644,6 @@ class InPlaceFold:
         g = g.to(z.dtype) / temperature
         z.mul_((-g / stats.sum_exp)[:, None])  # −g·softmax
         return z.scatter_add_(1, target[:, None], g[:, None])  # + g·onehot
-
-    def policy_grad(self, options: PassOptions):
-        return functools.partial(policy_grad, options=options)
 
 
 class CompiledStats(NamedTuple):
@@ -678,22 +679,19 @@ class CompiledFold:
     their eager torch twins, which the tests hold the compiled ones to)."""
 
     def __init__(self, compile: bool = True):
-        self.compile = compile
+        self.compiled = compile
 
     def tile_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return input_dtype
 
     def forward(self, z, target, temperature, entropy) -> CompiledStats:
-        fn = _compiled(fold_forward) if self.compile else fold_forward
+        fn = _compiled(fold_forward) if self.compiled else fold_forward
         lse, z_target, ent = fn(z, target, temperature, entropy)
         return CompiledStats(z_target - lse, ent, lse)
 
     def backward_(self, z, target, stats: CompiledStats, g, temperature) -> Tensor:
-        fn = _compiled(fold_backward_) if self.compile else fold_backward_
+        fn = _compiled(fold_backward_) if self.compiled else fold_backward_
         return fn(z, target, stats.logsumexp, g.to(stats.logsumexp.dtype), temperature)
-
-    def policy_grad(self, options: PassOptions):
-        return compiled_policy_grad(options) if self.compile else functools.partial(policy_grad, options=options)
 
 
 def default_fold(device: torch.device) -> Fold:
@@ -745,29 +743,23 @@ def kl_k3_grad(delta: Tensor) -> Tensor:
 
 
 def loss_and_metrics(plan: FusedPlan, log_prob: Tensor, entropy_sum: Tensor | None) -> PolicyLossOutput:
-    """The core's compute_policy_loss on the gathered log-probs (+ the KL term and the entropy metric)."""
+    """The core's policy loss on the gathered log-probs, from the plan's checked batch, options and row weight
+    (+ the KL term and the entropy metric)."""
     config, batch = plan.config, plan.batch
-    old = log_prob if batch.old_log_prob is None else batch.old_log_prob
-    out = compute_policy_loss(log_prob, old, batch.advantages, batch.mask, **config.policy_loss_kwargs(batch.weights))
-    loss, per_token, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
+    if batch.old_log_prob is None:  # on-policy: π_old = the current policy, r = 1
+        batch = batch._replace(old_log_prob=log_prob)
+    out = policy_loss(log_prob, batch, config.options, plan.row_weight, check_finite=config.check_finite)
+    # the per-token term loss aggregates: the policy's (detached), + β·k3 with the KL term
+    loss, aggregated, metrics = out.loss.detach(), out.per_token_loss.detach(), dict(out.metrics)
     count = batch.mask.sum().clamp(min=1)
     if plan.ref_log_prob is not None:
         kl = kl_k3(torch.where(batch.mask, plan.ref_log_prob - log_prob, 0.0))
-        per_token = per_token + config.beta * kl
-        g = config.global_batch
-        loss = aggregate_loss(
-            per_token,
-            batch.mask,
-            config.agg,
-            dp_size=g.dp_size,
-            batch_num_tokens=g.batch_num_tokens,
-            global_batch_size=g.global_batch_size,
-            loss_scale_factor=g.loss_scale_factor,
-        )
+        aggregated = aggregated + config.beta * kl
+        loss = weighted_row_sum(torch.where(batch.mask, aggregated, 0.0), plan.row_weight)
         metrics["kl"] = (kl.sum() / count).float()
     if entropy_sum is not None:
         metrics["entropy"] = (entropy_sum / count).float()
-    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=per_token, ratio=out.ratio)
+    return PolicyLossOutput(loss=loss, metrics=metrics, per_token_loss=aggregated, ratio=out.ratio)
 
 
 class _FusedLoss(torch.autograd.Function):

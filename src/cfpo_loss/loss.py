@@ -1,7 +1,7 @@
 """compute_policy_loss: log-probs → ratio → surrogate objective → aggregation → metrics.
 
-This is the one place every adapter calls. The per-token math is in ``surrogates.py``, the one-pass
-evaluation (objective, analytic derivative, metrics) in ``onepass.py``, the reduction in
+This is the one place every adapter calls. The per-token math is in ``surrogates.py``, the per-token
+pass (objective, analytic derivative, metrics in one sweep) in ``_per_token.py``, the reduction in
 ``aggregation.py``, the statistics in ``metrics.py``.
 """
 
@@ -11,24 +11,24 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._checks import (
+    Batch,
+    cast,
+    check_batch,
     check_choice,
     check_dual_clip,
     check_eps,
     check_finite_where,
-    check_mask,
     check_tensor,
-    compute_dtype,
     raise_if_mask_invalid,
 )
-from .aggregation import AGG_MODES, GlobalBatch, row_weights
+from ._per_token import EagerPolicyLoss, PassOptions, compiled_policy_loss
+from .aggregation import GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
-from .onepass import PassOptions, compiled_policy_loss, eager_policy_loss
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
@@ -42,8 +42,12 @@ class PolicyLossOutput:
     Attributes:
         loss: fp32 scalar to minimise (−aggregated objective), carries the autograd graph.
         metrics: detached 0-dim fp32 tensors keyed by the names in ``metrics.py``.
-        per_token_loss: (B, T) fp32 −objective (× weights), exactly 0 at masked positions, with graph; for
-            frameworks that aggregate, add KL terms etc. themselves.
+        per_token_loss: (B, T) fp32, the per-token term that ``loss`` aggregates (loss = Σ_b w_b Σ_t of it, w
+            the row weights of ``agg``), exactly 0 at masked positions: one meaning, three forms by entry point.
+            ``compute_policy_loss``: −objective (× weights), with graph, for frameworks that aggregate or add
+            KL terms etc. themselves; with ``compile=True``: None (the compiled pass never materialises it);
+            ``fused_linear_policy_loss``: −objective (× weights) + beta·k3 (its KL term, which it aggregates
+            too), detached (only ``loss`` carries a gradient there).
         ratio: (B, T) detached ratio as the objective used it (sequence ratio broadcast over T).
     """
 
@@ -151,13 +155,12 @@ def compute_policy_loss(
             raise ValueError("compute_policy_loss: pass compile=..., not both compile= and the deprecated fast=")
         compile = fast
     options = pass_options(objective, eps_low, eps_high, dual_clip, ratio_level)
-    check_choice("agg", agg, AGG_MODES)
     check_choice("compile", compile, (False, True))
     check_tensor("log_prob", log_prob)
     check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
-    old_log_prob, advantages, mask, weights, dtype, mask_invalid = check_batch(
+    batch = check_batch(
         log_prob.shape,
         log_prob.device,
         old_log_prob,
@@ -167,7 +170,6 @@ def compute_policy_loss(
         log_prob=log_prob,
         defer_mask_check=check_finite,
     )
-    log_prob = _cast(log_prob, dtype)
     if (
         type(dp_size) is int
         and dp_size == 1
@@ -178,78 +180,54 @@ def compute_policy_loss(
         global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
     else:
         global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    row_weight = row_weights(mask, agg, global_batch, dtype=dtype)
+    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype)  # validates agg and the counts
+    return policy_loss(
+        cast(log_prob, batch.dtype), batch, options, row_weight, compile=compile, check_finite=check_finite
+    )
+
+
+def policy_loss(
+    log_prob: Tensor,
+    batch: Batch,
+    options: PassOptions,
+    row_weight: Tensor,
+    *,
+    compile: bool = False,
+    check_finite: bool = True,
+) -> PolicyLossOutput:
+    """The policy loss of checked inputs: the one core call behind ``compute_policy_loss`` and the fused path.
+
+    ``log_prob`` (B, T) in the compute dtype ``batch.dtype``; ``batch`` from ``check_batch`` (``old_log_prob``
+    given); ``options`` from ``pass_options`` (with metrics); ``row_weight`` (B, 1) from ``aggregation.row_weights``:
+    the aggregation mode and the global batch, as the one weight per row (loss = Σ_b w_b Σ_t ℓ_bt)."""
     if compile:
         loss, _, ratio, metrics, checksum = compiled_policy_loss(
-            log_prob, old_log_prob, advantages, mask, row_weight, weights, options
+            log_prob, batch.old_log_prob, batch.advantages, batch.mask, row_weight, batch.weights, options
         )
         per_token_loss = None
     else:
-        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
-            log_prob, old_log_prob, advantages, mask, weights, row_weight, options
+        loss, per_token_loss, ratio, metrics, checksum = EagerPolicyLoss.apply(
+            log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
     if check_finite:  # THE one device sync: the checksum and every metric in one transfer
+        mask_invalid = batch.mask_invalid
         if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
             checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
         *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
         if not math.isfinite(total):
             raise_if_mask_invalid(mask_invalid)
             check_finite_where(
-                mask, log_prob=log_prob.detach(), old_log_prob=old_log_prob, advantages=advantages, weights=weights
+                batch.mask,
+                log_prob=log_prob.detach(),
+                old_log_prob=batch.old_log_prob,
+                advantages=batch.advantages,
+                weights=batch.weights,
             )
         host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
     return PolicyLossOutput(
         loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio, _host_metrics=host
     )
-
-
-class Batch(NamedTuple):
-    old_log_prob: Tensor | None
-    advantages: Tensor  # (B, T)
-    mask: Tensor  # bool
-    weights: Tensor | None
-    dtype: torch.dtype  # the compute dtype: fp32, or fp64 when any input is fp64
-    mask_invalid: Tensor | None  # deferred check of a 0/1 mask's values (see _checks.check_mask)
-
-
-def check_batch(
-    shape, device, old_log_prob, advantages, mask, weights, *, log_prob=None, defer_mask_check=False
-) -> Batch:
-    """Validate the (B, T) batch tensors against the log-probs' ``shape`` and ``device`` (no device sync
-    for a bool mask, nor with ``defer_mask_check``) and cast them to the compute dtype."""
-    if old_log_prob is not None:  # None: on-policy (the fused path)
-        check_tensor("old_log_prob", old_log_prob)
-    check_tensor("advantages", advantages)
-    if weights is not None:
-        check_tensor("weights", weights)
-    dtype = compute_dtype(log_prob, old_log_prob, advantages, weights)
-    shape = torch.Size(shape)
-    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("weights", weights)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
-    if old_log_prob is not None and old_log_prob.shape != shape:
-        raise ValueError(
-            f"old_log_prob must have the shape of log_prob {tuple(shape)}, got {tuple(old_log_prob.shape)}"
-        )
-    if advantages.shape in ((shape[0],), (shape[0], 1)):
-        advantages = advantages.reshape(shape[0], 1).expand(shape)
-    elif advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be (B,), (B, 1) or (B, T) with (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
-    if weights is not None:
-        if weights.shape != shape:
-            raise ValueError(f"weights must have the shape of log_prob {tuple(shape)}, got {tuple(weights.shape)}")
-        weights = _cast(weights, dtype)
-    mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
-    old_log_prob = None if old_log_prob is None else _cast(old_log_prob, dtype)
-    return Batch(old_log_prob, _cast(advantages, dtype), mask, weights, dtype, mask_invalid)
-
-
-def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x.to(dtype)``, without the call (about a microsecond of host time) when it would return x itself."""
-    return x if x.dtype == dtype else x.to(dtype)

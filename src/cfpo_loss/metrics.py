@@ -15,7 +15,7 @@ All are masked means over valid tokens (detached 0-dim fp32 tensors; no device s
 
 A batch with no valid token reports 0 for the means and 1 for ratio_min / ratio_max.
 
-Log-ratios beyond ±20: every metric sees the token log-ratio clamped to [−20, 20] (``onepass.LOG_RATIO_CLAMP``),
+Log-ratios beyond ±20: every metric sees the token log-ratio clamped to [−20, 20] (``_per_token.LOG_RATIO_CLAMP``),
 the value the objective itself used, as verl does (0.9.1 ``compute_policy_loss_vanilla``: ratio =
 exp(clamp(log r, −20, 20)), ``ppo_kl`` = masked mean of −clamp(log r, −20, 20)). A token at log r = 30 counts as
 20 in approx_kl_k1 / approx_kl_k3 and as e^20 in the ratio metrics; the sequence ratio is exp(mean of the clamped
@@ -70,9 +70,9 @@ class RatioSums(NamedTuple):
 
 def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None) -> RatioSums:
     """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
-    ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``onepass.Select`` for
+    ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``_per_token.Select`` for
     ``mask``, if the caller has one."""
-    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
     deviation = ratio - (1.0 if k is None else k.one)  # 0 at masked positions
     return RatioSums(
         count=torch.count_nonzero(mask),
@@ -107,10 +107,10 @@ def trust_region_metrics(
     so every per-token term is already 0 there and the masked means need no further select; ``mask``: bool (B, T).
     ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
-    ``onepass.Select`` for ``mask``, if it has one."""
+    ``_per_token.Select`` for ``mask``, if it has one."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
     count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
-    k = getattr(select, "scalars", None)  # its cached 0-dim operands (onepass.Scalars), if it has them
+    k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
     zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
     positive, negative = advantages > zero, advantages < zero
     exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))

@@ -19,6 +19,7 @@ Tolerances (cfpo_loss.reference's rounding bounds; the suite prints the largest 
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -809,6 +810,30 @@ def test_host_syncs_do_not_grow_with_the_number_of_blocks(monkeypatch, fold, rat
         counts[chunk] = probe.count
     assert counts[10_000] == counts[9] == counts[3], counts
     assert counts[3] <= 6, counts  # the layout (count, nonzero), one check, the row counts, the finite check
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_the_logits_tile_is_freed_before_the_final_loss(monkeypatch, ratio_level):
+    """The pass's buffers, the (chunk_size × V) logits tile above all, are gone when the final loss (and its metrics)
+    allocate: the peak is one tile, not a tile plus the loss. A pass state that outlived the loop (a local of the
+    entry point, or one kept by a reference cycle) held it: +128 MiB at V = 32768 in benchmarks/bench_fused.py."""
+    tiles, alive = [], []
+    allocate, loss_and_metrics = fused_mod.allocate, fused_mod.loss_and_metrics
+
+    def allocate_and_watch(*args):
+        buffers = allocate(*args)
+        tiles.append(weakref.ref(buffers.tile))
+        return buffers
+
+    def check_then_loss(*args):
+        alive.append([t() is not None for t in tiles])
+        return loss_and_metrics(*args)
+
+    monkeypatch.setattr(fused_mod, "allocate", allocate_and_watch)
+    monkeypatch.setattr(fused_mod, "loss_and_metrics", check_then_loss)
+    out = fused(make_inputs(), chunk_size=5, ratio_level=ratio_level, beta=0.1)
+    out.loss.backward()
+    assert alive == [[False]]
 
 
 # ---- two holes a mutation run found: an unused reference, and the sequence-level block layout ------------------

@@ -253,7 +253,7 @@ def test_k3_is_never_negative_where_fp32_rounds_r_to_1(ratio_level, path):
     """fp32, log r = x in [1e-8, 5e-8] at every valid token: exp(x) rounds to exactly 1 (x < 2**-24), so
     (r - 1) - log r computed naively is -x < 0, while k3 = e^x - 1 - x = x²/2 + O(x³) <= 1.25e-15.
     The fused path gets log π = 0 exactly: target logit 30, all others 0 (log(1 + 10·e^-30) rounds to 0)."""
-    b, t = 6, 11  # test_onepass's fp32 shape
+    b, t = 6, 11  # test_per_token's fp32 shape
     g = torch.Generator().manual_seed(3)
     x = 1e-8 + 4e-8 * torch.rand(b, t, generator=g)
     mask = torch.rand(b, t, generator=g) > 0.3

@@ -4,12 +4,15 @@
 objective and its analytic derivative dJ/dr (the objective's ``terms`` function from
 ``surrogates.OBJECTIVES``: the same code as the public surrogate), the trust-region metrics (one buffer)
 and a checksum for the finiteness check. Autograd then needs one multiply to go backwards
-(``_PerTokenLoss``) instead of replaying every elementwise op.
+(``EagerPolicyLoss``) instead of replaying every elementwise op.
 
 Three callers, one pass:
-  eager      ``_PerTokenLoss`` (compute_policy_loss's default)
+  eager      ``EagerPolicyLoss`` (an autograd Function: compute_policy_loss's default)
   compiled   ``compiled_policy_loss``: the pass with the aggregation folded in, under ``torch.compile``
-  fused      ``policy_grad``: dL/dlog π only, per block of tokens, inside cfpo_loss.fused
+  fused      ``dloss_dlog_prob``: the gradient of the aggregated loss w.r.t. log π only (no metrics), per block
+             of tokens, inside cfpo_loss.fused (``compiled_dloss_dlog_prob``: the same under torch.compile)
+
+(This module was ``onepass.py``, named after the speed property; it is named after what it computes.)
 
 The pass is configured by a typed, hashable ``PassOptions`` (one compiled kernel per distinct options).
 """
@@ -178,18 +181,20 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
     return PolicyTerms(per_token_loss, dloss_dratio, ratio, passes, tokens_per_row, metrics, checksum)
 
 
-def log_prob_grad(dloss_dratio: Tensor, terms: PolicyTerms, ratio_level: str) -> Tensor:
-    """Chain rule to log π: dr/dlog π_t = r (token ratio), or r/|y| for every token of the row (sequence)."""
+def chain_to_log_prob(grad_ratio: Tensor, terms: PolicyTerms, ratio_level: str) -> Tensor:
+    """A gradient w.r.t. the ratio (per token) as one w.r.t. log π, by the chain rule: dr/dlog π_t = r (token
+    ratio), or r/|y| for every token of the row (sequence); 0 at masked tokens and where the ±20 clamp cut the
+    log-ratio (``terms.passes``)."""
     if ratio_level == "sequence":
-        row = (dloss_dratio * terms.ratio).sum(-1, keepdim=True) / terms.tokens_per_row
-        return terms.passes.zero(row.expand_as(dloss_dratio))
-    return terms.passes.zero(dloss_dratio * terms.ratio)
+        row = (grad_ratio * terms.ratio).sum(-1, keepdim=True) / terms.tokens_per_row
+        return terms.passes.zero(row.expand_as(grad_ratio))
+    return terms.passes.zero(grad_ratio * terms.ratio)
 
 
 # ---- eager: compute_policy_loss's default -------------------------------------------------------------
 
 
-class _PerTokenLoss(torch.autograd.Function):
+class EagerPolicyLoss(torch.autograd.Function):
     """The loss (the aggregation ``weighted_row_sum`` with ``row_weight``) and per_token_loss from
     ``policy_terms``, both differentiable w.r.t. log_prob through the analytic derivative (the backward is one
     multiply, instead of replaying ~a dozen elementwise ops). The aggregation runs inside the Function: the
@@ -205,7 +210,7 @@ class _PerTokenLoss(torch.autograd.Function):
         if ctx.ratio_level == "sequence":
             ctx.terms = terms._replace(metrics=None)
         else:  # the elementwise gradient, ready for one multiply
-            ctx.save_for_backward(log_prob_grad(terms.dloss_dratio, terms, "token"))
+            ctx.save_for_backward(chain_to_log_prob(terms.dloss_dratio, terms, "token"))
         ctx.mark_non_differentiable(terms.ratio, terms.metrics, terms.checksum)
         ctx.set_materialize_grads(False)  # no zero gradients for the side outputs (kernels saved)
         return loss, terms.per_token_loss, terms.ratio, terms.metrics, terms.checksum
@@ -220,16 +225,11 @@ class _PerTokenLoss(torch.autograd.Function):
         if grad_per_token is None:
             return None, None, None, None, None, None, None
         if ctx.ratio_level == "sequence":
-            grad = log_prob_grad(grad_per_token * ctx.terms.dloss_dratio, ctx.terms, "sequence")
+            grad = chain_to_log_prob(grad_per_token * ctx.terms.dloss_dratio, ctx.terms, "sequence")
         else:
             (token_grad,) = ctx.saved_tensors
             grad = grad_per_token * token_grad
         return grad, None, None, None, None, None, None
-
-
-def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
-    """(loss and per_token_loss with graph, ratio, metric buffer, checksum)."""
-    return _PerTokenLoss.apply(log_prob, old_log_prob, advantages, mask, weights, row_weight, options)
 
 
 # ---- compiled: compute_policy_loss(compile=True) ---------------------------------------------------------
@@ -253,7 +253,7 @@ def loss_and_grad(
         mask = mask > 0
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
     loss = weighted_row_sum(terms.per_token_loss, row_weight)
-    grad = log_prob_grad(terms.dloss_dratio * row_weight, terms, options.ratio_level)
+    grad = chain_to_log_prob(terms.dloss_dratio * row_weight, terms, options.ratio_level)
     return CompiledResult(loss, grad, terms.ratio, terms.metrics, terms.checksum)
 
 
@@ -292,14 +292,14 @@ def compiled_policy_loss(
 # ---- fused: dL/dlog π per block ------------------------------------------------------------------------
 
 
-def policy_grad(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> Tensor:
+def dloss_dlog_prob(log_prob, old_log_prob, advantages, mask, row_weight, weights, options: PassOptions) -> Tensor:
     """dL/dlog π for L = Σ row_weight·per_token_loss; ``row_weight`` (B, 1), or (B, T) holding each token's row
     weight (the fused path lays a block of tokens from many rows out as one row); no metrics."""
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
-    return log_prob_grad(terms.dloss_dratio * row_weight, terms, options.ratio_level)
+    return chain_to_log_prob(terms.dloss_dratio * row_weight, terms, options.ratio_level)
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_policy_grad(options: PassOptions):
-    """``policy_grad`` under torch.compile, for one ``options`` (shapes vary: dynamic after the first)."""
-    return torch.compile(functools.partial(policy_grad, options=options), dynamic=None)
+def compiled_dloss_dlog_prob(options: PassOptions):
+    """``dloss_dlog_prob`` under torch.compile, for one ``options`` (shapes vary: dynamic after the first)."""
+    return torch.compile(functools.partial(dloss_dlog_prob, options=options), dynamic=None)

@@ -199,7 +199,7 @@ def test_sequence_ratio_with_per_token_advantages_weights_and_a_one_token_row(ob
 def test_gpu_select_equals_cpu_bit_select():
     """On CUDA (and under compile) Select is plain torch.where; on CPU integer bit operations. Both must put
     exactly the same bits everywhere, NaN / inf at masked positions included."""
-    from cfpo_loss.onepass import Select
+    from cfpo_loss._per_token import Select
 
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(5, 7, dtype=dtype)
