@@ -194,42 +194,78 @@ def chain_to_log_prob(grad_ratio: Tensor, terms: PolicyTerms, ratio_level: str) 
 # ---- eager: compute_policy_loss's default -------------------------------------------------------------
 
 
+class EagerCall:
+    """One eager call's inputs besides log_prob, and its outputs that carry no gradient (``ratio``, ``metrics``,
+    ``checksum``, set by the forward). ``EagerPolicyLoss`` takes them as this one non-tensor argument instead of
+    as tensor arguments and outputs: ``Function.apply`` does work per tensor argument (does it need a gradient?)
+    and per output (a graph edge, version counter and non-differentiable mark each), which is host time, and
+    only log_prob needs a gradient and only (loss, per_token_loss) carry one."""
+
+    __slots__ = (
+        "advantages",
+        "checksum",
+        "mask",
+        "metrics",
+        "old_log_prob",
+        "options",
+        "ratio",
+        "row_weight",
+        "weights",
+    )
+
+    def __init__(self, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
+        self.old_log_prob, self.advantages, self.mask, self.weights = old_log_prob, advantages, mask, weights
+        self.row_weight, self.options = row_weight, options
+
+
 class EagerPolicyLoss(torch.autograd.Function):
     """The loss (the aggregation ``weighted_row_sum`` with ``row_weight``) and per_token_loss from
     ``policy_terms``, both differentiable w.r.t. log_prob through the analytic derivative (the backward is one
     multiply, instead of replaying ~a dozen elementwise ops). The aggregation runs inside the Function: the
     same arithmetic as autograd through it would do (forward and backward), without recording three graph
     nodes and replaying them: host time, which is what a small batch, or any batch on a GPU, waits for.
-    Outputs: (loss, per_token_loss, ratio, metric buffer, checksum); only the first two carry a gradient."""
+    ``apply(log_prob, call)``: outputs (loss, per_token_loss); the rest goes to ``call`` (``EagerCall``)."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
-        terms = policy_terms(log_prob.detach(), old_log_prob, advantages, mask, weights, options)
-        loss = weighted_row_sum(terms.per_token_loss, row_weight)  # per_token_loss is exactly 0 at masked positions
-        ctx.ratio_level, ctx.row_weight = options.ratio_level, row_weight
+    def forward(ctx, log_prob, call: EagerCall):
+        options = call.options
+        terms = policy_terms(log_prob.detach(), call.old_log_prob, call.advantages, call.mask, call.weights, options)
+        loss = weighted_row_sum(
+            terms.per_token_loss, call.row_weight
+        )  # per_token_loss is exactly 0 at masked positions
+        ctx.ratio_level, ctx.row_weight = options.ratio_level, call.row_weight
         if ctx.ratio_level == "sequence":
             ctx.terms = terms._replace(metrics=None)
         else:  # the elementwise gradient, ready for one multiply
             ctx.save_for_backward(chain_to_log_prob(terms.dloss_dratio, terms, "token"))
-        ctx.mark_non_differentiable(terms.ratio, terms.metrics, terms.checksum)
-        ctx.set_materialize_grads(False)  # no zero gradients for the side outputs (kernels saved)
-        return loss, terms.per_token_loss, terms.ratio, terms.metrics, terms.checksum
+        # made under the forward's no-grad mode, returned out of band: plain tensors, no gradient
+        call.ratio, call.metrics, call.checksum = terms.ratio, terms.metrics, terms.checksum
+        ctx.set_materialize_grads(False)  # no zero gradient for an unused output (kernels saved)
+        return loss, terms.per_token_loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_per_token, *_):
+    def backward(ctx, grad_loss, grad_per_token):
         # d loss / d per_token_loss = row_weight (B, 1), as autograd through weighted_row_sum gives it; the
         # gradient reaching per_token_loss from the caller's own use of it adds to that
         if grad_loss is not None:
             grad_loss = grad_loss * ctx.row_weight
             grad_per_token = grad_loss if grad_per_token is None else grad_loss + grad_per_token
         if grad_per_token is None:
-            return None, None, None, None, None, None, None
+            return None, None
         if ctx.ratio_level == "sequence":
             grad = chain_to_log_prob(grad_per_token * ctx.terms.dloss_dratio, ctx.terms, "sequence")
         else:
             (token_grad,) = ctx.saved_tensors
             grad = grad_per_token * token_grad
-        return grad, None, None, None, None, None, None
+        return grad, None
+
+
+def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
+    """(loss, per_token_loss, ratio, metric buffer, checksum) of the eager pass; the first two carry the
+    gradient w.r.t. log_prob (``EagerPolicyLoss``)."""
+    call = EagerCall(old_log_prob, advantages, mask, weights, row_weight, options)
+    loss, per_token_loss = EagerPolicyLoss.apply(log_prob, call)
+    return loss, per_token_loss, call.ratio, call.metrics, call.checksum
 
 
 # ---- compiled: compute_policy_loss(compile=True) ---------------------------------------------------------

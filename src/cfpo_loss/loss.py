@@ -26,7 +26,7 @@ from ._checks import (
     check_tensor,
     raise_if_mask_invalid,
 )
-from ._per_token import EagerPolicyLoss, PassOptions, compiled_policy_loss
+from ._per_token import PassOptions, compiled_policy_loss, eager_policy_loss
 from .aggregation import GlobalBatch, row_weights
 from .metrics import metric_names, metrics_dict, read_metrics
 from .surrogates import get_objective
@@ -206,7 +206,7 @@ def policy_loss(
         )
         per_token_loss = None
     else:
-        loss, per_token_loss, ratio, metrics, checksum = EagerPolicyLoss.apply(
+        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
