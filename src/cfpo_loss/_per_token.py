@@ -3,7 +3,7 @@
 ``policy_terms`` computes everything per token in one sweep over the (B, T) inputs: the ratio, the
 objective and its analytic derivative dJ/dr (the objective's ``terms`` function from
 ``surrogates.OBJECTIVES``: the same code as the public surrogate), the trust-region metrics (one buffer)
-and a checksum for the finiteness check. Autograd then needs one multiply to go backwards
+and the sums the finiteness check reads (in the same buffer). Autograd then needs one multiply to go backwards
 (``EagerPolicyLoss``) instead of replaying every elementwise op.
 
 Three callers, one pass:
@@ -135,8 +135,9 @@ class PolicyTerms(NamedTuple):
     ratio: Tensor
     passes: Select  # valid tokens whose log-ratio the ±20 clamp did not cut (the gradient flows there)
     tokens_per_row: Tensor | None  # (B, 1) valid tokens per sequence, at least 1 (sequence level only)
-    metrics: Tensor | None  # the metric buffer (metrics.metric_names order), None without with_metrics
-    checksum: Tensor  # finite iff every valid log-ratio, advantage and weight is (or a sum overflowed)
+    # the metric buffer (metrics.metric_names order), then the finiteness sums: all finite iff every valid
+    # log-ratio, advantage and weight is (or a sum overflowed); None without with_metrics
+    metrics: Tensor | None
 
 
 def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: PassOptions) -> PolicyTerms:
@@ -151,7 +152,6 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
     log_ratio = raw_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     passes = Select(mask & (log_ratio == raw_log_ratio), log_prob.dtype, bitwise)
     advantages = valid.zero(advantages)
-    checksum = raw_log_ratio.sum() + advantages.sum()
     tokens_per_row = None
     if options.ratio_level == "sequence":  # GSPO: r = exp(mean_t log r_t), one per sequence
         tokens_per_row = mask.sum(-1, keepdim=True).clamp(min=1)
@@ -162,7 +162,6 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
     per_token_loss, dloss_dratio = -terms.objective, -terms.derivative
     if weights is not None:
         weights = valid.zero(weights)
-        checksum = checksum + weights.sum()
         per_token_loss, dloss_dratio = per_token_loss * weights, dloss_dratio * weights
     metrics = None
     if options.with_metrics:
@@ -177,8 +176,11 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
             penalty=terms.penalty,
             ratio_level=options.ratio_level,
             select=valid,
+            exits=terms.exits,
+            # the finite check's sums, in the same buffer: read in the loss's one transfer
+            finite_sums=(raw_log_ratio.sum(), advantages.sum()) + (() if weights is None else (weights.sum(),)),
         )
-    return PolicyTerms(per_token_loss, dloss_dratio, ratio, passes, tokens_per_row, metrics, checksum)
+    return PolicyTerms(per_token_loss, dloss_dratio, ratio, passes, tokens_per_row, metrics)
 
 
 def chain_to_log_prob(grad_ratio: Tensor, terms: PolicyTerms, ratio_level: str) -> Tensor:
@@ -195,15 +197,14 @@ def chain_to_log_prob(grad_ratio: Tensor, terms: PolicyTerms, ratio_level: str) 
 
 
 class EagerCall:
-    """One eager call's inputs besides log_prob, and its outputs that carry no gradient (``ratio``, ``metrics``,
-    ``checksum``, set by the forward). ``EagerPolicyLoss`` takes them as this one non-tensor argument instead of
+    """One eager call's inputs besides log_prob, and its outputs that carry no gradient (``ratio`` and the
+    ``metrics`` buffer, set by the forward). ``EagerPolicyLoss`` takes them as this one non-tensor argument instead of
     as tensor arguments and outputs: ``Function.apply`` does work per tensor argument (does it need a gradient?)
     and per output (a graph edge, version counter and non-differentiable mark each), which is host time, and
     only log_prob needs a gradient and only (loss, per_token_loss) carry one."""
 
     __slots__ = (
         "advantages",
-        "checksum",
         "mask",
         "metrics",
         "old_log_prob",
@@ -239,7 +240,7 @@ class EagerPolicyLoss(torch.autograd.Function):
         else:  # the elementwise gradient, ready for one multiply
             ctx.save_for_backward(chain_to_log_prob(terms.dloss_dratio, terms, "token"))
         # made under the forward's no-grad mode, returned out of band: plain tensors, no gradient
-        call.ratio, call.metrics, call.checksum = terms.ratio, terms.metrics, terms.checksum
+        call.ratio, call.metrics = terms.ratio, terms.metrics
         ctx.set_materialize_grads(False)  # no zero gradient for an unused output (kernels saved)
         return loss, terms.per_token_loss
 
@@ -261,11 +262,11 @@ class EagerPolicyLoss(torch.autograd.Function):
 
 
 def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
-    """(loss, per_token_loss, ratio, metric buffer, checksum) of the eager pass; the first two carry the
+    """(loss, per_token_loss, ratio, metric buffer) of the eager pass; the first two carry the
     gradient w.r.t. log_prob (``EagerPolicyLoss``)."""
     call = EagerCall(old_log_prob, advantages, mask, weights, row_weight, options)
     loss, per_token_loss = EagerPolicyLoss.apply(log_prob, call)
-    return loss, per_token_loss, call.ratio, call.metrics, call.checksum
+    return loss, per_token_loss, call.ratio, call.metrics
 
 
 # ---- compiled: compute_policy_loss(compile=True) ---------------------------------------------------------
@@ -275,8 +276,7 @@ class CompiledResult(NamedTuple):
     loss: Tensor
     grad: Tensor  # dL/dlog_prob
     ratio: Tensor
-    metrics: Tensor | None
-    checksum: Tensor
+    metrics: Tensor | None  # as PolicyTerms.metrics
 
 
 def loss_and_grad(
@@ -290,7 +290,7 @@ def loss_and_grad(
     terms = policy_terms(log_prob, old_log_prob, advantages, mask, weights, options)
     loss = weighted_row_sum(terms.per_token_loss, row_weight)
     grad = chain_to_log_prob(terms.dloss_dratio * row_weight, terms, options.ratio_level)
-    return CompiledResult(loss, grad, terms.ratio, terms.metrics, terms.checksum)
+    return CompiledResult(loss, grad, terms.ratio, terms.metrics)
 
 
 @functools.lru_cache(maxsize=64)

@@ -201,23 +201,24 @@ def policy_loss(
     given); ``options`` from ``pass_options`` (with metrics); ``row_weight`` (B, 1) from ``aggregation.row_weights``:
     the aggregation mode and the global batch, as the one weight per row (loss = Σ_b w_b Σ_t ℓ_bt)."""
     if compile:
-        loss, _, ratio, metrics, checksum = compiled_policy_loss(
+        loss, _, ratio, metrics = compiled_policy_loss(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, row_weight, batch.weights, options
         )
         per_token_loss = None
     else:
-        loss, per_token_loss, ratio, metrics, checksum = eager_policy_loss(
+        loss, per_token_loss, ratio, metrics = eager_policy_loss(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
-    if check_finite:  # THE one device sync: the checksum and every metric in one transfer
+    if check_finite:  # THE one device sync: every metric and the finiteness sums after them, in one transfer
         mask_invalid = batch.mask_invalid
-        if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
-            checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
-        *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
-        if not math.isfinite(total):
+        if mask_invalid is None:
+            values = metrics.tolist()
+        else:  # a 0/1 mask's values ride on it too: NaN if one is neither
+            values = torch.cat([metrics, torch.where(mask_invalid, torch.nan, 0.0).reshape(1)]).tolist()
+        if not all(map(math.isfinite, values[len(names) :])):
             raise_if_mask_invalid(mask_invalid)
             check_finite_where(
                 batch.mask,

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .surrogates import Exits, trust_region_exits
+
 #: the buffer's order; "dual_clip_frac" follows when dual_clip is set, "penalty" when the objective has one
 BASE_METRICS = (
     "ratio_mean",
@@ -98,6 +100,8 @@ def trust_region_metrics(
     penalty: Tensor | None = None,
     ratio_level: str = "token",
     select=None,
+    exits: Exits | None = None,
+    finite_sums: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
     penalty is not None)``, so that a logger reads them all with one device-to-host transfer.
@@ -107,14 +111,17 @@ def trust_region_metrics(
     so every per-token term is already 0 there and the masked means need no further select; ``mask``: bool (B, T).
     ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
-    ``_per_token.Select`` for ``mask``, if it has one."""
+    ``_per_token.Select`` for ``mask``, if it has one. ``exits``: the objective's ``surrogates.Exits``, if it
+    computed them (clip does), else computed here. ``finite_sums``: 0-dim sums that follow the metrics in the
+    buffer (divided by the valid count, which keeps a non-finite one non-finite): the loss's finite check reads
+    them in the same one transfer."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
     count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
     k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
-    zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
-    positive, negative = advantages > zero, advantages < zero
-    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
-    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
+    one = 1.0 if k is None else k.one
+    if exits is None:
+        exits = trust_region_exits(ratio, advantages, eps_low, eps_high, dual_clip)
+    exit_high, exit_low = torch.count_nonzero(exits.high), torch.count_nonzero(exits.low)
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
@@ -133,10 +140,10 @@ def trust_region_metrics(
         k3_sum,  # approx_kl_k3
     ]
     if dual_clip is not None:
-        sums_in_order.append(torch.count_nonzero(negative & (ratio > dual_clip)))  # dual_clip_frac
+        sums_in_order.append(torch.count_nonzero(exits.dual))  # dual_clip_frac
     if penalty is not None:
         sums_in_order.append(sums.penalty)  # penalty
-    means = torch.stack(sums_in_order) / count
+    means = torch.stack([*sums_in_order, *finite_sums]) / count
     # ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are then +inf / -inf (with a
     # valid token they are finite, r <= e^20, or NaN, which stays NaN): one op instead of any() and where()
     extremes = torch.nan_to_num(torch.stack([sums.ratio_min, sums.ratio_max]), nan=torch.nan, posinf=1.0, neginf=1.0)

@@ -35,6 +35,25 @@ class Terms(NamedTuple):
     objective: Tensor  # J(r, A), to maximise
     derivative: Tensor  # dJ/dr
     penalty: Tensor | None  # the trust-region term J subtracts (CFPO), None where there is none
+    exits: Exits | None = None  # where r left the trust region, if the objective computed that (clip does)
+
+
+class Exits(NamedTuple):
+    """Where the ratio has left the trust region, per token (bool): what clipping clips, and what the metrics
+    count (``metrics.trust_region_metrics``: tr_exit_*, dual_clip_frac), computed once for both."""
+
+    negative: Tensor  # A < 0
+    low: Tensor  # A < 0 and r < 1 − eps_low
+    high: Tensor  # A > 0 and r > 1 + eps_high
+    dual: Tensor | None  # A < 0 and r > dual_clip (None without dual_clip)
+
+
+def trust_region_exits(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip=None) -> Exits:
+    negative = advantages < 0  # computed once: each op is host time at small shapes
+    high = (advantages > 0) & (ratio > 1.0 + eps_high)
+    low = negative & (ratio < 1.0 - eps_low)
+    dual = None if dual_clip is None else negative & (ratio > dual_clip)
+    return Exits(negative, low, high, dual)
 
 
 # ---- CFPO ------------------------------------------------------------------------------------------
@@ -62,12 +81,12 @@ def clipped_terms(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: f
     """J_clip = min(r·A, clip(r, 1−eps_low, 1+eps_high)·A) (with dual_clip=c: max(J_clip, c·A) where A < 0);
     dJ/dr = A where the unclipped branch is active, 0 where clipping (or dual-clip) holds."""
     objective = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
-    negative = advantages < 0  # computed once: each op is host time at small shapes
-    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | (negative & (ratio < 1.0 - eps_low))
+    exits = trust_region_exits(ratio, advantages, eps_low, eps_high, dual_clip)
+    clipped = exits.high | exits.low
     if dual_clip is not None:
-        objective = torch.where(negative, torch.maximum(objective, dual_clip * advantages), objective)
-        clipped = clipped | (negative & (ratio > dual_clip))
-    return Terms(objective, torch.where(clipped, 0.0, advantages), None)
+        objective = torch.where(exits.negative, torch.maximum(objective, dual_clip * advantages), objective)
+        clipped = clipped | exits.dual
+    return Terms(objective, torch.where(clipped, 0.0, advantages), None, exits)
 
 
 # ---- the registry: one record per objective, consulted by every path and adapter -------------------
