@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .aggregation import weighted_row_sum
 from .metrics import trust_region_metrics
-from .surrogates import Objective
+from .surrogates import Constants, Objective, constants
 
 #: log-ratios are clamped to this range before exp, as verl and OpenRLHF do
 LOG_RATIO_CLAMP = 20.0
@@ -129,6 +129,15 @@ def _fill_bits(dtype: torch.dtype, value: float) -> int:
     return struct.unpack(int_format, struct.pack(float_format, value))[0]
 
 
+@functools.lru_cache(maxsize=64)
+def pass_constants(options: PassOptions, dtype: torch.dtype, device: torch.device) -> Constants:
+    """``surrogates.constants`` of ``options`` as 0-dim tensors of ``dtype`` on ``device``, built once per
+    (options, dtype, device), never written: the eager pass's scalar operands (see ``Scalars``: the same
+    reason, the same choice of device)."""
+    values = constants(options.eps_low, options.eps_high, options.dual_clip)
+    return Constants(*(None if v is None else torch.tensor(v, dtype=dtype, device=device) for v in values))
+
+
 class PolicyTerms(NamedTuple):
     per_token_loss: Tensor  # −J (× weights), exactly 0 at masked positions
     dloss_dratio: Tensor  # d per_token_loss / d ratio, per token (× weights)
@@ -158,7 +167,9 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
         ratio = valid.fill((log_ratio.sum(-1, keepdim=True) / tokens_per_row).exp().expand_as(log_ratio), 1.0)
     else:
         ratio = log_ratio.exp()
-    terms = options.objective.terms(ratio, advantages, options.eps_low, options.eps_high, options.dual_clip)
+    k = None if valid.scalars is None else pass_constants(options, log_prob.dtype, log_prob.device)
+    objective, args = options.objective, (ratio, advantages, options.eps_low, options.eps_high, options.dual_clip)
+    terms = objective.terms(*args, k=k) if objective.takes_constants else objective.terms(*args)
     per_token_loss, dloss_dratio = -terms.objective, -terms.derivative
     if weights is not None:
         weights = valid.zero(weights)
@@ -177,6 +188,7 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
             ratio_level=options.ratio_level,
             select=valid,
             exits=terms.exits,
+            k=k,
             # the finite check's sums, in the same buffer: read in the loss's one transfer
             finite_sums=(raw_log_ratio.sum(), advantages.sum()) + (() if weights is None else (weights.sum(),)),
         )

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .surrogates import Exits, trust_region_exits
+from .surrogates import Constants, Exits, constants, trust_region_exits
 
 #: the buffer's order; "dual_clip_frac" follows when dual_clip is set, "penalty" when the objective has one
 BASE_METRICS = (
@@ -101,6 +101,7 @@ def trust_region_metrics(
     ratio_level: str = "token",
     select=None,
     exits: Exits | None = None,
+    k: Constants | None = None,
     finite_sums: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
@@ -112,15 +113,14 @@ def trust_region_metrics(
     ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
     ``_per_token.Select`` for ``mask``, if it has one. ``exits``: the objective's ``surrogates.Exits``, if it
-    computed them (clip does), else computed here. ``finite_sums``: 0-dim sums that follow the metrics in the
-    buffer (divided by the valid count, which keeps a non-finite one non-finite): the loss's finite check reads
-    them in the same one transfer."""
+    computed them (clip does), else computed here. ``k``: the pass's ``surrogates.Constants``, if it has them.
+    ``finite_sums``: 0-dim sums that follow the metrics in the buffer (divided by the valid count, which keeps a
+    non-finite one non-finite): the loss's finite check reads them in the same one transfer."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
     count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
-    k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
     one = 1.0 if k is None else k.one
     if exits is None:
-        exits = trust_region_exits(ratio, advantages, eps_low, eps_high, dual_clip)
+        exits = trust_region_exits(ratio, advantages, constants(eps_low, eps_high, dual_clip) if k is None else k)
     exit_high, exit_low = torch.count_nonzero(exits.high), torch.count_nonzero(exits.low)
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
