@@ -117,37 +117,38 @@ def trust_region_metrics(
     ``finite_sums``: 0-dim sums that follow the metrics in the buffer (divided by the valid count, which keeps a
     non-finite one non-finite): the loss's finite check reads them in the same one transfer."""
     sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
-    count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
+    # the means divide by the count in the float dtype, as a division by the int64 count converts it: converted
+    # once, and every stack below holds one dtype (a stack that converts is several times slower on the host)
+    count = sums.count.clamp(min=1).to(ratio.dtype)
     one = 1.0 if k is None else k.one
     if exits is None:
         exits = trust_region_exits(ratio, advantages, constants(eps_low, eps_high, dual_clip) if k is None else k)
-    exit_high, exit_low = torch.count_nonzero(exits.high), torch.count_nonzero(exits.low)
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
         k3_sum = (sums.deviation - log_ratio_sum).clamp(min=0.0)  # clamped before / count: the same value
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3_sum = (torch.expm1(log_ratio) - log_ratio).sum()
-    # every mean in one division: few host-side operations per call (at small shapes they are the time). The
-    # stack converts the int64 counts to the float dtype, as an int64 / float division does before dividing
-    sums_in_order = [
-        sums.deviation,  # ratio_mean (+ 1 below)
-        sums.abs_deviation,  # ratio_dev
-        exit_high + exit_low,  # tr_exit_frac
-        exit_low,  # tr_exit_low
-        exit_high,  # tr_exit_high
-        -log_ratio_sum,  # approx_kl_k1
-        k3_sum,  # approx_kl_k3
-    ]
+    # The buffer in three pieces of a few ops each (at small shapes the op count is the time), in metric_names'
+    # order, the finite sums last. ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are
+    # then +inf / -inf (with a valid token they are finite, r <= e^20, or NaN, which stays NaN): nan_to_num, one
+    # op instead of any() and where(), which leaves ratio_mean and ratio_dev as they are (never infinite: |r − 1|
+    # <= e^20 per token)
+    head = torch.nan_to_num(
+        torch.stack([sums.deviation / count + one, sums.ratio_min, sums.ratio_max, sums.abs_deviation / count]),
+        nan=torch.nan,
+        posinf=1.0,
+        neginf=1.0,
+    )
+    # tr_exit_frac, tr_exit_low, tr_exit_high: three counts in one reduction (int64, exact), then / count
+    exit_fracs = torch.stack([exits.either, exits.low, exits.high]).sum((1, 2)) / count
+    tail = [-log_ratio_sum, k3_sum]  # approx_kl_k1, approx_kl_k3
     if dual_clip is not None:
-        sums_in_order.append(torch.count_nonzero(exits.dual))  # dual_clip_frac
+        tail.append(torch.count_nonzero(exits.dual).to(count.dtype))  # dual_clip_frac
     if penalty is not None:
-        sums_in_order.append(sums.penalty)  # penalty
-    means = torch.stack([*sums_in_order, *finite_sums]) / count
-    # ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are then +inf / -inf (with a
-    # valid token they are finite, r <= e^20, or NaN, which stays NaN): one op instead of any() and where()
-    extremes = torch.nan_to_num(torch.stack([sums.ratio_min, sums.ratio_max]), nan=torch.nan, posinf=1.0, neginf=1.0)
-    return torch.cat([means[:1] + one, extremes, means[1:]]).float()
+        tail.append(sums.penalty)  # penalty
+    buffer = torch.cat([head, exit_fracs, torch.stack([*tail, *finite_sums]) / count])
+    return buffer if buffer.dtype == torch.float32 else buffer.float()
 
 
 def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:

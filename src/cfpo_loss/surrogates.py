@@ -67,6 +67,7 @@ class Exits(NamedTuple):
     negative: Tensor  # A < 0
     low: Tensor  # A < 0 and r < 1 − eps_low
     high: Tensor  # A > 0 and r > 1 + eps_high
+    either: Tensor  # high or low: what clipping clips (before dual-clip), what tr_exit_frac counts
     dual: Tensor | None  # A < 0 and r > dual_clip (None without dual_clip)
 
 
@@ -75,7 +76,7 @@ def trust_region_exits(ratio: Tensor, advantages: Tensor, k: Constants) -> Exits
     high = (advantages > k.zero) & (ratio > k.high)
     low = negative & (ratio < k.low)
     dual = None if k.dual_clip is None else negative & (ratio > k.dual_clip)
-    return Exits(negative, low, high, dual)
+    return Exits(negative, low, high, high | low, dual)
 
 
 # ---- CFPO ------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def clipped_terms(
     k = constants(eps_low, eps_high, dual_clip) if k is None else k
     objective = torch.minimum(ratio * advantages, ratio.clamp(k.low, k.high) * advantages)
     exits = trust_region_exits(ratio, advantages, k)
-    clipped = exits.high | exits.low
+    clipped = exits.either
     if dual_clip is not None:
         objective = torch.where(exits.negative, torch.maximum(objective, k.dual_clip * advantages), objective)
         clipped = clipped | exits.dual
