@@ -149,8 +149,11 @@ class PolicyTerms(NamedTuple):
     metrics: Tensor | None
 
 
-def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: PassOptions) -> PolicyTerms:
+def policy_terms(
+    log_prob, old_log_prob, advantages, mask, weights, options: PassOptions, valid_tokens=None
+) -> PolicyTerms:
     """Everything per token in one pass, from checked, cast, (B, T)-shaped inputs (no autograd here).
+    ``valid_tokens``: ``mask``'s count, at least 1, in the compute dtype, if the caller has it (for the metrics).
 
     Masked positions are selected away first (never multiplied: NaN·0 = NaN, and padding log-probs are
     often NaN or -inf) and then hold ratio 1, log-ratio 0, advantage 0, so every per-token term is 0 there.
@@ -189,6 +192,7 @@ def policy_terms(log_prob, old_log_prob, advantages, mask, weights, options: Pas
             select=valid,
             exits=terms.exits,
             k=k,
+            count=valid_tokens,
             # the finite check's sums, in the same buffer: read in the loss's one transfer
             finite_sums=(raw_log_ratio.sum(), advantages.sum()) + (() if weights is None else (weights.sum(),)),
         )
@@ -223,12 +227,13 @@ class EagerCall:
         "options",
         "ratio",
         "row_weight",
+        "valid_tokens",
         "weights",
     )
 
-    def __init__(self, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
+    def __init__(self, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions, valid_tokens):
         self.old_log_prob, self.advantages, self.mask, self.weights = old_log_prob, advantages, mask, weights
-        self.row_weight, self.options = row_weight, options
+        self.row_weight, self.options, self.valid_tokens = row_weight, options, valid_tokens
 
 
 class EagerPolicyLoss(torch.autograd.Function):
@@ -242,7 +247,9 @@ class EagerPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, call: EagerCall):
         options = call.options
-        terms = policy_terms(log_prob.detach(), call.old_log_prob, call.advantages, call.mask, call.weights, options)
+        terms = policy_terms(
+            log_prob.detach(), call.old_log_prob, call.advantages, call.mask, call.weights, options, call.valid_tokens
+        )
         loss = weighted_row_sum(
             terms.per_token_loss, call.row_weight
         )  # per_token_loss is exactly 0 at masked positions
@@ -273,10 +280,12 @@ class EagerPolicyLoss(torch.autograd.Function):
         return grad, None
 
 
-def eager_policy_loss(log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions):
+def eager_policy_loss(
+    log_prob, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions, valid_tokens=None
+):
     """(loss, per_token_loss, ratio, metric buffer) of the eager pass; the first two carry the
     gradient w.r.t. log_prob (``EagerPolicyLoss``)."""
-    call = EagerCall(old_log_prob, advantages, mask, weights, row_weight, options)
+    call = EagerCall(old_log_prob, advantages, mask, weights, row_weight, options, valid_tokens)
     loss, per_token_loss = EagerPolicyLoss.apply(log_prob, call)
     return loss, per_token_loss, call.ratio, call.metrics
 

@@ -180,7 +180,8 @@ def compute_policy_loss(
         global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
     else:
         global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype)  # validates agg and the counts
+    # validates agg and the counts
+    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype, valid_tokens=batch.valid_tokens)
     return policy_loss(
         cast(log_prob, batch.dtype), batch, options, row_weight, compile=compile, check_finite=check_finite
     )
@@ -207,7 +208,14 @@ def policy_loss(
         per_token_loss = None
     else:
         loss, per_token_loss, ratio, metrics = eager_policy_loss(
-            log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
+            log_prob,
+            batch.old_log_prob,
+            batch.advantages,
+            batch.mask,
+            batch.weights,
+            row_weight,
+            options,
+            valid_tokens=batch.valid_tokens,
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)

@@ -70,14 +70,17 @@ class RatioSums(NamedTuple):
     penalty: Tensor | None  # Σ penalty, for an objective with one
 
 
-def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None) -> RatioSums:
+def ratio_sums(
+    ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None, count: Tensor | None = None
+) -> RatioSums:
     """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
     ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``_per_token.Select`` for
-    ``mask``, if the caller has one."""
+    ``mask``, if the caller has one. ``count``: the caller's count of ``mask``, if it has one (returned as is,
+    not counted again)."""
     k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
     deviation = ratio - (1.0 if k is None else k.one)  # 0 at masked positions
     return RatioSums(
-        count=torch.count_nonzero(mask),
+        count=torch.count_nonzero(mask) if count is None else count,
         deviation=deviation.sum(),
         abs_deviation=deviation.abs().sum(),
         ratio_min=_fill(ratio, mask, select, torch.inf).min(),
@@ -102,6 +105,7 @@ def trust_region_metrics(
     select=None,
     exits: Exits | None = None,
     k: Constants | None = None,
+    count: Tensor | None = None,
     finite_sums: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
@@ -114,12 +118,14 @@ def trust_region_metrics(
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
     ``_per_token.Select`` for ``mask``, if it has one. ``exits``: the objective's ``surrogates.Exits``, if it
     computed them (clip does), else computed here. ``k``: the pass's ``surrogates.Constants``, if it has them.
-    ``finite_sums``: 0-dim sums that follow the metrics in the buffer (divided by the valid count, which keeps a
-    non-finite one non-finite): the loss's finite check reads them in the same one transfer."""
-    sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
-    # the means divide by the count in the float dtype, as a division by the int64 count converts it: converted
-    # once, and every stack below holds one dtype (a stack that converts is several times slower on the host)
-    count = sums.count.clamp(min=1).to(ratio.dtype)
+    ``count``: the valid tokens, at least 1, in ``ratio``'s dtype (``_checks.Batch.valid_tokens``), if the
+    caller has them. ``finite_sums``: 0-dim sums that follow the metrics in the buffer (divided by the valid
+    count, which keeps a non-finite one non-finite): the loss's finite check reads them in the same one transfer."""
+    sums = ratio_sums(ratio, mask, penalty=penalty, select=select, count=count)
+    if count is None:
+        # the means divide by the count in the float dtype, as a division by the int64 count converts it:
+        # converted once, and each stack below holds one dtype (one that converts is several times slower)
+        count = sums.count.clamp(min=1).to(ratio.dtype)
     one = 1.0 if k is None else k.one
     if exits is None:
         exits = trust_region_exits(ratio, advantages, constants(eps_low, eps_high, dual_clip) if k is None else k)
