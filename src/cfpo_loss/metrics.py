@@ -146,8 +146,14 @@ def trust_region_metrics(
         posinf=1.0,
         neginf=1.0,
     )
-    # tr_exit_frac, tr_exit_low, tr_exit_high: three counts in one reduction (int64, exact), then / count
-    exit_fracs = torch.stack([exits.either, exits.low, exits.high]).sum((1, 2)) / count
+    # tr_exit_frac, tr_exit_low, tr_exit_high: int64 counts (exact; count_nonzero: on a CPU several times faster
+    # than a sum over the three masks stacked, from 64x4096 on, and as fast at 2x16), then / count
+    exit_fracs = (
+        torch.stack(
+            [torch.count_nonzero(exits.either), torch.count_nonzero(exits.low), torch.count_nonzero(exits.high)]
+        )
+        / count
+    )
     tail = [-log_ratio_sum, k3_sum]  # approx_kl_k1, approx_kl_k3
     if dual_clip is not None:
         tail.append(torch.count_nonzero(exits.dual).to(count.dtype))  # dual_clip_frac
