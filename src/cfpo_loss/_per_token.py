@@ -144,7 +144,7 @@ class PolicyTerms(NamedTuple):
     ratio: Tensor
     passes: Select  # valid tokens whose log-ratio the ±20 clamp did not cut (the gradient flows there)
     tokens_per_row: Tensor | None  # (B, 1) valid tokens per sequence, at least 1 (sequence level only)
-    # the metric buffer (metrics.metric_names order), then the finiteness sums: all finite iff every valid
+    # the metric buffer (metrics.buffer_order), then the finiteness sums: all finite iff every valid
     # log-ratio, advantage and weight is (or a sum overflowed); None without with_metrics
     metrics: Tensor | None
 

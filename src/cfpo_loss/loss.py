@@ -28,7 +28,7 @@ from ._checks import (
 )
 from ._per_token import PassOptions, compiled_policy_loss, eager_policy_loss
 from .aggregation import GlobalBatch, row_weights
-from .metrics import metric_names, metrics_dict, read_metrics
+from .metrics import by_name, metric_names, metrics_dict, read_metrics
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
@@ -235,7 +235,7 @@ def policy_loss(
                 advantages=batch.advantages,
                 weights=batch.weights,
             )
-        host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
+        host = (tuple(metrics_by_name.items()), metrics._version, by_name(values, names))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
     return PolicyLossOutput(
         loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio, _host_metrics=host

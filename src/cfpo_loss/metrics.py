@@ -31,6 +31,7 @@ batches and ranks), which an adapter that reduces across ranks itself (TRL's) ca
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -108,8 +109,9 @@ def trust_region_metrics(
     count: Tensor | None = None,
     finite_sums: tuple[Tensor, ...] = (),
 ) -> Tensor:
-    """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
-    penalty is not None)``, so that a logger reads them all with one device-to-host transfer.
+    """The metrics above as ONE 1-D fp32 buffer, in the order of ``buffer_order(dual_clip is not None,
+    penalty is not None)`` (``metrics_dict``: by name), so that a logger reads them all with one device-to-host
+    transfer.
 
     ``ratio``, ``log_ratio`` (token level, clamped to ±20: the metrics report what the objective used, see the
     module docstring), ``advantages``: (B, T) with masked positions neutral (ratio 1, log_ratio 0, advantages 0),
@@ -132,40 +134,58 @@ def trust_region_metrics(
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
-        k3_sum = (sums.deviation - log_ratio_sum).clamp(min=0.0)  # clamped before / count: the same value
+        # clamped at 0 before / count: the same value; relu() is clamp(min=0), without a Python number to wrap
+        k3_sum = (sums.deviation - log_ratio_sum).relu()
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3_sum = (torch.expm1(log_ratio) - log_ratio).sum()
-    # The buffer in three pieces of a few ops each (at small shapes the op count is the time), in metric_names'
-    # order, the finite sums last. ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are
-    # then +inf / -inf (with a valid token they are finite, r <= e^20, or NaN, which stays NaN): nan_to_num, one
-    # op instead of any() and where(), which leaves ratio_mean and ratio_dev as they are (never infinite: |r − 1|
-    # <= e^20 per token)
+    # The buffer in three pieces of a few ops each (at small shapes the op count is the time), which is why its
+    # order is ``buffer_order``'s, not metric_names'. ratio_min, ratio_max: 1 for a batch without a valid token,
+    # whose min / max are then +inf / -inf (with a valid token they are finite, r <= e^20, or NaN, which stays
+    # NaN): nan_to_num, one op instead of any() and where(), which leaves ratio_mean as it is (never infinite:
+    # |r − 1| <= e^20 per token)
     head = torch.nan_to_num(
-        torch.stack([sums.deviation / count + one, sums.ratio_min, sums.ratio_max, sums.abs_deviation / count]),
+        torch.stack([sums.deviation / count + one, sums.ratio_min, sums.ratio_max]),
         nan=torch.nan,
         posinf=1.0,
         neginf=1.0,
     )
-    # tr_exit_frac, tr_exit_low, tr_exit_high: int64 counts (exact; count_nonzero: on a CPU several times faster
-    # than a sum over the three masks stacked, from 64x4096 on, and as fast at 2x16), then / count
-    exit_fracs = (
-        torch.stack(
-            [torch.count_nonzero(exits.either), torch.count_nonzero(exits.low), torch.count_nonzero(exits.high)]
-        )
-        / count
-    )
-    tail = [-log_ratio_sum, k3_sum]  # approx_kl_k1, approx_kl_k3
-    if dual_clip is not None:
-        tail.append(torch.count_nonzero(exits.dual).to(count.dtype))  # dual_clip_frac
+    # tr_exit_frac, tr_exit_low, tr_exit_high, dual_clip_frac: int64 counts (exact; count_nonzero: on a CPU
+    # several times faster than a sum over the masks stacked, from 64x4096 on, and as fast at 2x16), / count
+    exit_masks = (exits.either, exits.low, exits.high) + (() if dual_clip is None else (exits.dual,))
+    exit_fracs = torch.stack([torch.count_nonzero(m) for m in exit_masks]) / count
+    means = [sums.abs_deviation, -log_ratio_sum, k3_sum]  # ratio_dev, approx_kl_k1, approx_kl_k3
     if penalty is not None:
-        tail.append(sums.penalty)  # penalty
-    buffer = torch.cat([head, exit_fracs, torch.stack([*tail, *finite_sums]) / count])
+        means.append(sums.penalty)  # penalty
+    buffer = torch.cat([head, exit_fracs, torch.stack([*means, *finite_sums]) / count])
     return buffer if buffer.dtype == torch.float32 else buffer.float()
 
 
+def buffer_order(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
+    """The order of ``trust_region_metrics``' buffer: ``metric_names``' entries grouped by how they are computed
+    (the finite sums, if any, follow). ``metrics_dict`` and ``by_name`` put them back in ``metric_names`` order."""
+    return (
+        ("ratio_mean", "ratio_min", "ratio_max", "tr_exit_frac", "tr_exit_low", "tr_exit_high")
+        + (("dual_clip_frac",) if dual_clip else ())
+        + ("ratio_dev", "approx_kl_k1", "approx_kl_k3")
+        + (("penalty",) if penalty else ())
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(names: tuple[str, ...]) -> tuple[int, ...]:
+    order = buffer_order("dual_clip_frac" in names, "penalty" in names)
+    return tuple(order.index(name) for name in names)
+
+
+def by_name(entries, names: tuple[str, ...]) -> dict:
+    """{name: entry} in ``names`` order (``metric_names``), for the entries of a ``trust_region_metrics`` buffer in
+    its own order (``buffer_order``): its 0-dim views, or the floats read from it."""
+    return {name: entries[i] for name, i in zip(names, _positions(names))}
+
+
 def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
-    """The buffer as {name: 0-dim view} (views: no copy, no kernel)."""
-    return dict(zip(names, buffer.unbind()))
+    """The buffer of ``trust_region_metrics`` as {name: 0-dim view} in ``names`` order (views: no copy, no kernel)."""
+    return by_name(buffer.unbind(), names)
 
 
 def read_metrics(metrics: dict[str, Tensor]) -> dict[str, float]:
