@@ -176,7 +176,8 @@ def policy_terms(
     per_token_loss, dloss_dratio = -terms.objective, -terms.derivative
     if weights is not None:
         weights = valid.zero(weights)
-        per_token_loss, dloss_dratio = per_token_loss * weights, dloss_dratio * weights
+        per_token_loss.mul_(weights)  # in place: both are fresh from the negation above
+        dloss_dratio.mul_(weights)
     metrics = None
     if options.with_metrics:
         metrics = trust_region_metrics(

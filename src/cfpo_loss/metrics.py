@@ -135,20 +135,17 @@ def trust_region_metrics(
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
         # clamped at 0 before / count: the same value; relu() is clamp(min=0), without a Python number to wrap
-        k3_sum = (sums.deviation - log_ratio_sum).relu()
+        k3_sum = (sums.deviation - log_ratio_sum).relu_()
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3_sum = (torch.expm1(log_ratio) - log_ratio).sum()
     # The buffer in three pieces of a few ops each (at small shapes the op count is the time), which is why its
     # order is ``buffer_order``'s, not metric_names'. ratio_min, ratio_max: 1 for a batch without a valid token,
     # whose min / max are then +inf / -inf (with a valid token they are finite, r <= e^20, or NaN, which stays
     # NaN): nan_to_num, one op instead of any() and where(), which leaves ratio_mean as it is (never infinite:
-    # |r − 1| <= e^20 per token)
-    head = torch.nan_to_num(
-        torch.stack([sums.deviation / count + one, sums.ratio_min, sums.ratio_max]),
-        nan=torch.nan,
-        posinf=1.0,
-        neginf=1.0,
-    )
+    # |r − 1| <= e^20 per token). In-place (_) ops where the operand is a fresh temporary: the same arithmetic,
+    # without allocating (and later freeing) one more tensor each
+    head = torch.stack([(sums.deviation / count).add_(one), sums.ratio_min, sums.ratio_max])
+    head.nan_to_num_(nan=torch.nan, posinf=1.0, neginf=1.0)
     # tr_exit_frac, tr_exit_low, tr_exit_high, dual_clip_frac: int64 counts (exact; count_nonzero: on a CPU
     # several times faster than a sum over the masks stacked, from 64x4096 on, and as fast at 2x16), / count
     exit_masks = (exits.either, exits.low, exits.high) + (() if dual_clip is None else (exits.dual,))
@@ -156,7 +153,7 @@ def trust_region_metrics(
     means = [sums.abs_deviation, -log_ratio_sum, k3_sum]  # ratio_dev, approx_kl_k1, approx_kl_k3
     if penalty is not None:
         means.append(sums.penalty)  # penalty
-    buffer = torch.cat([head, exit_fracs, torch.stack([*means, *finite_sums]) / count])
+    buffer = torch.cat([head, exit_fracs, torch.stack([*means, *finite_sums]).div_(count)])
     return buffer if buffer.dtype == torch.float32 else buffer.float()
 
 
