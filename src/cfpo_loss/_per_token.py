@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from ._checks import cast
 from .aggregation import weighted_row_sum
 from .metrics import trust_region_metrics
 from .surrogates import Constants, Objective, constants
@@ -222,6 +223,7 @@ class EagerCall:
 
     __slots__ = (
         "advantages",
+        "dtype",
         "mask",
         "metrics",
         "old_log_prob",
@@ -235,6 +237,7 @@ class EagerCall:
     def __init__(self, old_log_prob, advantages, mask, weights, row_weight, options: PassOptions, valid_tokens):
         self.old_log_prob, self.advantages, self.mask, self.weights = old_log_prob, advantages, mask, weights
         self.row_weight, self.options, self.valid_tokens = row_weight, options, valid_tokens
+        self.dtype = advantages.dtype  # the compute dtype (check_batch cast the batch to it)
 
 
 class EagerPolicyLoss(torch.autograd.Function):
@@ -243,17 +246,26 @@ class EagerPolicyLoss(torch.autograd.Function):
     multiply, instead of replaying ~a dozen elementwise ops). The aggregation runs inside the Function: the
     same arithmetic as autograd through it would do (forward and backward), without recording three graph
     nodes and replaying them: host time, which is what a small batch, or any batch on a GPU, waits for.
-    ``apply(log_prob, call)``: outputs (loss, per_token_loss); the rest goes to ``call`` (``EagerCall``)."""
+    ``apply(log_prob, call)``: outputs (loss, per_token_loss); the rest goes to ``call`` (``EagerCall``).
+    log_prob may come in another float dtype than the compute dtype (bf16 log-probs): the Function casts it and
+    casts its gradient back, as autograd through a cast before it would (ToCopyBackward: ``grad.to(dtype)``),
+    without a second graph node to record and run."""
 
     @staticmethod
     def forward(ctx, log_prob, call: EagerCall):
         options = call.options
+        ctx.log_prob_dtype = log_prob.dtype
         terms = policy_terms(
-            log_prob.detach(), call.old_log_prob, call.advantages, call.mask, call.weights, options, call.valid_tokens
+            cast(log_prob.detach(), call.dtype),
+            call.old_log_prob,
+            call.advantages,
+            call.mask,
+            call.weights,
+            options,
+            call.valid_tokens,
         )
-        loss = weighted_row_sum(
-            terms.per_token_loss, call.row_weight
-        )  # per_token_loss is exactly 0 at masked positions
+        # per_token_loss is exactly 0 at masked positions
+        loss = weighted_row_sum(terms.per_token_loss, call.row_weight)
         ctx.ratio_level, ctx.row_weight = options.ratio_level, call.row_weight
         if ctx.ratio_level == "sequence":
             ctx.terms = terms._replace(metrics=None)
@@ -278,7 +290,7 @@ class EagerPolicyLoss(torch.autograd.Function):
         else:
             (token_grad,) = ctx.saved_tensors
             grad = grad_per_token * token_grad
-        return grad, None
+        return cast(grad, ctx.log_prob_dtype), None
 
 
 def eager_policy_loss(

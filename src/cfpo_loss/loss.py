@@ -182,9 +182,7 @@ def compute_policy_loss(
         global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
     # validates agg and the counts
     row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype, valid_tokens=batch.valid_tokens)
-    return policy_loss(
-        cast(log_prob, batch.dtype), batch, options, row_weight, compile=compile, check_finite=check_finite
-    )
+    return policy_loss(log_prob, batch, options, row_weight, compile=compile, check_finite=check_finite)
 
 
 def policy_loss(
@@ -198,12 +196,19 @@ def policy_loss(
 ) -> PolicyLossOutput:
     """The policy loss of checked inputs: the one core call behind ``compute_policy_loss`` and the fused path.
 
-    ``log_prob`` (B, T) in the compute dtype ``batch.dtype``; ``batch`` from ``check_batch`` (``old_log_prob``
-    given); ``options`` from ``pass_options`` (with metrics); ``row_weight`` (B, 1) from ``aggregation.row_weights``:
-    the aggregation mode and the global batch, as the one weight per row (loss = Σ_b w_b Σ_t ℓ_bt)."""
+    ``log_prob`` (B, T), computed in ``batch.dtype`` (its gradient comes in its own dtype); ``batch`` from
+    ``check_batch`` (``old_log_prob`` given); ``options`` from ``pass_options`` (with metrics); ``row_weight``
+    (B, 1) from ``aggregation.row_weights``: the aggregation mode and the global batch, as the one weight per row
+    (loss = Σ_b w_b Σ_t ℓ_bt)."""
     if compile:
         loss, _, ratio, metrics = compiled_policy_loss(
-            log_prob, batch.old_log_prob, batch.advantages, batch.mask, row_weight, batch.weights, options
+            cast(log_prob, batch.dtype),
+            batch.old_log_prob,
+            batch.advantages,
+            batch.mask,
+            row_weight,
+            batch.weights,
+            options,
         )
         per_token_loss = None
     else:
