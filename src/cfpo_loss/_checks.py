@@ -170,7 +170,7 @@ def check_batch(
     mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
     old_log_prob = None if old_log_prob is None else cast(old_log_prob, dtype)
     # count_nonzero: the count sum() gives (int64), on a CPU a few µs faster for a small mask
-    valid_tokens = torch.count_nonzero(mask).clamp(min=1).to(dtype)
+    valid_tokens = torch.count_nonzero(mask).clamp_(min=1).to(dtype)
     return Batch(old_log_prob, cast(advantages, dtype), mask, weights, dtype, mask_invalid, valid_tokens)
 
 

@@ -96,9 +96,11 @@ class Scalars(NamedTuple):
     one: Tensor
     inf: Tensor
     neg_inf: Tensor
+    log_ratio_low: Tensor  # −LOG_RATIO_CLAMP: the clamp's bounds as tensors too (measured: 2.1 → 1.7 µs per clamp)
+    log_ratio_high: Tensor  # LOG_RATIO_CLAMP
 
     def get(self, value: float) -> Tensor | float:
-        """The 0-dim tensor for ``value`` if it is one of the four, else ``value``."""
+        """The 0-dim tensor for ``value`` if it is 0, 1, inf or -inf, else ``value``."""
         if value == 1.0:
             return self.one
         if value == 0.0:
@@ -112,7 +114,8 @@ class Scalars(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def scalars(dtype: torch.dtype, device: torch.device) -> Scalars:
-    return Scalars(*(torch.tensor(v, dtype=dtype, device=device) for v in (0.0, 1.0, torch.inf, -torch.inf)))
+    values = (0.0, 1.0, torch.inf, -torch.inf, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return Scalars(*(torch.tensor(v, dtype=dtype, device=device) for v in values))
 
 
 #: below this many elements ``policy_terms`` selects with ``where`` on CPU too (see ``Select``); measured on a
@@ -162,7 +165,9 @@ def policy_terms(
     bitwise = mask.numel() >= BITWISE_MIN_NUMEL
     valid = Select(mask, log_prob.dtype, bitwise)
     raw_log_ratio = valid.zero(log_prob - old_log_prob)
-    log_ratio = raw_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    s = valid.scalars  # None under torch.compile: plain numbers there
+    low, high = (-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) if s is None else (s.log_ratio_low, s.log_ratio_high)
+    log_ratio = raw_log_ratio.clamp(low, high)
     passes = Select(mask & (log_ratio == raw_log_ratio), log_prob.dtype, bitwise)
     advantages = valid.zero(advantages)
     tokens_per_row = None
