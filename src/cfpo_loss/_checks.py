@@ -169,8 +169,10 @@ def check_batch(
         weights = cast(weights, dtype)
     mask, mask_invalid = check_mask(mask, shape, device, defer=defer_mask_check)
     old_log_prob = None if old_log_prob is None else cast(old_log_prob, dtype)
-    # count_nonzero: the count sum() gives (int64), on a CPU a few µs faster for a small mask
-    valid_tokens = torch.count_nonzero(mask).clamp_(min=1).to(dtype)
+    # the same int64 count either way: on a CPU count_nonzero is a few µs faster for a small mask; on a GPU it
+    # is two kernels (mask != 0, then a sum) where sum() is one (unmeasured there)
+    count = torch.count_nonzero(mask) if mask.device.type == "cpu" else mask.sum()
+    valid_tokens = count.clamp_(min=1).to(dtype)
     return Batch(old_log_prob, cast(advantages, dtype), mask, weights, dtype, mask_invalid, valid_tokens)
 
 
