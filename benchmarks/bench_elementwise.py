@@ -3,6 +3,7 @@
     python benchmarks/bench_elementwise.py [--shapes 2x16 8x256 64x4096] [--repeats 30]
     python benchmarks/bench_elementwise.py --device cuda          # shapes 64x4096 and 256x8192
     python benchmarks/bench_elementwise.py --profile [--shapes 2x16]   # where one call's host time goes
+    python benchmarks/bench_elementwise.py --compare before=/path/to/other/src   # another code state, same process
 
 Default CPU shapes: 2x16 and 8x256 (host-bound: the arithmetic is negligible, what is timed is Python,
 dispatch and autograd, as on a GPU at any shape) and 64x4096 (the arithmetic shows). --profile skips the
@@ -24,6 +25,10 @@ Rows, each timed on the same inputs (best of --repeats rounds x 3 back-to-back c
                       timed with CUDA events: the device's time alone, no launch overhead
   copy into fresh     the same copies into newly allocated tensors (allocation and first-touch
                       page faults included), as any op that returns a new gradient tensor pays
+  NAME clip / cfpo    with --compare NAME=SRC: "ours" from another copy of the package (SRC holds its
+                      cfpo_loss/, e.g. `git archive COMMIT src | tar -x -C DIR`, then DIR/src), imported
+                      under another module name, timed in the same rounds: before/after a change in one
+                      process, where separate runs on a shared machine differ by more than the change
 The verl-style baseline reads its three metrics with one .item() each, as verl 0.9.1's
 compute_policy_loss_vanilla itself does (pg_metrics = {"actor/pg_clipfrac": pg_clipfrac.detach().item(), ...}).
 
@@ -122,8 +127,9 @@ def timed(rows: dict, repeats: int, device: str = "cpu", back_to_back: int = 3):
     """Best-of-N milliseconds per row, steady state, and each row's first-call milliseconds (compilation
     included). Each round runs every row ``back_to_back`` times in a row (its buffers and caches warm, as
     when a training loop calls the loss step after step) and keeps the fastest; rounds interleave the rows,
-    so load from other processes on a shared machine hits every row alike. The minimum is the
-    least-disturbed run."""
+    so load from other processes on a shared machine hits every row alike, in an order reversed every other
+    round: a row that always ran right after the same other row measured up to ~4% slower than an identical
+    copy of itself run after it (2x16, CPU). The minimum is the least-disturbed run."""
     first = {}
     for name, fn in list(rows.items()):
         try:
@@ -135,10 +141,12 @@ def timed(rows: dict, repeats: int, device: str = "cpu", back_to_back: int = 3):
         for _ in range(2):
             fn()
     best = {name: float("inf") for name in rows}
+    order = list(rows.items())
     for _ in range(repeats):
-        for name, fn in rows.items():
+        for name, fn in order:
             for _ in range(back_to_back):
                 best[name] = min(best[name], _call_s(fn, device))
+        order.reverse()
     return {name: t * 1e3 for name, t in best.items()}, first
 
 
@@ -188,9 +196,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="also time the eager rows of the cfpo_loss package under SRC (a src/ directory), as 'NAME clip' etc.",
+    )
     args = parser.parse_args()
     require_device(args.device)
     dev = args.device
+    args.compare = [_import_copy(spec) for spec in args.compare]
     if args.shapes:
         shapes = args.shapes
     elif args.batch or args.seq:
@@ -215,9 +231,9 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
     mask = (torch.rand(shape, generator=g) > 0.2).to(dev)
     verl_mask = mask.float()  # verl's response_mask is numeric (it multiplies by it)
 
-    def ours(objective, compile=False):
+    def ours(objective, compile=False, loss_fn=compute_policy_loss):
         def run():
-            out = compute_policy_loss(
+            out = loss_fn(
                 log_prob,
                 old_log_prob,
                 advantages,
@@ -248,6 +264,8 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
     rows = {"verl-style clip (baseline)": verl_ref}
     for objective in ("clip", "cfpo"):
         rows[f"ours {objective}"] = ours(objective)
+        for name, module in args.compare:
+            rows[f"{name} {objective}"] = ours(objective, loss_fn=module.compute_policy_loss)
         if not args.no_compile:
             rows[f"ours {objective} fast (compiled)"] = ours(objective, True)
     if args.profile:
@@ -281,6 +299,24 @@ def _run_shape(args, dev, batch, seq, dtype) -> None:
             # CUDA: compiled (Triton) reductions may sum in another order than the eager kernels
             tol = 1e-6 if dev == "cpu" else 1e-5
             assert torch.allclose(out.loss, ref.loss, rtol=tol, atol=tol), (objective, out.loss, ref.loss)
+
+
+def _import_copy(spec: str):
+    """(NAME, module) for --compare NAME=SRC: SRC/cfpo_loss copied to a temporary directory as the package
+    ``cfpo_loss_NAME`` (its imports are relative) and imported next to the installed cfpo_loss."""
+    import importlib
+    import shutil
+    import tempfile
+
+    name, _, src = spec.partition("=")
+    if not name.isidentifier() or not os.path.isdir(os.path.join(src, "cfpo_loss")):
+        raise SystemExit(f"--compare {spec!r}: expected NAME=SRC with SRC/cfpo_loss a package")
+    root = tempfile.mkdtemp(prefix="bench_compare_")
+    shutil.copytree(os.path.join(src, "cfpo_loss"), os.path.join(root, f"cfpo_loss_{name}"))
+    sys.path.insert(0, root)
+    module = importlib.import_module(f"cfpo_loss_{name}")
+    print(f"--compare {name}: {os.path.abspath(src)}")
+    return name, module
 
 
 def _profile(rows: dict, label: str, args) -> None:

@@ -83,12 +83,18 @@ def weighted_row_sum(per_token_loss: Tensor, row_weight: Tensor) -> Tensor:
 
 
 def row_weights(
-    mask: Tensor, mode: str, global_batch: GlobalBatch = GlobalBatch(), *, dtype: torch.dtype = torch.float32
+    mask: Tensor,
+    mode: str,
+    global_batch: GlobalBatch = GlobalBatch(),
+    *,
+    dtype: torch.dtype = torch.float32,
+    valid_tokens: Tensor | None = None,
 ) -> Tensor:
     """The row weight w (B, 1) with loss = Σ_b w_b Σ_t ℓ_bt over valid tokens: every mode above is one.
 
     Known before any per-token loss is, which is what lets the compiled and fused paths write each
-    token's gradient in one pass.
+    token's gradient in one pass. ``valid_tokens``: ``mask``'s count, at least 1, in ``dtype``, if the caller has it
+    (``_checks.Batch.valid_tokens``; not counted again).
     """
     check_choice("agg", mode, AGG_MODES)
     dp_size = global_batch.dp_size
@@ -97,7 +103,9 @@ def row_weights(
     if mode == "token-mean" and global_batch.batch_num_tokens is None and dp_size == 1:
         # the default: 1 / this batch's valid tokens, broadcast as a view (the value of the general case below,
         # ones * (1 / n) = reciprocal(n), with three fewer host-side operations)
-        return mask.sum().clamp(min=1).to(dtype).reciprocal().expand(mask.shape[0], 1)
+        if valid_tokens is None:
+            valid_tokens = mask.sum().clamp(min=1).to(dtype)
+        return valid_tokens.reciprocal().expand(mask.shape[0], 1)
     ones = torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device)
     if mode == "token-sum":
         return ones * dp_size

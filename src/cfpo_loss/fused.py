@@ -316,7 +316,10 @@ def make_plan(
                 f"got {tuple(ref_log_prob.shape)} on {ref_log_prob.device}"
             )
     batch = check_batch((bsz, seq), device, old_log_prob, advantages, mask, weights, log_prob=hidden)
-    row_weight = row_weights(batch.mask, config.agg, config.global_batch, dtype=batch.dtype)  # validates agg too
+    # validates agg too
+    row_weight = row_weights(
+        batch.mask, config.agg, config.global_batch, dtype=batch.dtype, valid_tokens=batch.valid_tokens
+    )
     ref = ref_log_prob.to(batch.dtype) if config.beta > 0 else None
     return FusedPlan(config, bsz, seq, chunk_size, batch, row_weight, ref)
 

@@ -26,9 +26,9 @@ from ._checks import (
     check_tensor,
     raise_if_mask_invalid,
 )
-from ._per_token import EagerPolicyLoss, PassOptions, compiled_policy_loss
+from ._per_token import PassOptions, compiled_policy_loss, eager_policy_loss
 from .aggregation import GlobalBatch, row_weights
-from .metrics import metric_names, metrics_dict, read_metrics
+from .metrics import by_name, metric_names, metrics_dict, read_metrics
 from .surrogates import get_objective
 
 RATIO_LEVELS = ("token", "sequence")
@@ -180,10 +180,9 @@ def compute_policy_loss(
         global_batch = _LOCAL_BATCH  # the default: no dataclass to build per call
     else:
         global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype)  # validates agg and the counts
-    return policy_loss(
-        cast(log_prob, batch.dtype), batch, options, row_weight, compile=compile, check_finite=check_finite
-    )
+    # validates agg and the counts
+    row_weight = row_weights(batch.mask, agg, global_batch, dtype=batch.dtype, valid_tokens=batch.valid_tokens)
+    return policy_loss(log_prob, batch, options, row_weight, compile=compile, check_finite=check_finite)
 
 
 def policy_loss(
@@ -197,27 +196,42 @@ def policy_loss(
 ) -> PolicyLossOutput:
     """The policy loss of checked inputs: the one core call behind ``compute_policy_loss`` and the fused path.
 
-    ``log_prob`` (B, T) in the compute dtype ``batch.dtype``; ``batch`` from ``check_batch`` (``old_log_prob``
-    given); ``options`` from ``pass_options`` (with metrics); ``row_weight`` (B, 1) from ``aggregation.row_weights``:
-    the aggregation mode and the global batch, as the one weight per row (loss = Σ_b w_b Σ_t ℓ_bt)."""
+    ``log_prob`` (B, T), computed in ``batch.dtype`` (its gradient comes in its own dtype); ``batch`` from
+    ``check_batch`` (``old_log_prob`` given); ``options`` from ``pass_options`` (with metrics); ``row_weight``
+    (B, 1) from ``aggregation.row_weights``: the aggregation mode and the global batch, as the one weight per row
+    (loss = Σ_b w_b Σ_t ℓ_bt)."""
     if compile:
-        loss, _, ratio, metrics, checksum = compiled_policy_loss(
-            log_prob, batch.old_log_prob, batch.advantages, batch.mask, row_weight, batch.weights, options
+        loss, _, ratio, metrics = compiled_policy_loss(
+            cast(log_prob, batch.dtype),
+            batch.old_log_prob,
+            batch.advantages,
+            batch.mask,
+            row_weight,
+            batch.weights,
+            options,
         )
         per_token_loss = None
     else:
-        loss, per_token_loss, ratio, metrics, checksum = EagerPolicyLoss.apply(
-            log_prob, batch.old_log_prob, batch.advantages, batch.mask, batch.weights, row_weight, options
+        loss, per_token_loss, ratio, metrics = eager_policy_loss(
+            log_prob,
+            batch.old_log_prob,
+            batch.advantages,
+            batch.mask,
+            batch.weights,
+            row_weight,
+            options,
+            valid_tokens=batch.valid_tokens,
         )
     names = metric_names(options.dual_clip is not None, options.objective.has_penalty)
     metrics_by_name = metrics_dict(metrics, names)
     host = None
-    if check_finite:  # THE one device sync: the checksum and every metric in one transfer
+    if check_finite:  # THE one device sync: every metric and the finiteness sums after them, in one transfer
         mask_invalid = batch.mask_invalid
-        if mask_invalid is not None:  # a 0/1 mask's values ride on it too: NaN if one is neither
-            checksum = checksum + torch.where(mask_invalid, torch.nan, 0.0)
-        *values, total = torch.cat([metrics, checksum.reshape(1).to(metrics.dtype)]).tolist()
-        if not math.isfinite(total):
+        if mask_invalid is None:
+            values = metrics.tolist()
+        else:  # a 0/1 mask's values ride on it too: NaN if one is neither
+            values = torch.cat([metrics, torch.where(mask_invalid, torch.nan, 0.0).reshape(1)]).tolist()
+        if not all(map(math.isfinite, values[len(names) :])):
             raise_if_mask_invalid(mask_invalid)
             check_finite_where(
                 batch.mask,
@@ -226,7 +240,7 @@ def policy_loss(
                 advantages=batch.advantages,
                 weights=batch.weights,
             )
-        host = (tuple(metrics_by_name.items()), metrics._version, dict(zip(names, values)))
+        host = (tuple(metrics_by_name.items()), metrics._version, by_name(values, names))
     # already fp32 (fp64 only when an input is fp64, for gradcheck)
     return PolicyLossOutput(
         loss=loss, metrics=metrics_by_name, per_token_loss=per_token_loss, ratio=ratio, _host_metrics=host

@@ -31,10 +31,13 @@ batches and ranks), which an adapter that reduces across ranks itself (TRL's) ca
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .surrogates import Constants, Exits, constants, trust_region_exits
 
 #: the buffer's order; "dual_clip_frac" follows when dual_clip is set, "penalty" when the objective has one
 BASE_METRICS = (
@@ -68,14 +71,17 @@ class RatioSums(NamedTuple):
     penalty: Tensor | None  # Σ penalty, for an objective with one
 
 
-def ratio_sums(ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None) -> RatioSums:
+def ratio_sums(
+    ratio: Tensor, mask: Tensor, *, penalty: Tensor | None = None, select=None, count: Tensor | None = None
+) -> RatioSums:
     """``RatioSums`` of ``ratio`` over ``mask``. ``ratio`` must hold 1 and ``penalty`` 0 at masked positions (as
     ``trust_region_metrics`` takes them), so the sums need no select. ``select``: an ``_per_token.Select`` for
-    ``mask``, if the caller has one."""
+    ``mask``, if the caller has one. ``count``: the caller's count of ``mask``, if it has one (returned as is,
+    not counted again)."""
     k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
     deviation = ratio - (1.0 if k is None else k.one)  # 0 at masked positions
     return RatioSums(
-        count=torch.count_nonzero(mask),
+        count=torch.count_nonzero(mask) if count is None else count,
         deviation=deviation.sum(),
         abs_deviation=deviation.abs().sum(),
         ratio_min=_fill(ratio, mask, select, torch.inf).min(),
@@ -98,54 +104,91 @@ def trust_region_metrics(
     penalty: Tensor | None = None,
     ratio_level: str = "token",
     select=None,
+    exits: Exits | None = None,
+    k: Constants | None = None,
+    count: Tensor | None = None,
+    finite_sums: tuple[Tensor, ...] = (),
 ) -> Tensor:
-    """The metrics above as ONE 1-D fp32 buffer, in the order of ``metric_names(dual_clip is not None,
-    penalty is not None)``, so that a logger reads them all with one device-to-host transfer.
+    """The metrics above as ONE 1-D fp32 buffer, in the order of ``buffer_order(dual_clip is not None,
+    penalty is not None)`` (``metrics_dict``: by name), so that a logger reads them all with one device-to-host
+    transfer.
 
     ``ratio``, ``log_ratio`` (token level, clamped to ±20: the metrics report what the objective used, see the
     module docstring), ``advantages``: (B, T) with masked positions neutral (ratio 1, log_ratio 0, advantages 0),
     so every per-token term is already 0 there and the masked means need no further select; ``mask``: bool (B, T).
     ``penalty``: the per-token penalty of the objective, if it has one. At ``ratio_level`` "token", ratio =
     exp(log_ratio), which lets k3 come from sums the other metrics need anyway. ``select``: the caller's
-    ``_per_token.Select`` for ``mask``, if it has one."""
-    sums = ratio_sums(ratio, mask, penalty=penalty, select=select)
-    count = sums.count.clamp(min=1)  # int64: the division converts it to the float dtype, as .to() would
-    k = getattr(select, "scalars", None)  # its cached 0-dim operands (_per_token.Scalars), if it has them
-    zero, one = (0.0, 1.0) if k is None else (k.zero, k.one)
-    positive, negative = advantages > zero, advantages < zero
-    exit_high = torch.count_nonzero(positive & (ratio > 1.0 + eps_high))
-    exit_low = torch.count_nonzero(negative & (ratio < 1.0 - eps_low))
+    ``_per_token.Select`` for ``mask``, if it has one. ``exits``: the objective's ``surrogates.Exits``, if it
+    computed them (clip does), else computed here. ``k``: the pass's ``surrogates.Constants``, if it has them.
+    ``count``: the valid tokens, at least 1, in ``ratio``'s dtype (``_checks.Batch.valid_tokens``), if the
+    caller has them. ``finite_sums``: 0-dim sums that follow the metrics in the buffer (divided by the valid
+    count, which keeps a non-finite one non-finite): the loss's finite check reads them in the same one transfer."""
+    sums = ratio_sums(ratio, mask, penalty=penalty, select=select, count=count)
+    if count is None:
+        # the means divide by the count in the float dtype, as a division by the int64 count converts it:
+        # converted once, and each stack below holds one dtype (one that converts is several times slower)
+        count = sums.count.clamp(min=1).to(ratio.dtype)
+    one = 1.0 if k is None else k.one
+    if exits is None:
+        exits = trust_region_exits(ratio, advantages, constants(eps_low, eps_high, dual_clip) if k is None else k)
     # at token level k3 = mean(r − 1 − log r) is the difference of these two sums
     log_ratio_sum = log_ratio.sum()
     if ratio_level == "token":
-        k3_sum = (sums.deviation - log_ratio_sum).clamp(min=0.0)  # clamped before / count: the same value
+        # clamped at 0 before / count: the same value; relu() is clamp(min=0), without a Python number to wrap
+        k3_sum = (sums.deviation - log_ratio_sum).relu_()
     else:  # the objective used the sequence ratio; k3 is still the token-level KL estimate
         k3_sum = (torch.expm1(log_ratio) - log_ratio).sum()
-    # every mean in one division: few host-side operations per call (at small shapes they are the time). The
-    # stack converts the int64 counts to the float dtype, as an int64 / float division does before dividing
-    sums_in_order = [
-        sums.deviation,  # ratio_mean (+ 1 below)
-        sums.abs_deviation,  # ratio_dev
-        exit_high + exit_low,  # tr_exit_frac
-        exit_low,  # tr_exit_low
-        exit_high,  # tr_exit_high
-        -log_ratio_sum,  # approx_kl_k1
-        k3_sum,  # approx_kl_k3
-    ]
-    if dual_clip is not None:
-        sums_in_order.append(torch.count_nonzero(negative & (ratio > dual_clip)))  # dual_clip_frac
+    # The buffer in three pieces of a few ops each (at small shapes the op count is the time), which is why its
+    # order is ``buffer_order``'s, not metric_names'. ratio_min, ratio_max: 1 for a batch without a valid token,
+    # whose min / max are then +inf / -inf (with a valid token they are finite, r <= e^20, or NaN, which stays
+    # NaN): nan_to_num, one op instead of any() and where(), which leaves ratio_mean as it is (never infinite:
+    # |r − 1| <= e^20 per token). In-place (_) ops where the operand is a fresh temporary: the same arithmetic,
+    # without allocating (and later freeing) one more tensor each
+    head = torch.stack([(sums.deviation / count).add_(one), sums.ratio_min, sums.ratio_max])
+    head.nan_to_num_(nan=torch.nan, posinf=1.0, neginf=1.0)
+    # tr_exit_frac, tr_exit_low, tr_exit_high, dual_clip_frac: int64 counts (exact), / count. On a CPU one
+    # count_nonzero per mask: several times faster than a sum over the masks stacked from 64x4096 on (97 against
+    # 325 µs for three), as fast at 2x16; on a GPU the stacked sum: two kernels, where each count_nonzero is two
+    # (unmeasured there). The same counts either way
+    exit_masks = (exits.either, exits.low, exits.high) + (() if dual_clip is None else (exits.dual,))
+    if ratio.device.type == "cpu":
+        exit_counts = torch.stack([torch.count_nonzero(m) for m in exit_masks])
+    else:
+        exit_counts = torch.stack(exit_masks).flatten(1).sum(1)
+    exit_fracs = exit_counts / count
+    means = [sums.abs_deviation, -log_ratio_sum, k3_sum]  # ratio_dev, approx_kl_k1, approx_kl_k3
     if penalty is not None:
-        sums_in_order.append(sums.penalty)  # penalty
-    means = torch.stack(sums_in_order) / count
-    # ratio_min, ratio_max: 1 for a batch without a valid token, whose min / max are then +inf / -inf (with a
-    # valid token they are finite, r <= e^20, or NaN, which stays NaN): one op instead of any() and where()
-    extremes = torch.nan_to_num(torch.stack([sums.ratio_min, sums.ratio_max]), nan=torch.nan, posinf=1.0, neginf=1.0)
-    return torch.cat([means[:1] + one, extremes, means[1:]]).float()
+        means.append(sums.penalty)  # penalty
+    buffer = torch.cat([head, exit_fracs, torch.stack([*means, *finite_sums]).div_(count)])
+    return buffer if buffer.dtype == torch.float32 else buffer.float()
+
+
+def buffer_order(dual_clip: bool, penalty: bool) -> tuple[str, ...]:
+    """The order of ``trust_region_metrics``' buffer: ``metric_names``' entries grouped by how they are computed
+    (the finite sums, if any, follow). ``metrics_dict`` and ``by_name`` put them back in ``metric_names`` order."""
+    return (
+        ("ratio_mean", "ratio_min", "ratio_max", "tr_exit_frac", "tr_exit_low", "tr_exit_high")
+        + (("dual_clip_frac",) if dual_clip else ())
+        + ("ratio_dev", "approx_kl_k1", "approx_kl_k3")
+        + (("penalty",) if penalty else ())
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(names: tuple[str, ...]) -> tuple[int, ...]:
+    order = buffer_order("dual_clip_frac" in names, "penalty" in names)
+    return tuple(order.index(name) for name in names)
+
+
+def by_name(entries, names: tuple[str, ...]) -> dict:
+    """{name: entry} in ``names`` order (``metric_names``), for the entries of a ``trust_region_metrics`` buffer in
+    its own order (``buffer_order``): its 0-dim views, or the floats read from it."""
+    return {name: entries[i] for name, i in zip(names, _positions(names))}
 
 
 def metrics_dict(buffer: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
-    """The buffer as {name: 0-dim view} (views: no copy, no kernel)."""
-    return dict(zip(names, buffer.unbind()))
+    """The buffer of ``trust_region_metrics`` as {name: 0-dim view} in ``names`` order (views: no copy, no kernel)."""
+    return by_name(buffer.unbind(), names)
 
 
 def read_metrics(metrics: dict[str, Tensor]) -> dict[str, float]:
