@@ -369,9 +369,9 @@ def openrlhf(session: nox.Session, version: str) -> None:
     # the stand-ins go on sys.path of this venv only (also seen by Ray workers and subprocesses)
     # run_install: the .pth is part of installing, so `nox --install-only` writes it too
     site = session.run_install("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
-    standins = os.path.abspath("tests/openrlhf/standins")
-    with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
-        f.write(standins + "\n")
+    if site is not None:  # None under `nox -R` (installs skipped): the .pth the install wrote stays
+        with open(os.path.join(site.strip(), "cfpo_openrlhf_test_standins.pth"), "w") as f:
+            f.write(os.path.abspath("tests/openrlhf/standins") + "\n")
     session.run("python", "-m", "cfpo_loss", env=ENV)
     _pytest(session, "tests/openrlhf", *DOC_TESTS)
     if version == OPENRLHF_VERSIONS[0]:
